@@ -1,0 +1,174 @@
+//! Body types shared by the proxy and upstream sides, error responses, and the access log line
+//! that is written when a response body finishes.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+
+/// A boxed error for body streams.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The one body type that flows through regproxy in both directions.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body holding `data`.
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// Wraps a hyper body that streams from a peer.
+pub fn incoming(b: hyper::body::Incoming) -> Body {
+    b.map_err(BoxError::from).boxed_unsync()
+}
+
+/// A plain-text response whose body explains `reason`.
+pub fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
+    let mut msg = reason.into();
+    msg.push('\n');
+    let mut resp = Response::new(full(msg));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// One access-log line, written once the response body has finished (or was dropped).
+#[derive(Debug)]
+pub struct AccessLog {
+    /// Client socket address.
+    pub client: String,
+    /// Target host (and port when not 443).
+    pub host: String,
+    /// Request method.
+    pub method: String,
+    /// Request path (never the query, which may hold signed-URL tokens).
+    pub path: String,
+    /// HIT, MISS, FORWARD, TUNNEL, ...
+    pub outcome: &'static str,
+    /// Response status.
+    pub status: u16,
+    /// When the request arrived.
+    pub start: Instant,
+}
+
+impl AccessLog {
+    /// Writes the line with the number of body bytes sent and whether the body ended cleanly.
+    pub fn emit(&self, bytes: u64, complete: bool) {
+        tracing::info!(
+            target: "regproxy::access",
+            client = %self.client,
+            host = %self.host,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes,
+            complete,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            "{}",
+            self.outcome
+        );
+    }
+}
+
+/// A body wrapper that counts bytes and writes the access log line at the end.
+pub struct Metered<B> {
+    inner: B,
+    log: Option<AccessLog>,
+    bytes: u64,
+    // hyper stops polling once Content-Length bytes are out, so "complete" is judged by length.
+    expected: Option<u64>,
+}
+
+impl<B> Metered<B> {
+    /// Wraps `inner`; `log` is emitted when the stream ends, fails or is dropped.
+    pub fn new(inner: B, log: AccessLog) -> Metered<B>
+    where
+        B: HttpBody,
+    {
+        let expected = inner.size_hint().exact();
+        Metered {
+            inner,
+            log: Some(log),
+            bytes: 0,
+            expected,
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(log) = self.log.take() {
+            log.emit(self.bytes, complete);
+        }
+    }
+}
+
+impl<B> Drop for Metered<B> {
+    fn drop(&mut self) {
+        // Dropped before the end of the stream: complete only if every announced byte went out.
+        let complete = self.expected == Some(self.bytes);
+        self.finish(complete);
+    }
+}
+
+impl<B> HttpBody for Metered<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Ready(None) => self.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps a response so that its access-log line is written when the body completes.
+pub fn metered(resp: Response<Body>, mut log: AccessLog) -> Response<Body> {
+    log.status = resp.status().as_u16();
+    let empty_body = resp.body().is_end_stream();
+    let (parts, body) = resp.into_parts();
+    let mut m = Metered::new(body, log);
+    if empty_body {
+        // hyper never polls an empty body, so the line is written now with complete = true.
+        m.finish(true);
+    }
+    Response::from_parts(parts, m.boxed_unsync())
+}

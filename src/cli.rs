@@ -1,0 +1,147 @@
+//! The command line: `run` (the default), `ca init|show`, `config check`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, Settings};
+
+/// A caching, intercepting HTTPS proxy for every container registry.
+#[derive(Debug, Parser)]
+#[command(name = "regproxy", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Options every command takes: the config file and every setting as a flag.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// TOML config file (keys as in config/regproxy.toml)
+    #[arg(long, env = "REGPROXY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default)
+    Run(Common),
+    /// Manage the CA that signs intercepted hosts' certificates
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Inspect the configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Generate the CA in --ca-dir unless one is there
+    Init(Common),
+    /// Print the CA's path, subject, SHA-256 fingerprint and expiry
+    Show(Common),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the config and print the effective settings (secrets masked)
+    Check(Common),
+}
+
+impl Common {
+    /// Loads the file (if any) and layers flags and environment over it.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        Ok(self.settings.clone().resolve(file)?)
+    }
+}
+
+/// Parses the command line and runs the chosen command.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => run(cli.common),
+        Some(Command::Run(common)) => run(common),
+        Some(Command::Ca(CaCommand::Init(common))) => ca_init(&common.config()?),
+        Some(Command::Ca(CaCommand::Show(common))) => ca_show(&common.config()?),
+        Some(Command::Config(ConfigCommand::Check(common))) => {
+            print!("{}", common.config()?.to_toml());
+            Ok(())
+        }
+    }
+}
+
+fn run(common: Common) -> anyhow::Result<()> {
+    let config = common.config()?;
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
+        crate::run(listener, config, shutdown_signal())
+            .await
+            .context("regproxy stopped")
+    })
+}
+
+fn ca_init(config: &Config) -> anyhow::Result<()> {
+    let (crt, _) = crate::ca::ca_paths(&config.ca_dir);
+    if crt.exists() {
+        println!("CA already present; nothing generated");
+    } else {
+        crate::ca::create(&config.ca_dir)
+            .with_context(|| format!("cannot create a CA in {}", config.ca_dir.display()))?;
+        println!("generated a new CA");
+    }
+    ca_show(config)
+}
+
+fn ca_show(config: &Config) -> anyhow::Result<()> {
+    let (crt, key) = crate::ca::ca_paths(&config.ca_dir);
+    let info =
+        crate::ca::describe(&crt).context("no usable CA; create one with `regproxy ca init`")?;
+    println!("certificate: {}", crt.display());
+    println!("key:         {}", key.display());
+    println!("subject:     {}", info.subject);
+    println!("sha256:      {}", info.sha256);
+    println!("expires:     {}", info.not_after);
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REGPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

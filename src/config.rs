@@ -1,0 +1,536 @@
+//! Configuration: one TOML file, `REGPROXY_*` environment variables and flags, merged into a
+//! validated [`Config`]. Precedence is flag > environment > file > built-in default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Hosts intercepted by default: the public registries and the auth hosts they send clients to.
+pub const DEFAULT_INTERCEPT: &[&str] = &[
+    "docker.io",
+    "registry-1.docker.io",
+    "auth.docker.io",
+    "index.docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "k8s.gcr.io",
+    "gcr.io",
+    "*.gcr.io",
+    "*.pkg.dev",
+    "public.ecr.aws",
+    "*.dkr.ecr.*.amazonaws.com",
+    "mcr.microsoft.com",
+    "registry.gitlab.com",
+    "nvcr.io",
+    "docker.elastic.co",
+    "registry.access.redhat.com",
+    "registry.redhat.io",
+    "registry.suse.com",
+    "cgr.dev",
+];
+
+/// A configuration problem, naming the key (and file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    #[error("invalid value for `{key}`: {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// Output format of the log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable key=value lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The effective, validated configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the proxy listener.
+    pub listen: SocketAddr,
+    /// Address of the admin endpoint (health, metrics, CA download).
+    pub admin_listen: SocketAddr,
+    /// Directory holding `ca.crt` and `ca.key`.
+    pub ca_dir: PathBuf,
+    /// Directory of the on-disk cache.
+    pub cache_dir: PathBuf,
+    /// Host patterns whose TLS is terminated: exact names or `*.suffix` (a `*` matches one or more labels).
+    pub intercept: Vec<String>,
+    /// Resolve overrides: `host:port` to the socket address to connect to instead.
+    pub resolve: Vec<(String, SocketAddr)>,
+    /// Extra PEM root certificates trusted for upstream TLS, besides the platform's.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Ports that CONNECT may reach (443 is always included).
+    pub allow_port: Vec<u16>,
+    /// How long a tag → digest mapping is fresh.
+    pub tag_ttl: Duration,
+    /// Upper bound of the cache size in bytes, if any.
+    pub max_cache_size: Option<u64>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Timeout for establishing an upstream TCP+TLS connection.
+    pub connect_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub idle_timeout: Duration,
+    /// How long in-flight transfers may run on after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 3129)),
+            ca_dir: PathBuf::from("certs"),
+            cache_dir: PathBuf::from("cache"),
+            intercept: DEFAULT_INTERCEPT.iter().map(|s| s.to_string()).collect(),
+            resolve: Vec::new(),
+            upstream_ca: Vec::new(),
+            allow_port: vec![443],
+            tag_ttl: Duration::from_secs(300),
+            max_cache_size: None,
+            log_format: LogFormat::Text,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One layer of settings, as written in the file or given by flags and environment.
+///
+/// The same struct is parsed by clap (flags with `REGPROXY_*` fallbacks) and by serde (the TOML
+/// file), so a key has one name everywhere: `--cache-dir`, `REGPROXY_CACHE_DIR`, `cache_dir`.
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Proxy listen address [default: 127.0.0.1:3128]
+    #[arg(long, env = "REGPROXY_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin endpoint listen address [default: 127.0.0.1:3129]
+    #[arg(long, env = "REGPROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Directory holding ca.crt and ca.key [default: certs]
+    #[arg(long, env = "REGPROXY_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Cache directory [default: cache]
+    #[arg(long, env = "REGPROXY_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Extra host pattern to intercept (exact or *.suffix); adds to the default list
+    #[arg(
+        long,
+        env = "REGPROXY_INTERCEPT",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub intercept: Option<Vec<String>>,
+    /// Resolve override HOST:PORT=IP:PORT
+    #[arg(
+        long,
+        env = "REGPROXY_RESOLVE",
+        value_name = "HOST:PORT=IP:PORT",
+        value_delimiter = ','
+    )]
+    pub resolve: Option<Vec<String>>,
+    /// Extra PEM root CA file for upstream TLS
+    #[arg(
+        long,
+        env = "REGPROXY_UPSTREAM_CA",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub upstream_ca: Option<Vec<PathBuf>>,
+    /// Extra port CONNECT may reach, besides 443
+    #[arg(
+        long,
+        env = "REGPROXY_ALLOW_PORT",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    pub allow_port: Option<Vec<u16>>,
+    /// How long a tag stays fresh, e.g. 5m [default: 5m]
+    #[arg(long, env = "REGPROXY_TAG_TTL", value_name = "DURATION")]
+    pub tag_ttl: Option<String>,
+    /// Cache size bound, e.g. 50GiB [default: unbounded]
+    #[arg(long, env = "REGPROXY_MAX_CACHE_SIZE", value_name = "SIZE")]
+    pub max_cache_size: Option<String>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "REGPROXY_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Upstream connect timeout, e.g. 10s [default: 10s]
+    #[arg(long, env = "REGPROXY_CONNECT_TIMEOUT", value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// Idle time after which pooled upstream connections close [default: 90s]
+    #[arg(long, env = "REGPROXY_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
+    #[arg(long, env = "REGPROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+}
+
+impl Settings {
+    /// Reads a TOML settings file; unknown keys are an error naming the key and the file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Builds the effective config: `self` (flags and environment) over `file` over defaults.
+    pub fn resolve(self, file: Settings) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let scalar = |a: Option<String>, b: Option<String>| a.or(b);
+        let list = |a: Option<Vec<String>>, b: Option<Vec<String>>| {
+            b.into_iter().chain(a).flatten().collect::<Vec<_>>()
+        };
+        let mut intercept = d.intercept;
+        intercept.extend(list(self.intercept, file.intercept));
+        let mut allow_port = d.allow_port;
+        allow_port.extend(file.allow_port.into_iter().chain(self.allow_port).flatten());
+        allow_port.sort_unstable();
+        allow_port.dedup();
+        Ok(Config {
+            listen: parse_or(
+                "listen",
+                scalar(self.listen, file.listen),
+                d.listen,
+                parse_addr,
+            )?,
+            admin_listen: parse_or(
+                "admin_listen",
+                scalar(self.admin_listen, file.admin_listen),
+                d.admin_listen,
+                parse_addr,
+            )?,
+            ca_dir: self.ca_dir.or(file.ca_dir).unwrap_or(d.ca_dir),
+            cache_dir: self.cache_dir.or(file.cache_dir).unwrap_or(d.cache_dir),
+            intercept: validate_patterns(intercept)?,
+            resolve: list(self.resolve, file.resolve)
+                .iter()
+                .map(|r| parse_resolve(r).map_err(|reason| invalid("resolve", r, reason)))
+                .collect::<Result<_, _>>()?,
+            upstream_ca: file
+                .upstream_ca
+                .into_iter()
+                .chain(self.upstream_ca)
+                .flatten()
+                .collect(),
+            allow_port,
+            tag_ttl: parse_or(
+                "tag_ttl",
+                scalar(self.tag_ttl, file.tag_ttl),
+                d.tag_ttl,
+                parse_duration,
+            )?,
+            max_cache_size: match scalar(self.max_cache_size, file.max_cache_size) {
+                None => None,
+                Some(v) => Some(parse_size(&v).map_err(|r| invalid("max_cache_size", &v, r))?),
+            },
+            log_format: parse_or(
+                "log_format",
+                scalar(self.log_format, file.log_format),
+                d.log_format,
+                parse_log_format,
+            )?,
+            connect_timeout: parse_or(
+                "connect_timeout",
+                scalar(self.connect_timeout, file.connect_timeout),
+                d.connect_timeout,
+                parse_duration,
+            )?,
+            idle_timeout: parse_or(
+                "idle_timeout",
+                scalar(self.idle_timeout, file.idle_timeout),
+                d.idle_timeout,
+                parse_duration,
+            )?,
+            shutdown_grace: parse_or(
+                "shutdown_grace",
+                scalar(self.shutdown_grace, file.shutdown_grace),
+                d.shutdown_grace,
+                parse_duration,
+            )?,
+        })
+    }
+}
+
+impl Config {
+    /// Renders the effective config as TOML (there are no secrets in it yet; masked ones print `***`).
+    pub fn to_toml(&self) -> String {
+        let quote = |s: &str| format!("{s:?}");
+        let list = |v: Vec<String>| format!("[{}]", v.join(", "));
+        let mut out = String::new();
+        let mut kv = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+        kv("listen", quote(&self.listen.to_string()));
+        kv("admin_listen", quote(&self.admin_listen.to_string()));
+        kv("ca_dir", quote(&self.ca_dir.display().to_string()));
+        kv("cache_dir", quote(&self.cache_dir.display().to_string()));
+        kv(
+            "intercept",
+            list(self.intercept.iter().map(|s| quote(s)).collect()),
+        );
+        kv(
+            "resolve",
+            list(
+                self.resolve
+                    .iter()
+                    .map(|(h, a)| quote(&format!("{h}={a}")))
+                    .collect(),
+            ),
+        );
+        kv(
+            "upstream_ca",
+            list(
+                self.upstream_ca
+                    .iter()
+                    .map(|p| quote(&p.display().to_string()))
+                    .collect(),
+            ),
+        );
+        kv(
+            "allow_port",
+            list(self.allow_port.iter().map(|p| p.to_string()).collect()),
+        );
+        kv(
+            "tag_ttl",
+            quote(&humantime::format_duration(self.tag_ttl).to_string()),
+        );
+        if let Some(max) = self.max_cache_size {
+            kv("max_cache_size", quote(&max.to_string()));
+        }
+        kv(
+            "log_format",
+            quote(if self.log_format == LogFormat::Json {
+                "json"
+            } else {
+                "text"
+            }),
+        );
+        kv(
+            "connect_timeout",
+            quote(&humantime::format_duration(self.connect_timeout).to_string()),
+        );
+        kv(
+            "idle_timeout",
+            quote(&humantime::format_duration(self.idle_timeout).to_string()),
+        );
+        kv(
+            "shutdown_grace",
+            quote(&humantime::format_duration(self.shutdown_grace).to_string()),
+        );
+        out
+    }
+
+    /// Whether TLS to `host` is terminated and the registry API served inside.
+    pub fn intercepts(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.intercept.iter().any(|p| pattern_matches(p, &host))
+    }
+}
+
+/// Matches `host` against an exact name or a pattern where each `*` stands for one or more labels.
+fn pattern_matches(pattern: &str, host: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern.eq_ignore_ascii_case(host),
+        Some((prefix, rest)) => {
+            if !host.starts_with(&prefix.to_ascii_lowercase()) {
+                return false;
+            }
+            let tail = &host[prefix.len()..];
+            // `*` consumes at least one character and never swallows a dot-less empty label.
+            (1..=tail.len()).any(|i| tail.is_char_boundary(i) && pattern_matches(rest, &tail[i..]))
+        }
+    }
+}
+
+fn validate_patterns(patterns: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for p in &patterns {
+        let bad =
+            p.is_empty() || p.contains(char::is_whitespace) || p.contains(':') || p.contains('/');
+        if bad {
+            return Err(invalid(
+                "intercept",
+                p,
+                "expected a host name or a *.suffix pattern".into(),
+            ));
+        }
+    }
+    let mut out: Vec<String> = patterns
+        .into_iter()
+        .map(|p| p.to_ascii_lowercase())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
+    Ok(out)
+}
+
+fn invalid(key: &'static str, value: &str, reason: String) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_owned(),
+        reason,
+    }
+}
+
+fn parse_or<T>(
+    key: &'static str,
+    value: Option<String>,
+    default: T,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse(&v).map_err(|reason| invalid(key, &v, reason)),
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|e| format!("{e}; expected IP:PORT such as 127.0.0.1:3128"))
+}
+
+/// Parses a duration such as `90s`, `5m` or `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; expected a duration such as 30s or 5m"))
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected text or json".into()),
+    }
+}
+
+/// Parses `HOST:PORT=IP:PORT`.
+pub fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
+    let (from, to) = s.split_once('=').ok_or("expected HOST:PORT=IP:PORT")?;
+    let (host, port) = from
+        .rsplit_once(':')
+        .ok_or("expected HOST:PORT before '='")?;
+    port.parse::<u16>()
+        .map_err(|_| format!("bad port {port:?}"))?;
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    let addr = to
+        .parse()
+        .map_err(|e| format!("{e} in {to:?}; expected IP:PORT"))?;
+    Ok((format!("{}:{port}", host.to_ascii_lowercase()), addr))
+}
+
+/// Parses a size such as `50GiB`, `512MiB`, `10GB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| "expected a number with a unit such as 50GiB".to_string())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown unit {u:?}; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ))
+        }
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("*.gcr.io", "eu.gcr.io"));
+        assert!(!pattern_matches("*.gcr.io", "gcr.io"));
+        assert!(pattern_matches(
+            "*.dkr.ecr.*.amazonaws.com",
+            "1234.dkr.ecr.eu-west-1.amazonaws.com"
+        ));
+        assert!(pattern_matches("docker.io", "DOCKER.IO"));
+        assert!(!pattern_matches("docker.io", "evil-docker.io"));
+    }
+
+    #[test]
+    fn precedence_flag_over_file_over_default() {
+        let file = Settings {
+            listen: Some("127.0.0.1:1".into()),
+            tag_ttl: Some("1m".into()),
+            ..Default::default()
+        };
+        let flags = Settings {
+            listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let c = flags.resolve(file).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.tag_ttl, Duration::from_secs(60));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.toml");
+        std::fs::write(&p, "listen = \"127.0.0.1:1\"\nlisten_addr = 3\n").unwrap();
+        let e = Settings::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("listen_addr") && e.contains("r.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Settings {
+            tag_ttl: Some("soon".into()),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tag_ttl"), "{e}");
+        assert_eq!(parse_size("50GiB").unwrap(), 50 << 30);
+        assert_eq!(
+            parse_resolve("Registry.test:5000=127.0.0.1:5001")
+                .unwrap()
+                .0,
+            "registry.test:5000"
+        );
+        assert!(parse_resolve("registry.test=127.0.0.1:1").is_err());
+    }
+}

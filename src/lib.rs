@@ -1,0 +1,81 @@
+//! regproxy: a caching, intercepting HTTPS proxy for container registries.
+//!
+//! [`run`] is the whole server: tests call it with their own listener and config, and `main.rs`
+//! calls it through [`cli`].
+
+pub mod body;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod proxy;
+pub mod registry;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+    /// A socket operation failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The effective configuration.
+    pub config: Config,
+    /// Issues leaf certificates for intercepted hosts.
+    pub ca: ca::CertAuthority,
+    /// The pooled upstream client.
+    pub upstream: upstream::Upstream,
+    /// Resolve overrides and the self-connection guard.
+    pub resolver: Arc<upstream::Resolver>,
+    /// Cancelled when shutdown starts.
+    pub shutdown: CancellationToken,
+    /// Every connection and transfer task, so that shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// The rustls crypto provider used on both sides.
+pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves, then drains in-flight transfers for
+/// at most `config.shutdown_grace`.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
+    let resolver = Arc::new(upstream::Resolver::new(
+        &config.resolve,
+        listener.local_addr()?,
+    ));
+    let upstream = upstream::Upstream::new(&config, resolver.clone())?;
+    let shared = Arc::new(Shared {
+        config,
+        ca,
+        upstream,
+        resolver,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    proxy::serve(listener, shared, shutdown).await;
+    Ok(())
+}

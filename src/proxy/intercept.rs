@@ -1,0 +1,105 @@
+//! Intercepted CONNECT: terminate TLS with a leaf for the SNI host and serve the registry API.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::connect::Target;
+use crate::registry;
+use crate::Shared;
+
+/// A client that has not finished its TLS handshake within this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the TLS handshake on the upgraded CONNECT stream, then serves HTTP/1.1 or h2 inside it.
+pub(super) async fn serve(
+    upgrade: OnUpgrade,
+    target: Target,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let upgraded = match upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(client = %peer, host = %target.host, error = %e, "client left before TLS");
+            return;
+        }
+    };
+    let acceptor =
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            tracing::warn!(client = %peer, host = %target.host, error = %e, "bad TLS ClientHello; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(client = %peer, host = %target.host, "no TLS ClientHello in time; closing");
+            return;
+        }
+    };
+    let Some(sni) = start.client_hello().server_name().map(str::to_owned) else {
+        tracing::warn!(client = %peer, host = %target.host, "TLS ClientHello without SNI; closing");
+        return;
+    };
+    let config = match shared.ca.server_config(&sni) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(client = %peer, sni = %sni, error = %e, "cannot issue a leaf certificate");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(client = %peer, sni = %sni, error = %e, "TLS handshake with client failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(client = %peer, sni = %sni, "TLS handshake with client timed out");
+            return;
+        }
+    };
+    serve_http(TokioIo::new(tls), target, peer, shared).await;
+}
+
+async fn serve_http<I>(io: TokioIo<I>, target: Target, peer: SocketAddr, shared: Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let target = Arc::new(target);
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req| {
+        let (target, shared) = (target.clone(), svc_shared.clone());
+        async move { Ok::<_, Infallible>(registry::handle(req, &target, peer, &shared).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(60));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_concurrent_streams(256);
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "intercepted connection ended with an error");
+    }
+}

@@ -1,0 +1,114 @@
+//! The client-facing listener: CONNECT (intercept or tunnel), absolute-form HTTP forwarding, and
+//! clear errors for everything else.
+
+mod connect;
+mod forward;
+mod intercept;
+mod tunnel;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+pub use connect::Target;
+pub use forward::{client_response, upstream_request};
+
+use crate::body::{text, Body};
+use crate::Shared;
+
+/// Largest request head accepted from a client; larger ones get a 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// A client that has not sent a full request head within this time is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections until `shutdown` resolves, then waits up to the grace time for in-flight work.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "regproxy listening");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    shared.tasks.spawn(connection(tcp, peer, shared.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let grace = shared.config.shutdown_grace;
+    tracing::info!(in_flight = shared.tasks.len(), grace = ?grace, "shutting down");
+    shared.shutdown.cancel();
+    shared.tasks.close();
+    if tokio::time::timeout(grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            cut = shared.tasks.len(),
+            "grace time over; closing remaining transfers"
+        );
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, shared).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(tcp), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+    }
+}
+
+async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect::handle(req, peer, shared).await;
+    }
+    match req.uri().scheme_str() {
+        Some("http") => forward::plain(req, peer, shared).await,
+        Some(other) => text(
+            StatusCode::BAD_REQUEST,
+            format!("only http:// URLs are forwarded in absolute form (got {other}://); use CONNECT for https"),
+        ),
+        None => text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "regproxy is an HTTP proxy: send CONNECT host:port (set HTTPS_PROXY) or an absolute http:// URL, \
+                 not an origin-form request ({} {})",
+                req.method(),
+                req.uri().path()
+            ),
+        ),
+    }
+}

@@ -1,0 +1,136 @@
+//! Classification of distribution API requests.
+
+use http::Method;
+
+/// What a request inside an intercepted connection asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /v2/` or `HEAD /v2/`: the API version check.
+    Ping,
+    /// GET or HEAD of a blob by digest.
+    Blob { repo: String, digest: String },
+    /// GET or HEAD of a manifest by digest.
+    ManifestByDigest { repo: String, digest: String },
+    /// GET or HEAD of a manifest by tag.
+    ManifestByTag { repo: String, tag: String },
+    /// Anything else: pushes, catalog, tag lists, referrers, token endpoints.
+    Other,
+    /// A digest reference that can never be valid.
+    Invalid(String),
+}
+
+impl Route {
+    /// Classifies `method` and `path`.
+    pub fn classify(method: &Method, path: &str) -> Route {
+        if method != Method::GET && method != Method::HEAD {
+            return Route::Other;
+        }
+        if path == "/v2/" || path == "/v2" {
+            return Route::Ping;
+        }
+        let Some(rest) = path.strip_prefix("/v2/") else {
+            return Route::Other;
+        };
+        for (marker, is_blob) in [("/blobs/", true), ("/manifests/", false)] {
+            let Some(at) = rest.rfind(marker) else {
+                continue;
+            };
+            let (repo, reference) = (&rest[..at], &rest[at + marker.len()..]);
+            if repo.is_empty() || reference.is_empty() || reference.contains('/') {
+                return Route::Other;
+            }
+            let (repo, reference) = (repo.to_owned(), reference.to_owned());
+            return match (reference.contains(':'), is_blob) {
+                (true, _) => match validate_digest(&reference) {
+                    Err(reason) => Route::Invalid(reason),
+                    Ok(()) if is_blob => Route::Blob {
+                        repo,
+                        digest: reference,
+                    },
+                    Ok(()) => Route::ManifestByDigest {
+                        repo,
+                        digest: reference,
+                    },
+                },
+                (false, true) => Route::Other, // e.g. /blobs/uploads/ without a digest
+                (false, false) => Route::ManifestByTag {
+                    repo,
+                    tag: reference,
+                },
+            };
+        }
+        Route::Other
+    }
+
+    /// Whether redirects are followed by the proxy (blob downloads go to CDNs and object stores).
+    pub fn follows_redirects(&self) -> bool {
+        matches!(self, Route::Blob { .. })
+    }
+}
+
+/// Checks that `digest` is `sha256:<64 hex>` or `sha512:<128 hex>`.
+pub fn validate_digest(digest: &str) -> Result<(), String> {
+    let (alg, hex) = digest
+        .split_once(':')
+        .ok_or_else(|| format!("digest {digest:?} has no algorithm"))?;
+    let want = match alg {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => {
+            return Err(format!(
+                "digest algorithm {alg:?} is not supported (use sha256 or sha512)"
+            ))
+        }
+    };
+    if hex.len() != want
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!(
+            "digest {digest:?}: expected {want} lower-case hex characters after {alg}:"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(Route::classify(&Method::GET, "/v2/"), Route::Ping);
+        assert_eq!(
+            Route::classify(&Method::HEAD, &format!("/v2/library/busybox/blobs/{d}")),
+            Route::Blob {
+                repo: "library/busybox".into(),
+                digest: d.clone()
+            }
+        );
+        assert_eq!(
+            Route::classify(&Method::GET, "/v2/a/b/c/manifests/latest"),
+            Route::ManifestByTag {
+                repo: "a/b/c".into(),
+                tag: "latest".into()
+            }
+        );
+        assert_eq!(
+            Route::classify(&Method::POST, "/v2/a/blobs/uploads/"),
+            Route::Other
+        );
+        assert_eq!(
+            Route::classify(&Method::GET, "/v2/a/tags/list"),
+            Route::Other
+        );
+        assert!(matches!(
+            Route::classify(&Method::GET, "/v2/a/blobs/md5:abc"),
+            Route::Invalid(_)
+        ));
+        assert!(matches!(
+            Route::classify(&Method::GET, "/v2/a/blobs/sha256:abc"),
+            Route::Invalid(_)
+        ));
+    }
+}

@@ -1,0 +1,117 @@
+//! The upstream side: a pooled, verified HTTP client (h2 where offered) with resolve overrides.
+
+mod connector;
+pub mod resolve;
+
+use std::error::Error as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+pub use connector::{tls_reason, ConnectError, Connector};
+pub use resolve::Resolver;
+
+use crate::body::Body;
+use crate::config::Config;
+
+/// Failures talking to an upstream; the message is safe to show to clients (no secrets).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Could not connect or complete the TLS handshake.
+    #[error("{0}")]
+    Connect(String),
+    /// The request failed after connecting (reset, protocol error, ...).
+    #[error("upstream request failed: {0}")]
+    Request(String),
+    /// An extra root CA file is unusable.
+    #[error("upstream CA file {path}: {reason}")]
+    RootFile { path: PathBuf, reason: String },
+}
+
+/// The pooled client that every upstream request goes through.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<Connector, Body>,
+}
+
+impl Upstream {
+    /// Builds the client: platform roots plus `config.upstream_ca`, timeouts and overrides from `config`.
+    pub fn new(config: &Config, resolver: Arc<Resolver>) -> Result<Upstream, UpstreamError> {
+        let roots = root_store(&config.upstream_ca)?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let connector = Connector::new(resolver, Arc::new(tls), config.connect_timeout);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.idle_timeout)
+            .pool_max_idle_per_host(64)
+            .http2_adaptive_window(true)
+            .build(connector);
+        Ok(Upstream { client })
+    }
+
+    /// Sends one request, returning the response head with its body still streaming.
+    pub async fn send(
+        &self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        self.client.request(req).await.map_err(|e| {
+            let mut source = e.source();
+            while let Some(s) = source {
+                if let Some(c) = s.downcast_ref::<ConnectError>() {
+                    return UpstreamError::Connect(c.to_string());
+                }
+                source = s.source();
+            }
+            UpstreamError::Request(error_chain(&e))
+        })
+    }
+}
+
+/// Formats an error and its sources as `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn root_store(extra: &[PathBuf]) -> Result<rustls::RootCertStore, UpstreamError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    for path in extra {
+        let bad = |reason: String| UpstreamError::RootFile {
+            path: path.clone(),
+            reason,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no PEM certificate in file".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    Ok(roots)
+}
