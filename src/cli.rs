@@ -9,7 +9,7 @@ use crate::config::{Config, LogFormat, Settings};
 
 /// A caching, intercepting HTTPS proxy for every container registry.
 #[derive(Debug, Parser)]
-#[command(name = "regproxy", version, args_conflicts_with_subcommands = true)]
+#[command(name = "regproxy", version)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// TOML config file (keys as in config/regproxy.toml)
-    #[arg(long, env = "REGPROXY_CONFIG", value_name = "FILE")]
+    #[arg(global = true, long, env = "REGPROXY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
@@ -30,7 +30,7 @@ pub struct Common {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy (the default)
-    Run(Common),
+    Run,
     /// Manage the CA that signs intercepted hosts' certificates
     #[command(subcommand)]
     Ca(CaCommand),
@@ -42,15 +42,15 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum CaCommand {
     /// Generate the CA in --ca-dir unless one is there
-    Init(Common),
+    Init,
     /// Print the CA's path, subject, SHA-256 fingerprint and expiry
-    Show(Common),
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate the config and print the effective settings (secrets masked)
-    Check(Common),
+    Check,
 }
 
 impl Common {
@@ -67,20 +67,19 @@ impl Common {
 /// Parses the command line and runs the chosen command.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let config = cli.common.config()?;
     match cli.command {
-        None => run(cli.common),
-        Some(Command::Run(common)) => run(common),
-        Some(Command::Ca(CaCommand::Init(common))) => ca_init(&common.config()?),
-        Some(Command::Ca(CaCommand::Show(common))) => ca_show(&common.config()?),
-        Some(Command::Config(ConfigCommand::Check(common))) => {
-            print!("{}", common.config()?.to_toml());
+        None | Some(Command::Run) => run(config),
+        Some(Command::Ca(CaCommand::Init)) => ca_init(&config),
+        Some(Command::Ca(CaCommand::Show)) => ca_show(&config),
+        Some(Command::Config(ConfigCommand::Check)) => {
+            print!("{}", config.to_toml());
             Ok(())
         }
     }
 }
 
-fn run(common: Common) -> anyhow::Result<()> {
-    let config = common.config()?;
+fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -124,19 +124,25 @@ impl Default for Config {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Proxy listen address [default: 127.0.0.1:3128]
-    #[arg(long, env = "REGPROXY_LISTEN", value_name = "ADDR")]
+    #[arg(global = true, long, env = "REGPROXY_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
     /// Admin endpoint listen address [default: 127.0.0.1:3129]
-    #[arg(long, env = "REGPROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_ADMIN_LISTEN",
+        value_name = "ADDR"
+    )]
     pub admin_listen: Option<String>,
     /// Directory holding ca.crt and ca.key [default: certs]
-    #[arg(long, env = "REGPROXY_CA_DIR", value_name = "DIR")]
+    #[arg(global = true, long, env = "REGPROXY_CA_DIR", value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
     /// Cache directory [default: cache]
-    #[arg(long, env = "REGPROXY_CACHE_DIR", value_name = "DIR")]
+    #[arg(global = true, long, env = "REGPROXY_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Extra host pattern to intercept (exact or *.suffix); adds to the default list
     #[arg(
+        global = true,
         long,
         env = "REGPROXY_INTERCEPT",
         value_name = "PATTERN",
@@ -145,6 +151,7 @@ pub struct Settings {
     pub intercept: Option<Vec<String>>,
     /// Resolve override HOST:PORT=IP:PORT
     #[arg(
+        global = true,
         long,
         env = "REGPROXY_RESOLVE",
         value_name = "HOST:PORT=IP:PORT",
@@ -153,6 +160,7 @@ pub struct Settings {
     pub resolve: Option<Vec<String>>,
     /// Extra PEM root CA file for upstream TLS
     #[arg(
+        global = true,
         long,
         env = "REGPROXY_UPSTREAM_CA",
         value_name = "FILE",
@@ -161,6 +169,7 @@ pub struct Settings {
     pub upstream_ca: Option<Vec<PathBuf>>,
     /// Extra port CONNECT may reach, besides 443
     #[arg(
+        global = true,
         long,
         env = "REGPROXY_ALLOW_PORT",
         value_name = "PORT",
@@ -168,22 +177,47 @@ pub struct Settings {
     )]
     pub allow_port: Option<Vec<u16>>,
     /// How long a tag stays fresh, e.g. 5m [default: 5m]
-    #[arg(long, env = "REGPROXY_TAG_TTL", value_name = "DURATION")]
+    #[arg(global = true, long, env = "REGPROXY_TAG_TTL", value_name = "DURATION")]
     pub tag_ttl: Option<String>,
     /// Cache size bound, e.g. 50GiB [default: unbounded]
-    #[arg(long, env = "REGPROXY_MAX_CACHE_SIZE", value_name = "SIZE")]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MAX_CACHE_SIZE",
+        value_name = "SIZE"
+    )]
     pub max_cache_size: Option<String>,
     /// Log format: text or json [default: text]
-    #[arg(long, env = "REGPROXY_LOG_FORMAT", value_name = "FORMAT")]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
     pub log_format: Option<String>,
     /// Upstream connect timeout, e.g. 10s [default: 10s]
-    #[arg(long, env = "REGPROXY_CONNECT_TIMEOUT", value_name = "DURATION")]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_CONNECT_TIMEOUT",
+        value_name = "DURATION"
+    )]
     pub connect_timeout: Option<String>,
     /// Idle time after which pooled upstream connections close [default: 90s]
-    #[arg(long, env = "REGPROXY_IDLE_TIMEOUT", value_name = "DURATION")]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_IDLE_TIMEOUT",
+        value_name = "DURATION"
+    )]
     pub idle_timeout: Option<String>,
     /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
-    #[arg(long, env = "REGPROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_SHUTDOWN_GRACE",
+        value_name = "DURATION"
+    )]
     pub shutdown_grace: Option<String>,
 }
 
