@@ -92,6 +92,24 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 }
 
 async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Response<Body> {
+    // hyper bounds its read buffer, but a head that arrives in one large read can exceed it.
+    let head_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if head_bytes > MAX_HEAD_BYTES {
+        let mut resp = text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request headers are {head_bytes} bytes; the limit is {MAX_HEAD_BYTES}"),
+        );
+        // A client that sends such heads is broken or hostile: do not wait for its next request.
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
     if req.method() == Method::CONNECT {
         return connect::handle(req, peer, shared).await;
     }
