@@ -172,3 +172,50 @@ pub fn metered(resp: Response<Body>, mut log: AccessLog) -> Response<Body> {
     }
     Response::from_parts(parts, m.boxed_unsync())
 }
+
+/// A body fed by a task through a bounded channel; an `Err` item aborts the client's response.
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+    remaining: Option<u64>,
+}
+
+/// A bounded channel whose receiving end is a response body of `len` bytes (if known).
+pub fn channel(
+    capacity: usize,
+    len: Option<u64>,
+) -> (tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    (tx, ChannelBody { rx, remaining: len }.boxed_unsync())
+}
+
+impl HttpBody for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                if let Some(r) = self.remaining.as_mut() {
+                    *r = r.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) if self.remaining.is_some_and(|r| r > 0) => {
+                Poll::Ready(Some(Err("body ended before its announced length".into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(r) => SizeHint::with_exact(r),
+            None => SizeHint::default(),
+        }
+    }
+}

@@ -83,6 +83,9 @@ pub struct Config {
     pub allow_port: Vec<u16>,
     /// How long a tag → digest mapping is fresh.
     pub tag_ttl: Duration,
+    /// Per-registry or per-repository freshness: `host/repo` glob (`*` matches anything) and its
+    /// time; the first match wins over `tag_ttl`.
+    pub tag_ttl_rules: Vec<(String, Duration)>,
     /// Upper bound of the cache size in bytes, if any.
     pub max_cache_size: Option<u64>,
     /// Log line format.
@@ -107,6 +110,7 @@ impl Default for Config {
             upstream_ca: Vec::new(),
             allow_port: vec![443],
             tag_ttl: Duration::from_secs(300),
+            tag_ttl_rules: Vec::new(),
             max_cache_size: None,
             log_format: LogFormat::Text,
             connect_timeout: Duration::from_secs(10),
@@ -179,6 +183,16 @@ pub struct Settings {
     /// How long a tag stays fresh, e.g. 5m [default: 5m]
     #[arg(global = true, long, env = "REGPROXY_TAG_TTL", value_name = "DURATION")]
     pub tag_ttl: Option<String>,
+    /// Tag freshness for matching repositories, PATTERN=DURATION (PATTERN is host/repo, `*`
+    /// matches anything; first match wins), e.g. docker.io/library/*=1h
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_TAG_TTL_RULE",
+        value_name = "PATTERN=DURATION",
+        value_delimiter = ','
+    )]
+    pub tag_ttl_rule: Option<Vec<String>>,
     /// Cache size bound, e.g. 50GiB [default: unbounded]
     #[arg(
         global = true,
@@ -280,6 +294,10 @@ impl Settings {
                 d.tag_ttl,
                 parse_duration,
             )?,
+            tag_ttl_rules: list(self.tag_ttl_rule, file.tag_ttl_rule)
+                .iter()
+                .map(|r| parse_ttl_rule(r).map_err(|reason| invalid("tag_ttl_rule", r, reason)))
+                .collect::<Result<_, _>>()?,
             max_cache_size: match scalar(self.max_cache_size, file.max_cache_size) {
                 None => None,
                 Some(v) => Some(parse_size(&v).map_err(|r| invalid("max_cache_size", &v, r))?),
@@ -353,6 +371,15 @@ impl Config {
             "tag_ttl",
             quote(&humantime::format_duration(self.tag_ttl).to_string()),
         );
+        kv(
+            "tag_ttl_rule",
+            list(
+                self.tag_ttl_rules
+                    .iter()
+                    .map(|(p, d)| quote(&format!("{p}={}", humantime::format_duration(*d))))
+                    .collect(),
+            ),
+        );
         if let Some(max) = self.max_cache_size {
             kv("max_cache_size", quote(&max.to_string()));
         }
@@ -379,6 +406,15 @@ impl Config {
         out
     }
 
+    /// How long a tag of `repo` on `host` stays fresh: the first matching rule, else `tag_ttl`.
+    pub fn tag_ttl_for(&self, host: &str, repo: &str) -> Duration {
+        let name = format!("{host}/{repo}");
+        self.tag_ttl_rules
+            .iter()
+            .find(|(pattern, _)| glob(pattern.as_bytes(), name.as_bytes()))
+            .map_or(self.tag_ttl, |(_, ttl)| *ttl)
+    }
+
     /// Whether TLS to `host` is terminated and the registry API served inside.
     pub fn intercepts(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -399,6 +435,26 @@ fn pattern_matches(pattern: &str, host: &str) -> bool {
             (1..=tail.len()).any(|i| tail.is_char_boundary(i) && pattern_matches(rest, &tail[i..]))
         }
     }
+}
+
+/// `*` matches any run of characters (slashes included); everything else matches itself.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
+        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
+}
+
+/// Parses `PATTERN=DURATION`.
+fn parse_ttl_rule(s: &str) -> Result<(String, Duration), String> {
+    let (pattern, ttl) = s
+        .rsplit_once('=')
+        .ok_or("expected PATTERN=DURATION, e.g. docker.io/library/*=1h")?;
+    if pattern.is_empty() {
+        return Err("empty pattern".into());
+    }
+    Ok((pattern.to_owned(), parse_duration(ttl)?))
 }
 
 fn validate_patterns(patterns: Vec<String>) -> Result<Vec<String>, ConfigError> {
@@ -566,5 +622,28 @@ mod tests {
             "registry.test:5000"
         );
         assert!(parse_resolve("registry.test=127.0.0.1:1").is_err());
+        assert!(parse_ttl_rule("docker.io/*").is_err());
+    }
+
+    #[test]
+    fn tag_ttl_rules_first_match_wins() {
+        let c = Settings {
+            tag_ttl_rule: Some(vec![
+                "docker.io/library/*=1h".into(),
+                "docker.io/*=10m".into(),
+            ]),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap();
+        assert_eq!(
+            c.tag_ttl_for("docker.io", "library/alpine"),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            c.tag_ttl_for("docker.io", "grafana/grafana"),
+            Duration::from_secs(600)
+        );
+        assert_eq!(c.tag_ttl_for("ghcr.io", "a/b"), Duration::from_secs(300));
     }
 }

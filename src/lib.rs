@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod ca;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod proxy;
@@ -29,6 +30,9 @@ pub enum Error {
     /// The upstream client could not be built.
     #[error(transparent)]
     Upstream(#[from] upstream::UpstreamError),
+    /// The cache directory is unusable.
+    #[error(transparent)]
+    Cache(#[from] cache::StoreError),
     /// A socket operation failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -40,6 +44,8 @@ pub struct Shared {
     pub config: Config,
     /// Issues leaf certificates for intercepted hosts.
     pub ca: ca::CertAuthority,
+    /// Blobs, manifests and tags on disk, and the downloads in flight.
+    pub cache: cache::Cache,
     /// The pooled upstream client.
     pub upstream: upstream::Upstream,
     /// Resolve overrides and the self-connection guard.
@@ -63,6 +69,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
+    let cache = cache::Cache::open(&config.cache_dir)?;
     let resolver = Arc::new(upstream::Resolver::new(
         &config.resolve,
         listener.local_addr()?,
@@ -71,6 +78,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config,
         ca,
+        cache,
         upstream,
         resolver,
         shutdown: CancellationToken::new(),

@@ -1,12 +1,16 @@
-//! The OCI distribution API as seen inside an intercepted connection: classify, then serve.
+//! The OCI distribution API as seen inside an intercepted connection: classify, then answer from
+//! the cache or the upstream.
 
+mod objects;
+mod range;
 pub mod route;
+mod tags;
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use http::header::{self, HeaderMap};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{request, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -20,6 +24,13 @@ use route::Route;
 /// Redirect hops followed upstream-side before giving up.
 const MAX_REDIRECTS: usize = 5;
 
+/// The header in which registries name a manifest's or blob's digest.
+const DOCKER_CONTENT_DIGEST: header::HeaderName =
+    header::HeaderName::from_static("docker-content-digest");
+
+/// How a request was answered, for the access log and metrics.
+pub type Outcome = &'static str;
+
 /// Serves one request that arrived inside an intercepted TLS connection.
 pub async fn handle(
     req: Request<Incoming>,
@@ -29,7 +40,7 @@ pub async fn handle(
 ) -> Response<Body> {
     let span = tracing::info_span!("request", host = %target.authority(), method = %req.method(), path = %req.uri().path());
     async move {
-        let log = AccessLog {
+        let mut log = AccessLog {
             client: peer.to_string(),
             host: target.authority(),
             method: req.method().to_string(),
@@ -39,14 +50,65 @@ pub async fn handle(
             start: Instant::now(),
         };
         let route = Route::classify(req.method(), req.uri().path());
-        let resp = match route {
-            Route::Invalid(reason) => text(StatusCode::BAD_REQUEST, reason),
-            _ => forward(req, target, shared, route.follows_redirects()).await,
+        let (resp, outcome) = match route {
+            Route::Invalid(reason) => (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+            Route::Ping => ping(req, target, shared).await,
+            Route::Blob { digest, .. } | Route::ManifestByDigest { digest, .. } => {
+                objects::serve(req, target, digest, shared).await
+            }
+            Route::ManifestByTag { repo, tag } => {
+                tags::serve(req, target, &repo, &tag, shared).await
+            }
+            Route::Other => (forward(req, target, shared, false).await, "FORWARD"),
         };
+        log.outcome = outcome;
         metered(resp, log)
     }
     .instrument(span)
     .await
+}
+
+/// The `/v2/` version check: the upstream's answer (its auth challenge included), or a local
+/// `200` when the upstream is down, so that clients go on to pull what the cache holds.
+async fn ping(
+    req: Request<Incoming>,
+    target: &Target,
+    shared: &Shared,
+) -> (Response<Body>, Outcome) {
+    let (parts, _) = req.into_parts();
+    let result = match upstream_uri(target, &parts.uri) {
+        Ok(uri) => {
+            shared
+                .upstream
+                .send(upstream_request(&parts, uri, body::empty()))
+                .await
+        }
+        Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+    };
+    match result {
+        Ok(resp) if !upstream_is_down(resp.status()) => (client_response(resp), "FORWARD"),
+        Err(e) if !e.is_unreachable() => (bad_gateway(target, &e), "FORWARD"),
+        down => {
+            let cause = down.map_or_else(|e| e.to_string(), |r| format!("status {}", r.status()));
+            tracing::warn!(cause = %cause, "upstream down; answering /v2/ locally");
+            let mut resp = Response::new(body::full("{}"));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(
+                "docker-distribution-api-version",
+                HeaderValue::from_static("registry/2.0"),
+            );
+            (resp, "STALE")
+        }
+    }
+}
+
+/// Whether an upstream status means "cannot answer now" (serve stale) rather than a real answer.
+fn upstream_is_down(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }
 
 /// Forwards the request unchanged to the upstream and streams the answer back.
@@ -69,14 +131,39 @@ async fn forward(
     };
     match result {
         Ok(resp) => client_response(resp),
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream failed");
-            text(
-                StatusCode::BAD_GATEWAY,
-                format!("upstream {}: {e}", target.authority()),
-            )
-        }
+        Err(e) => bad_gateway(target, &e),
     }
+}
+
+/// A `502` naming the upstream and the cause.
+fn bad_gateway(target: &Target, e: &UpstreamError) -> Response<Body> {
+    tracing::warn!(error = %e, "upstream failed");
+    text(
+        StatusCode::BAD_GATEWAY,
+        format!("upstream {}: {e}", target.authority()),
+    )
+}
+
+/// A body-less upstream request for the client's `parts` with `method`, without the client's
+/// conditional and range headers (the proxy fetches whole objects for the cache).
+fn fetch_request(
+    target: &Target,
+    parts: &request::Parts,
+    method: Method,
+) -> Result<Request<Body>, String> {
+    let uri = upstream_uri(target, &parts.uri)?;
+    let mut req = upstream_request(parts, uri, body::empty());
+    *req.method_mut() = method;
+    for h in [
+        header::RANGE,
+        header::IF_RANGE,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::CONTENT_LENGTH,
+    ] {
+        req.headers_mut().remove(h);
+    }
+    Ok(req)
 }
 
 /// The upstream URL for a request path on the CONNECT target.

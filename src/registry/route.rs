@@ -2,15 +2,17 @@
 
 use http::Method;
 
+use crate::cache::Digest;
+
 /// What a request inside an intercepted connection asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `GET /v2/` or `HEAD /v2/`: the API version check.
     Ping,
     /// GET or HEAD of a blob by digest.
-    Blob { repo: String, digest: String },
+    Blob { repo: String, digest: Digest },
     /// GET or HEAD of a manifest by digest.
-    ManifestByDigest { repo: String, digest: String },
+    ManifestByDigest { repo: String, digest: Digest },
     /// GET or HEAD of a manifest by tag.
     ManifestByTag { repo: String, tag: String },
     /// Anything else: pushes, catalog, tag lists, referrers, token endpoints.
@@ -41,16 +43,10 @@ impl Route {
             }
             let (repo, reference) = (repo.to_owned(), reference.to_owned());
             return match (reference.contains(':'), is_blob) {
-                (true, _) => match validate_digest(&reference) {
+                (true, _) => match Digest::parse(&reference) {
                     Err(reason) => Route::Invalid(reason),
-                    Ok(()) if is_blob => Route::Blob {
-                        repo,
-                        digest: reference,
-                    },
-                    Ok(()) => Route::ManifestByDigest {
-                        repo,
-                        digest: reference,
-                    },
+                    Ok(digest) if is_blob => Route::Blob { repo, digest },
+                    Ok(digest) => Route::ManifestByDigest { repo, digest },
                 },
                 (false, true) => Route::Other, // e.g. /blobs/uploads/ without a digest
                 (false, false) => Route::ManifestByTag {
@@ -68,32 +64,6 @@ impl Route {
     }
 }
 
-/// Checks that `digest` is `sha256:<64 hex>` or `sha512:<128 hex>`.
-pub fn validate_digest(digest: &str) -> Result<(), String> {
-    let (alg, hex) = digest
-        .split_once(':')
-        .ok_or_else(|| format!("digest {digest:?} has no algorithm"))?;
-    let want = match alg {
-        "sha256" => 64,
-        "sha512" => 128,
-        _ => {
-            return Err(format!(
-                "digest algorithm {alg:?} is not supported (use sha256 or sha512)"
-            ))
-        }
-    };
-    if hex.len() != want
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(format!(
-            "digest {digest:?}: expected {want} lower-case hex characters after {alg}:"
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,7 +76,7 @@ mod tests {
             Route::classify(&Method::HEAD, &format!("/v2/library/busybox/blobs/{d}")),
             Route::Blob {
                 repo: "library/busybox".into(),
-                digest: d.clone()
+                digest: Digest::parse(&d).unwrap()
             }
         );
         assert_eq!(

@@ -22,9 +22,12 @@ use crate::config::Config;
 /// Failures talking to an upstream; the message is safe to show to clients (no secrets).
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// Could not connect or complete the TLS handshake.
+    /// Could not reach the upstream: DNS, refused, unreachable, timed out.
     #[error("{0}")]
     Connect(String),
+    /// Reached it, but its TLS did not verify (or the handshake failed).
+    #[error("{0}")]
+    Tls(String),
     /// The request failed after connecting (reset, protocol error, ...).
     #[error("upstream request failed: {0}")]
     Request(String),
@@ -45,7 +48,7 @@ impl Upstream {
         let roots = root_store(&config.upstream_ca)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls_provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -69,12 +72,22 @@ impl Upstream {
             let mut source = e.source();
             while let Some(s) = source {
                 if let Some(c) = s.downcast_ref::<ConnectError>() {
-                    return UpstreamError::Connect(c.to_string());
+                    return match c {
+                        ConnectError::Tls { .. } => UpstreamError::Tls(c.to_string()),
+                        _ => UpstreamError::Connect(c.to_string()),
+                    };
                 }
                 source = s.source();
             }
             UpstreamError::Request(error_chain(&e))
         })
+    }
+}
+
+impl UpstreamError {
+    /// Whether the upstream is out of reach (serve stale), rather than misconfigured or broken.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_) | UpstreamError::Request(_))
     }
 }
 

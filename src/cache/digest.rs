@@ -1,0 +1,157 @@
+//! OCI content digests (`sha256:<hex>`, `sha512:<hex>`): parsing, hashing and the matching
+//! cacache integrity, so that a cached file's address is the digest itself.
+
+use std::fmt;
+
+use cacache::{Algorithm, Integrity};
+use sha2::Digest as _;
+
+/// A validated digest: a supported algorithm and lower-case hex of the right length.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Digest {
+    alg: Alg,
+    hex: String,
+}
+
+/// The digest algorithms the OCI spec registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Alg {
+    /// SHA-256, what every registry uses.
+    Sha256,
+    /// SHA-512.
+    Sha512,
+}
+
+impl Digest {
+    /// Parses `alg:hex`; the error says what is wrong, for a 400 body.
+    pub fn parse(s: &str) -> Result<Digest, String> {
+        let (alg, hex) = s
+            .split_once(':')
+            .ok_or_else(|| format!("digest {s:?} has no algorithm"))?;
+        let (alg, want) = match alg {
+            "sha256" => (Alg::Sha256, 64),
+            "sha512" => (Alg::Sha512, 128),
+            _ => {
+                return Err(format!(
+                    "digest algorithm {alg:?} is not supported (use sha256 or sha512)"
+                ))
+            }
+        };
+        let lower_hex = hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if hex.len() != want || !lower_hex {
+            return Err(format!(
+                "digest {s:?}: expected {want} lower-case hex characters after {}:",
+                alg.name()
+            ));
+        }
+        Ok(Digest {
+            alg,
+            hex: hex.to_owned(),
+        })
+    }
+
+    /// The digest of `data` with SHA-256.
+    pub fn sha256_of(data: &[u8]) -> Digest {
+        Digest {
+            alg: Alg::Sha256,
+            hex: hex::encode(sha2::Sha256::digest(data)),
+        }
+    }
+
+    /// The algorithm.
+    pub fn alg(&self) -> Alg {
+        self.alg
+    }
+
+    /// The hex part.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+
+    /// A streaming hasher for this digest's algorithm.
+    pub fn hasher(&self) -> Hasher {
+        match self.alg {
+            Alg::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Alg::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    /// The cacache integrity with the same hash, which makes cacache's content path the digest.
+    pub fn integrity(&self) -> Integrity {
+        let alg = match self.alg {
+            Alg::Sha256 => Algorithm::Sha256,
+            Alg::Sha512 => Algorithm::Sha512,
+        };
+        // The hex was validated in `parse`, so this cannot fail.
+        Integrity::from_hex(&self.hex, alg).unwrap_or_else(|_| Integrity::from(self.hex.as_bytes()))
+    }
+}
+
+impl Alg {
+    fn name(self) -> &'static str {
+        match self {
+            Alg::Sha256 => "sha256",
+            Alg::Sha512 => "sha512",
+        }
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.alg.name(), self.hex)
+    }
+}
+
+/// A running hash of bytes as they stream past.
+pub enum Hasher {
+    /// SHA-256 state.
+    Sha256(sha2::Sha256),
+    /// SHA-512 state.
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    /// Feeds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// Whether what was fed hashes to `digest`.
+    pub fn matches(self, digest: &Digest) -> bool {
+        let hex = match self {
+            Hasher::Sha256(h) => hex::encode(h.finalize()),
+            Hasher::Sha512(h) => hex::encode(h.finalize()),
+        };
+        hex == digest.hex
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let d = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+        assert_eq!(d.to_string(), format!("sha256:{}", "a".repeat(64)));
+        assert!(Digest::parse("md5:abc").is_err());
+        assert!(Digest::parse("sha256:abc").is_err());
+        assert!(Digest::parse(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(Digest::parse(&format!("sha512:{}", "0".repeat(128))).is_ok());
+    }
+
+    #[test]
+    fn hasher_matches_and_integrity_is_the_same_hash() {
+        let d = Digest::sha256_of(b"hello");
+        let mut h = d.hasher();
+        h.update(b"hel");
+        h.update(b"lo");
+        assert!(h.matches(&d));
+        assert_eq!(d.integrity(), Integrity::from(b"hello"));
+    }
+}

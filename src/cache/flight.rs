@@ -1,0 +1,367 @@
+//! Single flight: one upstream download per digest, written once to a temporary file while it is
+//! hashed, and read back by every client that wants it (the first one and any that join), each
+//! at its own pace. A client that leaves cancels nothing.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::{mpsc, watch};
+
+use super::digest::Digest;
+use super::store::{ObjectMeta, Store};
+use crate::body::{channel, Body, BoxError};
+
+/// Bytes read from disk per chunk sent to a client.
+const CHUNK: usize = 128 * 1024;
+/// Chunks buffered per client, and frames buffered between the network and the disk writer.
+const QUEUE: usize = 4;
+/// A download that delivers nothing for this long is given up.
+const STALL: Duration = Duration::from_secs(60);
+
+/// Where a download stands.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// Waiting for the upstream's response head.
+    Pending,
+    /// This many bytes are on disk.
+    Filling(u64),
+    /// Complete and verified (and committed, unless the disk refused).
+    Done(u64),
+    /// Broken: truncated, wrong digest, upstream error. Readers must abort their connection.
+    Failed(Arc<str>),
+    /// The leader got no cacheable answer (e.g. 401); followers go upstream themselves.
+    Abandoned,
+}
+
+/// What clients are told about the object before its bytes.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// `Content-Type` from upstream.
+    pub content_type: Option<String>,
+    /// Total size, when upstream announced it.
+    pub length: Option<u64>,
+}
+
+/// One download (or, for a hit, one complete file) that readers stream from.
+pub struct Flight {
+    state: watch::Sender<State>,
+    head: OnceLock<Head>,
+    file: OnceLock<Arc<std::fs::File>>,
+}
+
+impl Flight {
+    fn pending() -> Flight {
+        Flight {
+            state: watch::Sender::new(State::Pending),
+            head: OnceLock::new(),
+            file: OnceLock::new(),
+        }
+    }
+
+    /// A complete, verified file (a cache hit) served through the same reader.
+    pub fn complete(file: std::fs::File, head: Head, size: u64) -> Arc<Flight> {
+        let flight = Flight {
+            state: watch::Sender::new(State::Done(size)),
+            head: OnceLock::from(head),
+            file: OnceLock::from(Arc::new(file)),
+        };
+        Arc::new(flight)
+    }
+
+    /// The head, once the upstream answered.
+    pub fn head(&self) -> Option<&Head> {
+        self.head.get()
+    }
+
+    /// Waits until the upstream answered; returns the state then (never `Pending`).
+    pub async fn started(&self) -> State {
+        let mut rx = self.state.subscribe();
+        let waited = rx.wait_for(|s| !matches!(s, State::Pending)).await;
+        match waited {
+            Ok(s) => s.clone(),
+            Err(_) => State::Abandoned,
+        }
+    }
+
+    /// A body streaming bytes `start..end` (end exclusive; `None` for to the end) as they land.
+    pub fn reader(self: &Arc<Self>, start: u64, end: Option<u64>) -> Body {
+        let (tx, body) = channel(QUEUE, end.map(|e| e.saturating_sub(start)));
+        tokio::spawn(pump(self.clone(), start, end, tx));
+        body
+    }
+}
+
+/// The downloads in progress, by digest.
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+/// The outcome of asking to download a digest.
+pub enum Join {
+    /// Nobody is downloading it: the caller must, and must call [`Leader::start`] or drop it.
+    Leader(Leader),
+    /// Someone is: read from their flight.
+    Follower(Arc<Flight>),
+}
+
+impl Flights {
+    /// Joins the download of `digest`, or registers the caller as the one to do it.
+    pub fn join(self: &Arc<Self>, digest: &Digest) -> Join {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(digest) {
+            return Join::Follower(f.clone());
+        }
+        let flight = Arc::new(Flight::pending());
+        map.insert(digest.clone(), flight.clone());
+        Join::Leader(Leader {
+            flights: self.clone(),
+            digest: digest.clone(),
+            flight,
+            started: false,
+        })
+    }
+
+    /// The download of `digest` in progress, if any.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(digest).cloned()
+    }
+
+    /// Number of downloads in progress.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no download is in progress.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn remove(&self, digest: &Digest) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(digest);
+    }
+}
+
+/// The right and duty to download one digest; dropping it unstarted releases the followers.
+pub struct Leader {
+    flights: Arc<Flights>,
+    digest: Digest,
+    flight: Arc<Flight>,
+    started: bool,
+}
+
+impl Leader {
+    /// Starts filling from the upstream `body` in the background; returns the flight to read.
+    pub fn start(
+        mut self,
+        store: &Store,
+        head: Head,
+        body: Incoming,
+    ) -> std::io::Result<Arc<Flight>> {
+        let tmp = store.new_tmp_path();
+        let writer = std::fs::File::create(&tmp)?;
+        let reader = std::fs::File::open(&tmp)?;
+        let _ = self.flight.file.set(Arc::new(reader));
+        let _ = self.flight.head.set(head);
+        self.flight.state.send_replace(State::Filling(0));
+        self.started = true;
+        let fill = Fill {
+            flights: self.flights.clone(),
+            flight: self.flight.clone(),
+            digest: self.digest.clone(),
+            store: store.clone(),
+            tmp,
+        };
+        tokio::spawn(fill.run(body, writer));
+        Ok(self.flight.clone())
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if !self.started {
+            self.flight.state.send_replace(State::Abandoned);
+            self.flights.remove(&self.digest);
+        }
+    }
+}
+
+struct Fill {
+    flights: Arc<Flights>,
+    flight: Arc<Flight>,
+    digest: Digest,
+    store: Store,
+    tmp: PathBuf,
+}
+
+impl Fill {
+    async fn run(self, body: Incoming, file: std::fs::File) {
+        let result = self.download(body, file).await;
+        let state = match result {
+            Ok(size) => {
+                let meta = ObjectMeta {
+                    content_type: self.flight.head().and_then(|h| h.content_type.clone()),
+                    size,
+                };
+                if let Err(e) = self.store.commit(&self.tmp, &self.digest, &meta).await {
+                    // The bytes verified, so readers may finish; only caching them failed.
+                    tracing::warn!(digest = %self.digest, error = %e, "cannot commit to the cache");
+                    let _ = tokio::fs::remove_file(&self.tmp).await;
+                }
+                State::Done(size)
+            }
+            Err(reason) => {
+                tracing::warn!(digest = %self.digest, reason = %reason, "download failed; nothing cached");
+                let _ = tokio::fs::remove_file(&self.tmp).await;
+                State::Failed(reason.into())
+            }
+        };
+        self.flight.state.send_replace(state);
+        self.flights.remove(&self.digest);
+    }
+
+    /// Streams `body` to disk through a writer thread; returns the verified size.
+    async fn download(&self, mut body: Incoming, file: std::fs::File) -> Result<u64, String> {
+        let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+        let (flight, digest) = (self.flight.clone(), self.digest.clone());
+        let writer = tokio::task::spawn_blocking(move || write_all(file, rx, &flight, &digest));
+        let mut failure = None;
+        loop {
+            match tokio::time::timeout(STALL, body.frame()).await {
+                Err(_) => failure = Some(format!("upstream sent nothing for {STALL:?}")),
+                Ok(None) => {}
+                Ok(Some(Err(e))) => failure = Some(format!("upstream body broke off: {e}")),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if tx.send(data).await.is_ok() {
+                            continue;
+                        }
+                    } else {
+                        continue;
+                    }
+                }
+            }
+            break;
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| format!("disk writer failed: {e}"))?
+            .map_err(|e| format!("writing the cache file: {e}"))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        let (size, matches) = written;
+        if let Some(want) = self.flight.head().and_then(|h| h.length) {
+            if want != size {
+                return Err(format!("upstream sent {size} of {want} bytes"));
+            }
+        }
+        if !matches {
+            return Err(format!(
+                "the {size} bytes received do not hash to {}",
+                self.digest
+            ));
+        }
+        Ok(size)
+    }
+}
+
+/// The writer thread: disk, hash and progress for each frame; `(size, digest matches)` at the end.
+fn write_all(
+    mut file: std::fs::File,
+    mut rx: mpsc::Receiver<Bytes>,
+    flight: &Flight,
+    digest: &Digest,
+) -> std::io::Result<(u64, bool)> {
+    let mut hasher = digest.hasher();
+    let mut written = 0u64;
+    while let Some(data) = rx.blocking_recv() {
+        file.write_all(&data)?;
+        hasher.update(&data);
+        written += data.len() as u64;
+        flight.state.send_replace(State::Filling(written));
+    }
+    file.sync_all()?;
+    Ok((written, hasher.matches(digest)))
+}
+
+/// Sends `start..end` of the flight's file to a client, waiting for bytes that have not landed.
+async fn pump(
+    flight: Arc<Flight>,
+    mut pos: u64,
+    end: Option<u64>,
+    tx: mpsc::Sender<Result<Bytes, BoxError>>,
+) {
+    let mut rx = flight.state.subscribe();
+    let total = flight.head().and_then(|h| h.length);
+    let Some(file) = flight.file.get().cloned() else {
+        let _ = tx.send(Err("download did not start".into())).await;
+        return;
+    };
+    loop {
+        let state = rx.borrow_and_update().clone();
+        let (available, done) = match state {
+            State::Done(n) => (n, true),
+            // The last byte waits for verification: a client never sees a complete corrupt blob.
+            State::Filling(n) if total.is_some_and(|t| n < t) => (n, false),
+            State::Filling(n) => (n.saturating_sub(1), false),
+            State::Failed(reason) => {
+                let _ = tx.send(Err(reason.to_string().into())).await;
+                return;
+            }
+            State::Pending | State::Abandoned => {
+                let _ = tx.send(Err("download was abandoned".into())).await;
+                return;
+            }
+        };
+        let limit = end.map_or(available, |e| e.min(available));
+        while pos < limit {
+            let n = CHUNK.min((limit - pos) as usize);
+            let chunk = match read_at(file.clone(), pos, n).await {
+                Ok(c) if !c.is_empty() => c,
+                Ok(_) => {
+                    let _ = tx
+                        .send(Err("cache file is shorter than expected".into()))
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(Box::new(e))).await;
+                    return;
+                }
+            };
+            pos += chunk.len() as u64;
+            if tx.send(Ok(chunk)).await.is_err() {
+                return; // the client left; the download goes on without it
+            }
+        }
+        if end.is_some_and(|e| pos >= e) || (done && pos >= available) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            let _ = tx.send(Err("download ended unexpectedly".into())).await;
+            return;
+        }
+    }
+}
+
+async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(n);
+        let got = file.read_at(&mut buf, pos)?;
+        buf.truncate(got);
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}

@@ -1,0 +1,146 @@
+//! Blobs and manifests by digest: immutable, so a verified cached copy is always the answer.
+//! A miss starts (or joins) the one download of that digest.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::range::{ByteRange, Slice};
+use super::{bad_gateway, fetch_request, forward, send_following_redirects, Outcome};
+use crate::body::{self, text, Body};
+use crate::cache::{Digest, Flight, Head, Join, State};
+use crate::proxy::Target;
+use crate::Shared;
+
+/// Answers a GET or HEAD of an object by digest.
+pub(super) async fn serve(
+    req: Request<Incoming>,
+    target: &Target,
+    digest: Digest,
+    shared: &Shared,
+) -> (Response<Body>, Outcome) {
+    let head_only = req.method() == Method::HEAD;
+    let range = ByteRange::from_headers(req.headers());
+    if let Some((flight, _)) = shared.cache.hit(&digest).await {
+        return (respond(&flight, &digest, head_only, range), "HIT");
+    }
+    if head_only {
+        // A HEAD is cheap upstream and says nothing worth caching, unless a download already knows.
+        if let Some(flight) = shared
+            .cache
+            .flights
+            .get(&digest)
+            .filter(|f| f.head().is_some())
+        {
+            return (respond(&flight, &digest, true, range), "JOINED");
+        }
+        return (forward(req, target, shared, true).await, "FORWARD");
+    }
+    match shared.cache.flights.join(&digest) {
+        Join::Follower(flight) => match flight.started().await {
+            State::Abandoned => (forward(req, target, shared, true).await, "FORWARD"),
+            _ => (respond(&flight, &digest, false, range), "JOINED"),
+        },
+        Join::Leader(leader) => {
+            // It may have been committed between the lookup above and the join.
+            if let Some((flight, _)) = shared.cache.hit(&digest).await {
+                return (respond(&flight, &digest, false, range), "HIT");
+            }
+            let (parts, _) = req.into_parts();
+            let up = match fetch_request(target, &parts, Method::GET) {
+                Ok(r) => r,
+                Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+            };
+            let resp = match send_following_redirects(shared, up).await {
+                Ok(r) => r,
+                Err(e) => return (bad_gateway(target, &e), "FORWARD"),
+            };
+            if resp.status() != StatusCode::OK {
+                // 401, 404, …: the client's business, passed on as is; followers ask for themselves.
+                return (crate::proxy::client_response(resp), "FORWARD");
+            }
+            let head = Head {
+                content_type: header_str(resp.headers(), header::CONTENT_TYPE),
+                length: header_str(resp.headers(), header::CONTENT_LENGTH)
+                    .and_then(|v| v.parse().ok()),
+            };
+            match leader.start(&shared.cache.store, head, resp.into_body()) {
+                Ok(flight) => (respond(&flight, &digest, false, range), "MISS"),
+                Err(e) => (
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot create a cache file: {e}"),
+                    ),
+                    "FORWARD",
+                ),
+            }
+        }
+    }
+}
+
+/// The response for a flight (complete or growing): whole, one range, or 416.
+fn respond(
+    flight: &Arc<Flight>,
+    digest: &Digest,
+    head_only: bool,
+    range: Option<ByteRange>,
+) -> Response<Body> {
+    let total = flight.head().and_then(|h| h.length);
+    let slice = range.map_or(Slice::Whole, |r| r.slice(total));
+    let (status, start, end) = match slice {
+        Slice::Whole => (StatusCode::OK, 0, total),
+        Slice::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, Some(e)),
+        Slice::Unsatisfiable => {
+            let mut resp = text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+            if let Some(t) = total {
+                insert(&mut resp, header::CONTENT_RANGE, format!("bytes */{t}"));
+            }
+            return resp;
+        }
+    };
+    let body = if head_only {
+        body::empty()
+    } else {
+        flight.reader(start, end)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let content_type = flight
+        .head()
+        .and_then(|h| h.content_type.clone())
+        .unwrap_or_else(|| "application/octet-stream".into());
+    insert(&mut resp, header::CONTENT_TYPE, content_type);
+    insert(&mut resp, super::DOCKER_CONTENT_DIGEST, digest.to_string());
+    insert(&mut resp, header::ETAG, format!("\"{digest}\""));
+    insert(&mut resp, header::ACCEPT_RANGES, "bytes".into());
+    if let Some(e) = end {
+        insert(&mut resp, header::CONTENT_LENGTH, (e - start).to_string());
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        let of = total.map_or("*".to_string(), |t| t.to_string());
+        let last = end.unwrap_or(start + 1) - 1;
+        insert(
+            &mut resp,
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{last}/{of}"),
+        );
+    }
+    resp
+}
+
+/// Sets a header from a string; values that are not valid header text are skipped.
+pub(super) fn insert<K: header::IntoHeaderName>(resp: &mut Response<Body>, name: K, value: String) {
+    if let Ok(v) = HeaderValue::try_from(value) {
+        resp.headers_mut().insert(name, v);
+    }
+}
+
+/// A header's value as text, if present and printable.
+pub(super) fn header_str(
+    headers: &http::HeaderMap,
+    name: impl header::AsHeaderName,
+) -> Option<String> {
+    headers.get(name)?.to_str().ok().map(str::to_owned)
+}
