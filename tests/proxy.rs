@@ -5,119 +5,9 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use support::*;
-
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn dial(proxy: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(proxy).expect("connect to proxy");
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    s
-}
-
-/// Reads an HTTP response head byte by byte (so nothing after it is consumed); returns status and head.
-fn read_head(s: &mut impl Read) -> (u16, String) {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => panic!(
-                "connection ended inside the response head: {:?}",
-                String::from_utf8_lossy(&head)
-            ),
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
-    (status, head)
-}
-
-/// Sends raw bytes, reads the whole answer (the request must ask for Connection: close).
-fn raw(proxy: SocketAddr, request: &[u8]) -> (u16, String) {
-    let mut s = dial(proxy);
-    s.write_all(request).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    (status, text)
-}
-
-fn connect(proxy: SocketAddr, target: &str) -> (u16, TcpStream) {
-    let mut s = dial(proxy);
-    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
-    let (status, _) = read_head(&mut s);
-    (status, s)
-}
-
-fn tls_config(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca_pem).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
-}
-
-/// CONNECTs to `target`, does TLS trusting `ca_pem` with SNI `name`, returns the TLS stream.
-fn tls_via(
-    proxy: SocketAddr,
-    target: &str,
-    name: &str,
-    ca_pem: &Path,
-) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let (status, tcp) = connect(proxy, target);
-    assert_eq!(status, 200, "CONNECT {target}");
-    let server_name = ServerName::try_from(name.to_owned()).unwrap();
-    let conn = rustls::ClientConnection::new(tls_config(ca_pem), server_name).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .unwrap_or_else(|e| panic!("TLS to {name} via CONNECT {target}: {e}"));
-    }
-    tls
-}
-
-/// GET `path` over `tls`, returning status and body.
-fn https_get(mut tls: impl Read + Write, host: &str, path: &str) -> (u16, String) {
-    write!(
-        tls,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    (status, text)
-}
 
 fn peer_leaf(tls: &rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> Vec<u8> {
     tls.conn.peer_certificates().expect("peer certificates")[0].to_vec()
@@ -305,7 +195,7 @@ fn unreachable_upstream_gets_502_naming_the_cause() {
     });
     let target = format!("down.test:{dead}");
     let tls = tls_via(proxy.addr(), &target, "down.test", &proxy.ca_cert_path());
-    let (status, body) = https_get(tls, &target, "/v2/");
+    let (status, body) = https_get(tls, &target, "/v2/test/img/tags/list");
     assert_eq!(status, 502, "{body}");
     assert!(body.to_lowercase().contains("refused"), "{body}");
     // Not intercepted: the CONNECT itself fails.
@@ -400,68 +290,23 @@ fn absolute_form_http_is_forwarded() {
     handle.join().unwrap();
 }
 
-/// A one-request-per-connection HTTPS server on 127.0.0.1 for `names`, signed by its own test CA
-/// (in `dir`). `answer` gets each request head and returns the raw response; heads are recorded.
-fn tiny_https(
-    dir: &Path,
-    names: &[&str],
-    answer: impl Fn(&str) -> String + Send + 'static,
-) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
-    make_test_certs(dir, "tiny test CA", names);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let record = seen.clone();
-    std::thread::spawn(move || {
-        for tcp in listener.incoming().flatten() {
-            tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
-            let mut tls = rustls::StreamOwned::new(conn, tcp);
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                if tls.read_exact(&mut b).is_err() {
-                    break;
-                }
-                head.push(b[0]);
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let response = answer(&head);
-            record.lock().unwrap().push(head);
-            let _ = tls.write_all(response.as_bytes());
-            let _ = tls.flush();
-            tls.conn.send_close_notify();
-            let _ = tls.conn.complete_io(&mut tls.sock);
-        }
-    });
-    (port, seen)
-}
-
 #[test]
 fn blob_redirects_are_followed_upstream_side_without_the_token() {
     let dir = TestDir::new();
-    let digest = format!("sha256:{}", "ab".repeat(32));
-    let (cdn_port, cdn_seen) = tiny_https(&dir.join("cdn"), &["cdn.test"], |_| {
-        "HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nblob-data".into()
+    let digest = sha256_digest(b"blob-data");
+    let (cdn_port, cdn_seen) = tiny_https(&dir.join("cdn"), &["cdn.test"], |_, w| {
+        let _ = w.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nblob-data",
+        );
     });
     let location = format!("https://cdn.test:{cdn_port}/signed/blob?sig=opaque");
-    let (origin_port, origin_seen) = tiny_https(&dir.join("origin"), &["origin.test"], move |_| {
-        format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-    });
+    let (origin_port, origin_seen) = tiny_https(
+        &dir.join("origin"),
+        &["origin.test"],
+        move |_, w| {
+            let _ = write!(w, "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        },
+    );
     let proxy = Proxy::start(|c| {
         c.intercept.push("origin.test".into());
         c.allow_port.push(origin_port);

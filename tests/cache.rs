@@ -1,0 +1,308 @@
+//! The cache end to end: repeat pulls, pulls with the upstream gone, tag revalidation with HEAD,
+//! ranges, single flight, and downloads that go wrong never entering the cache.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use support::*;
+
+/// Pulling the same image twice through one proxy fetches each layer from the registry once: the
+/// second pull is served from the cache.
+#[test]
+fn repeat_pull_fetches_each_layer_once_upstream() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 3, "256KiB", None, 3);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/again:latest", false);
+
+    let proxy = Proxy::for_registry(&registry);
+    for round in ["first", "second"] {
+        let dst = dir.join(round);
+        skopeo_copy_via(
+            &proxy,
+            &registry.image("test/again:latest"),
+            &oci_ref(&dst),
+            false,
+        );
+        assert_same_image(&src, &dst);
+    }
+    for layer in oci_layers(&src, &digest) {
+        assert_eq!(
+            registry.blob_gets(&layer),
+            1,
+            "upstream GETs of {layer}: {:#?}",
+            registry.access_log()
+        );
+    }
+}
+
+/// With the registry stopped, a second pull (multi-arch, every platform) still works: blobs and
+/// manifests by digest from the cache, the stale tag with a Warning, the `/v2/` ping locally.
+#[test]
+fn pull_works_with_the_upstream_stopped() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let index = mkimage(&src, 2, "128KiB", Some("linux/amd64,linux/arm64"), 4);
+    let mut registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/offline:v1", true);
+    // A zero freshness time makes every tag request a revalidation, which then fails.
+    let proxy = Proxy::for_registry_with(&registry, |c| c.tag_ttl = Duration::ZERO);
+    let image = registry.image("test/offline:v1");
+    skopeo_copy_via(&proxy, &image, &oci_ref(dir.join("warm")), true);
+
+    registry.stop();
+    let dst = dir.join("offline");
+    skopeo_copy_via(&proxy, &image, &oci_ref(&dst), true);
+    assert_eq!(oci_index_digest(&dst), index);
+    assert_same_image(&src, &dst);
+
+    let tls = tls_via(
+        proxy.addr(),
+        &registry.host(),
+        "registry.test",
+        &proxy.ca_cert_path(),
+    );
+    let resp = request(
+        tls,
+        &format!(
+            "GET /v2/test/offline/manifests/v1 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            registry.host()
+        ),
+    );
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    assert!(
+        resp.header("warning").is_some_and(|w| w.contains("110")),
+        "{}",
+        resp.head
+    );
+    assert_eq!(resp.header("docker-content-digest"), Some(index));
+}
+
+/// A client HEAD on a tag is answered with upstream HEADs only, never a GET, and a stale tag
+/// whose digest did not change is revalidated by a HEAD.
+#[test]
+fn tag_head_never_becomes_an_upstream_get() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 1, "16KiB", None, 5);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/head:latest", false);
+    let proxy = Proxy::for_registry_with(&registry, |c| c.tag_ttl = Duration::ZERO);
+    let host = registry.host();
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let before = registry.access_log().len();
+    for method in ["HEAD", "HEAD", "GET", "GET"] {
+        let tls = tls_via(proxy.addr(), &host, "registry.test", &proxy.ca_cert_path());
+        let resp = request(
+            tls,
+            &format!("{method} /v2/test/head/manifests/latest HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(resp.status, 200, "{method}: {}", resp.head);
+        assert_eq!(
+            resp.header("docker-content-digest").as_deref(),
+            Some(digest.as_str())
+        );
+    }
+    let log = registry.access_log();
+    let tag_requests: Vec<&str> = log[before..]
+        .iter()
+        .filter(|e| e.uri == "/v2/test/head/manifests/latest")
+        .map(|e| e.method.as_str())
+        .collect();
+    // HEAD, HEAD, then the first GET fetches the manifest, the second revalidates with a HEAD.
+    assert_eq!(tag_requests, ["HEAD", "HEAD", "GET", "HEAD"], "{log:#?}");
+}
+
+/// Ranges on a cached blob: 206 with the right bytes and Content-Range; beyond the end, 416.
+#[test]
+fn range_requests_on_a_cached_blob() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 1, "64KiB", None, 6);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/range:latest", false);
+    let proxy = Proxy::for_registry(&registry);
+    skopeo_copy_via(
+        &proxy,
+        &registry.image("test/range:latest"),
+        &oci_ref(dir.join("dst")),
+        false,
+    );
+    let layer = &oci_layers(&src, &digest)[0];
+    let bytes = std::fs::read(src.join("blobs/sha256").join(&layer["sha256:".len()..])).unwrap();
+    let host = registry.host();
+    let get = |range: &str| {
+        let tls = tls_via(proxy.addr(), &host, "registry.test", &proxy.ca_cert_path());
+        request(tls, &format!("GET /v2/test/range/blobs/{layer} HTTP/1.1\r\nHost: {host}\r\nRange: {range}\r\nConnection: close\r\n\r\n"))
+    };
+    let resp = get("bytes=100-199");
+    assert_eq!(resp.status, 206, "{}", resp.head);
+    assert_eq!(resp.body, &bytes[100..200]);
+    assert_eq!(
+        resp.header("content-range"),
+        Some(format!("bytes 100-199/{}", bytes.len()))
+    );
+    let resp = get("bytes=-10");
+    assert_eq!(resp.body, &bytes[bytes.len() - 10..]);
+    let resp = get(&format!("bytes={}-", bytes.len()));
+    assert_eq!(resp.status, 416, "{}", resp.head);
+    assert_eq!(
+        registry.blob_gets(layer),
+        1,
+        "ranges were served from the cache"
+    );
+}
+
+/// A blob upstream that drips `data` out slowly, counting requests; `corrupt` flips one byte.
+fn slow_blob_upstream(
+    dir: &Path,
+    data: Arc<Vec<u8>>,
+    corrupt: bool,
+    cut: bool,
+) -> (u16, Arc<Mutex<Vec<String>>>) {
+    tiny_https(dir, &["blobs.test"], move |_, w| {
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", data.len());
+        let mut body = data.to_vec();
+        if corrupt {
+            body[data.len() / 2] ^= 0xff;
+        }
+        if cut {
+            body.truncate(data.len() / 2);
+        }
+        for chunk in body.chunks(64 * 1024) {
+            if w.write_all(chunk).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+fn blob_proxy(port: u16, dir: &Path) -> Proxy {
+    let ca = dir.join("ca.crt");
+    Proxy::start(move |c| {
+        c.intercept.push("blobs.test".into());
+        c.allow_port.push(port);
+        c.resolve.push((
+            format!("blobs.test:{port}"),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ));
+        c.upstream_ca.push(ca);
+    })
+}
+
+fn get_blob(proxy: &Proxy, port: u16, digest: &str) -> RawResponse {
+    let target = format!("blobs.test:{port}");
+    let tls = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
+    request(
+        tls,
+        &format!(
+            "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// Four clients asking at once for a blob that is still downloading share one upstream request,
+/// and each gets every byte; afterwards it is a hit.
+#[test]
+fn concurrent_requests_share_one_download() {
+    let dir = TestDir::new();
+    let data: Arc<Vec<u8>> = Arc::new((0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect());
+    let digest = sha256_digest(&data);
+    let (port, seen) = slow_blob_upstream(&dir.join("up"), data.clone(), false, false);
+    let proxy = blob_proxy(port, &dir.join("up"));
+    let responses: Vec<RawResponse> = thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| get_blob(&proxy, port, &digest)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for resp in &responses {
+        assert_eq!(resp.status, 200, "{}", resp.head);
+        assert!(
+            resp.complete && resp.body == *data,
+            "got {} bytes",
+            resp.body.len()
+        );
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "upstream requests: {:?}",
+        seen.lock().unwrap()
+    );
+    let again = get_blob(&proxy, port, &digest);
+    assert!(again.complete && again.body == *data);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+/// Bytes that do not hash to the digest, or a body cut short, reach the client as a broken
+/// response (never a clean end) and leave nothing in the cache: the next request goes upstream.
+#[test]
+fn corrupt_or_truncated_downloads_are_aborted_and_not_cached() {
+    for (corrupt, cut) in [(true, false), (false, true)] {
+        let dir = TestDir::new();
+        let data: Arc<Vec<u8>> = Arc::new((0..300_000u32).map(|i| (i % 253) as u8).collect());
+        let digest = sha256_digest(&data);
+        let (port, seen) = slow_blob_upstream(&dir.join("up"), data.clone(), corrupt, cut);
+        let proxy = blob_proxy(port, &dir.join("up"));
+        for attempt in 1..=2 {
+            let resp = get_blob(&proxy, port, &digest);
+            assert_eq!(resp.status, 200, "{}", resp.head);
+            assert!(
+                !resp.complete,
+                "corrupt={corrupt} cut={cut}: the client saw a clean end"
+            );
+            assert_eq!(
+                seen.lock().unwrap().len(),
+                attempt,
+                "attempt {attempt} went upstream"
+            );
+        }
+        let objects = walk(&proxy.cache_dir().join("content-v2"));
+        assert!(objects.is_empty(), "cached: {objects:?}");
+    }
+}
+
+/// A digest the proxy cannot verify gets a 400 naming the problem.
+#[test]
+fn malformed_digests_get_400() {
+    let dir = TestDir::new();
+    let (port, seen) = slow_blob_upstream(&dir.join("up"), Arc::new(vec![1]), false, false);
+    let proxy = blob_proxy(port, &dir.join("up"));
+    for bad in [
+        "md5:abcd",
+        "sha256:abc",
+        &format!("sha256:{}", "A".repeat(64)),
+    ] {
+        let resp = get_blob(&proxy, port, bad);
+        assert_eq!(resp.status, 400, "{bad}: {}", resp.head);
+        assert!(
+            String::from_utf8_lossy(&resp.body).contains("digest"),
+            "{bad}"
+        );
+    }
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            if e.path().is_dir() {
+                walk(&e.path())
+            } else {
+                vec![e.path()]
+            }
+        })
+        .collect()
+}
