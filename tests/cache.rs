@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -305,4 +306,110 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
             }
         })
         .collect()
+}
+
+/// A range asked for while the blob is not cached is served from the one download, which then
+/// completes into the cache: the whole blob afterwards is a hit.
+#[test]
+fn range_on_a_miss_is_served_from_the_download() {
+    let dir = TestDir::new();
+    let data: Arc<Vec<u8>> = Arc::new((0..700_000u32).map(|i| (i % 241) as u8).collect());
+    let digest = sha256_digest(&data);
+    let (port, seen) = slow_blob_upstream(&dir.join("up"), data.clone(), false, false);
+    let proxy = blob_proxy(port, &dir.join("up"));
+    let target = format!("blobs.test:{port}");
+    let tls = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
+    let resp = request(
+        tls,
+        &format!("GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nRange: bytes=300000-300099\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(resp.status, 206, "{}", resp.head);
+    assert_eq!(resp.body, &data[300_000..300_100]);
+    let whole = get_blob(&proxy, port, &digest);
+    assert!(whole.complete && whole.body == *data);
+    assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
+}
+
+/// regproxy killed with SIGKILL in the middle of a download leaves nothing that a restarted
+/// regproxy serves: the blob is fetched again, whole and verified.
+#[test]
+fn kill_9_mid_download_leaves_nothing_served() {
+    let dir = TestDir::new();
+    let data: Arc<Vec<u8>> = Arc::new((0..2_000_000u32).map(|i| (i % 239) as u8).collect());
+    let digest = sha256_digest(&data);
+    let (port, seen) = slow_blob_upstream(&dir.join("up"), data.clone(), false, false);
+    let state = dir.join("state");
+    let start = || {
+        let listen = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_regproxy"))
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--ca-dir")
+            .arg(state.join("ca"))
+            .arg("--cache-dir")
+            .arg(state.join("cache"))
+            .args([
+                "--intercept",
+                "blobs.test",
+                "--allow-port",
+                &port.to_string(),
+            ])
+            .args(["--resolve", &format!("blobs.test:{port}=127.0.0.1:{port}")])
+            .arg("--upstream-ca")
+            .arg(dir.join("up/ca.crt"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], listen));
+        wait_for(
+            START_TIMEOUT,
+            || std::net::TcpStream::connect(addr).ok(),
+            || format!("regproxy on {addr}"),
+        );
+        (child, addr)
+    };
+    let (mut child, addr) = start();
+    let target = format!("blobs.test:{port}");
+    let mut tls = tls_via(addr, &target, "blobs.test", &state.join("ca/ca.crt"));
+    write!(
+        tls,
+        "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 4096];
+    std::io::Read::read_exact(&mut tls, &mut first).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partials = walk(&state.join("cache/tmp"));
+    assert_eq!(
+        partials.len(),
+        1,
+        "the download was in progress: {partials:?}"
+    );
+
+    let (mut child, addr) = start();
+    let tls = tls_via(addr, &target, "blobs.test", &state.join("ca/ca.crt"));
+    let resp = request(
+        tls,
+        &format!(
+            "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        resp.complete && resp.body == *data,
+        "got {} bytes",
+        resp.body.len()
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "fetched again after the crash"
+    );
+    assert!(
+        !partials[0].exists(),
+        "the dead run's partial file was removed"
+    );
 }
