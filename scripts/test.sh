@@ -12,6 +12,8 @@ declare -A needs=(
   [curl]=curl
   [python3]=python3
   [htpasswd]=apache2-utils
+  [systemd-analyze]=systemd
+  [update-ca-certificates]=ca-certificates
 )
 missing=()
 for cmd in "${!needs[@]}"; do
