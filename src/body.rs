@@ -63,11 +63,14 @@ pub struct AccessLog {
     pub status: u16,
     /// When the request arrived.
     pub start: Instant,
+    /// Where the request is counted.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl AccessLog {
     /// Writes the line with the number of body bytes sent and whether the body ended cleanly.
     pub fn emit(&self, bytes: u64, complete: bool) {
+        self.metrics.request(&self.host, self.outcome, bytes);
         tracing::info!(
             target: "regproxy::access",
             client = %self.client,

@@ -37,6 +37,26 @@ enum Command {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Inspect and maintain the cache (safe while the proxy runs)
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Entries, bytes, and the hit ratio since start when the proxy is running
+    Stats,
+    /// Every object: digest, size, media type, last access, and the tags that reference it
+    Ls,
+    /// Remove an object by digest, or an image (HOST/REPO:TAG) with what only it references
+    Rm {
+        /// sha256:… or HOST/REPO:TAG as `cache ls` shows it
+        target: String,
+    },
+    /// Evict to the configured bounds, drop orphaned files, compact the index
+    Gc,
+    /// Re-hash every object; remove and report corrupt ones (exit status 1 if any)
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +65,17 @@ enum CaCommand {
     Init,
     /// Print the CA's path, subject, SHA-256 fingerprint and expiry
     Show,
+    /// Add the CA to the system trust store (Debian/Ubuntu, RHEL/Fedora, Alpine)
+    Install(TrustArgs),
+    /// Remove the CA from the system trust store
+    Uninstall(TrustArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrustArgs {
+    /// Treat DIR as the file system root (for tests and image builds)
+    #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
+    root: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +103,9 @@ pub fn main() -> anyhow::Result<()> {
         None | Some(Command::Run) => run(config),
         Some(Command::Ca(CaCommand::Init)) => ca_init(&config),
         Some(Command::Ca(CaCommand::Show)) => ca_show(&config),
+        Some(Command::Ca(CaCommand::Install(t))) => ca_trust(&config, &t.root, true),
+        Some(Command::Ca(CaCommand::Uninstall(t))) => ca_trust(&config, &t.root, false),
+        Some(Command::Cache(c)) => crate::cli_cache::run(&config, c.into()),
         Some(Command::Config(ConfigCommand::Check)) => {
             print!("{}", config.to_toml());
             Ok(())
@@ -114,6 +148,34 @@ fn ca_show(config: &Config) -> anyhow::Result<()> {
     println!("sha256:      {}", info.sha256);
     println!("expires:     {}", info.not_after);
     Ok(())
+}
+
+fn ca_trust(config: &Config, root: &std::path::Path, install: bool) -> anyhow::Result<()> {
+    let store = crate::trust::detect(root)?;
+    let done = if install {
+        let (crt, _) = crate::ca::ca_paths(&config.ca_dir);
+        crate::ca::describe(&crt).context("no usable CA; create one with `regproxy ca init`")?;
+        store.install(&crt)?
+    } else {
+        store.uninstall()?
+    };
+    for line in done {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+impl From<CacheCommand> for crate::cli_cache::Action {
+    fn from(c: CacheCommand) -> Self {
+        use crate::cli_cache::Action;
+        match c {
+            CacheCommand::Stats => Action::Stats,
+            CacheCommand::Ls => Action::Ls,
+            CacheCommand::Rm { target } => Action::Rm(target),
+            CacheCommand::Gc => Action::Gc,
+            CacheCommand::Verify => Action::Verify,
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

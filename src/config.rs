@@ -88,6 +88,8 @@ pub struct Config {
     pub tag_ttl_rules: Vec<(String, Duration)>,
     /// Upper bound of the cache size in bytes, if any.
     pub max_cache_size: Option<u64>,
+    /// Free space the cache leaves on its file system, if any.
+    pub min_free_disk: Option<u64>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Timeout for establishing an upstream TCP+TLS connection.
@@ -112,6 +114,7 @@ impl Default for Config {
             tag_ttl: Duration::from_secs(300),
             tag_ttl_rules: Vec::new(),
             max_cache_size: None,
+            min_free_disk: None,
             log_format: LogFormat::Text,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
@@ -201,6 +204,14 @@ pub struct Settings {
         value_name = "SIZE"
     )]
     pub max_cache_size: Option<String>,
+    /// Free space to leave on the cache's file system, e.g. 5GiB [default: none]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MIN_FREE_DISK",
+        value_name = "SIZE"
+    )]
+    pub min_free_disk: Option<String>,
     /// Log format: text or json [default: text]
     #[arg(
         global = true,
@@ -302,6 +313,10 @@ impl Settings {
                 None => None,
                 Some(v) => Some(parse_size(&v).map_err(|r| invalid("max_cache_size", &v, r))?),
             },
+            min_free_disk: match scalar(self.min_free_disk, file.min_free_disk) {
+                None => None,
+                Some(v) => Some(parse_size(&v).map_err(|r| invalid("min_free_disk", &v, r))?),
+            },
             log_format: parse_or(
                 "log_format",
                 scalar(self.log_format, file.log_format),
@@ -383,6 +398,9 @@ impl Config {
         if let Some(max) = self.max_cache_size {
             kv("max_cache_size", quote(&max.to_string()));
         }
+        if let Some(min) = self.min_free_disk {
+            kv("min_free_disk", quote(&min.to_string()));
+        }
         kv(
             "log_format",
             quote(if self.log_format == LogFormat::Json {
@@ -413,6 +431,14 @@ impl Config {
             .iter()
             .find(|(pattern, _)| glob(pattern.as_bytes(), name.as_bytes()))
             .map_or(self.tag_ttl, |(_, ttl)| *ttl)
+    }
+
+    /// The bounds the cache is kept within.
+    pub fn cache_bounds(&self) -> crate::cache::evict::Bounds {
+        crate::cache::evict::Bounds {
+            max_size: self.max_cache_size,
+            min_free: self.min_free_disk,
+        }
     }
 
     /// Whether TLS to `host` is terminated and the registry API served inside.

@@ -3,13 +3,17 @@
 //! [`run`] is the whole server: tests call it with their own listener and config, and `main.rs`
 //! calls it through [`cli`].
 
+pub mod admin;
 pub mod body;
 pub mod ca;
 pub mod cache;
 pub mod cli;
+mod cli_cache;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod trust;
 pub mod upstream;
 
 use std::future::Future;
@@ -44,6 +48,8 @@ pub struct Shared {
     pub config: Config,
     /// Issues leaf certificates for intercepted hosts.
     pub ca: ca::CertAuthority,
+    /// Counters and gauges for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
     /// Blobs, manifests and tags on disk, and the downloads in flight.
     pub cache: cache::Cache,
     /// The pooled upstream client.
@@ -69,21 +75,37 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
-    let cache = cache::Cache::open(&config.cache_dir)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
     let resolver = Arc::new(upstream::Resolver::new(
         &config.resolve,
         listener.local_addr()?,
     ));
-    let upstream = upstream::Upstream::new(&config, resolver.clone())?;
+    let upstream = upstream::Upstream::new(&config, resolver.clone(), metrics.clone())?;
     let shared = Arc::new(Shared {
         config,
         ca,
+        metrics,
         cache,
         upstream,
         resolver,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
+    let admin = TcpListener::bind(shared.config.admin_listen)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("admin_listen {}: {e}", shared.config.admin_listen),
+            )
+        })?;
+    tokio::spawn(admin::serve(admin, shared.clone()));
+    tokio::spawn(cache::evict::keep_within(
+        shared.cache.store.clone(),
+        shared.config.cache_bounds(),
+        shared.shutdown.clone(),
+    ));
     proxy::serve(listener, shared, shutdown).await;
     Ok(())
 }

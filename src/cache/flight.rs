@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
 use super::digest::Digest;
-use super::store::{ObjectMeta, Store};
+use super::store::{ObjectMeta, Pin, Store};
 use crate::body::{channel, Body, BoxError};
 
 /// Bytes read from disk per chunk sent to a client.
@@ -54,6 +54,8 @@ pub struct Flight {
     state: watch::Sender<State>,
     head: OnceLock<Head>,
     file: OnceLock<Arc<std::fs::File>>,
+    // Held while any reader of a cached file lives, so that eviction passes it by.
+    _pin: Option<Pin>,
 }
 
 impl Flight {
@@ -62,15 +64,17 @@ impl Flight {
             state: watch::Sender::new(State::Pending),
             head: OnceLock::new(),
             file: OnceLock::new(),
+            _pin: None,
         }
     }
 
     /// A complete, verified file (a cache hit) served through the same reader.
-    pub fn complete(file: std::fs::File, head: Head, size: u64) -> Arc<Flight> {
+    pub fn complete(file: std::fs::File, head: Head, size: u64, pin: Pin) -> Arc<Flight> {
         let flight = Flight {
             state: watch::Sender::new(State::Done(size)),
             head: OnceLock::from(head),
             file: OnceLock::from(Arc::new(file)),
+            _pin: Some(pin),
         };
         Arc::new(flight)
     }
@@ -208,6 +212,10 @@ impl Fill {
         let result = self.download(body, file).await;
         let state = match result {
             Ok(size) => {
+                self.store
+                    .metrics()
+                    .bytes_from_upstream
+                    .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
                 let meta = ObjectMeta {
                     content_type: self.flight.head().and_then(|h| h.content_type.clone()),
                     size,

@@ -1,7 +1,9 @@
 //! The content-addressed cache: a cacache store on disk plus the downloads in flight.
 
 pub mod digest;
+pub mod evict;
 pub mod flight;
+pub mod ops;
 pub mod store;
 
 use std::path::Path;
@@ -9,7 +11,9 @@ use std::sync::Arc;
 
 pub use digest::Digest;
 pub use flight::{Flight, Flights, Head, Join, State};
-pub use store::{Entry, ObjectMeta, Store, StoreError, TagName, TagRecord};
+pub use store::{Entry, ObjectMeta, OnDisk, Store, StoreError, TagName, TagRecord};
+
+use crate::metrics::Metrics;
 
 /// The store and its in-flight downloads, shared by every connection.
 #[derive(Clone)]
@@ -22,9 +26,9 @@ pub struct Cache {
 
 impl Cache {
     /// Opens the cache in `dir`.
-    pub fn open(dir: &Path) -> Result<Cache, StoreError> {
+    pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Cache, StoreError> {
         Ok(Cache {
-            store: Store::open(dir)?,
+            store: Store::open(dir, metrics)?,
             flights: Arc::new(Flights::default()),
         })
     }
@@ -38,15 +42,29 @@ impl Cache {
                 return None;
             }
         };
+        let pin = self.store.pin(&entry.path);
         let file = tokio::fs::File::open(&entry.path)
             .await
             .ok()?
             .into_std()
             .await;
+        touch(&file);
         let head = Head {
             content_type: entry.meta.content_type.clone(),
             length: Some(entry.meta.size),
         };
-        Some((Flight::complete(file, head, entry.meta.size), entry))
+        Some((Flight::complete(file, head, entry.meta.size, pin), entry))
+    }
+}
+
+/// Records an access in the file's mtime (what LRU eviction sorts by), at most once a minute.
+fn touch(file: &std::fs::File) {
+    let now = std::time::SystemTime::now();
+    let recent = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age.as_secs() < 60));
+    if !recent {
+        let _ = file.set_modified(now);
     }
 }

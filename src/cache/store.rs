@@ -6,14 +6,18 @@
 //! served to clients while it is still arriving. Hits are served straight from the content file,
 //! without re-hashing: the path is pinned by a test against cacache's own writer.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cacache::WriteOpts;
 use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
+use crate::metrics::Metrics;
 
 /// What the store could not do; never holds content or secrets.
 #[derive(Debug, thiserror::Error)]
@@ -60,16 +64,56 @@ pub struct TagRecord {
 }
 
 /// The cache directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
+    metrics: Arc<Metrics>,
+    // Content files being read by clients, which eviction must leave alone.
+    pins: Arc<Mutex<HashMap<PathBuf, usize>>>,
+    // Woken on each commit, so that eviction looks at the bounds when the cache grew.
+    committed: Arc<tokio::sync::Notify>,
+}
+
+/// An object file on disk, as eviction and the cache commands see it.
+#[derive(Debug, Clone)]
+pub struct OnDisk {
+    /// Its digest (from the path).
+    pub digest: Digest,
+    /// The content file.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last access: set when committed and refreshed by hits.
+    pub accessed: SystemTime,
+}
+
+/// Keeps a content file out of eviction while it is being served.
+pub struct Pin {
+    pins: Arc<Mutex<HashMap<PathBuf, usize>>>,
+    path: PathBuf,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pins.get_mut(&self.path) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.path);
+            }
+        }
+    }
 }
 
 impl Store {
-    /// Opens (creating) the store in `dir` and removes temporary files a previous run left.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    /// Opens (creating) the store in `dir`, removes temporary files a dead run left, and counts
+    /// what is on disk into `metrics`.
+    pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
         let store = Store {
             dir: dir.to_owned(),
+            metrics,
+            pins: Arc::default(),
+            committed: Arc::default(),
         };
         let tmp = store.tmp_dir();
         std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
@@ -85,7 +129,143 @@ impl Store {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+        let objects = store.objects_on_disk();
+        store
+            .metrics
+            .cache_entries
+            .store(objects.len() as u64, Ordering::Relaxed);
+        let bytes = objects.iter().map(|o| o.size).sum();
+        store.metrics.cache_bytes.store(bytes, Ordering::Relaxed);
         Ok(store)
+    }
+
+    /// Every content file in the store (a blocking directory walk).
+    pub fn objects_on_disk(&self) -> Vec<OnDisk> {
+        let root = self.dir.join("content-v2");
+        let mut out = Vec::new();
+        for alg in ["sha256", "sha512"] {
+            for entry in walkdir::WalkDir::new(root.join(alg))
+                .min_depth(3)
+                .max_depth(3)
+            {
+                let Ok(entry) = entry else { continue };
+                let Ok(meta) = entry.metadata() else { continue };
+                let rel = entry
+                    .path()
+                    .strip_prefix(root.join(alg))
+                    .unwrap_or(entry.path());
+                let hex: String = rel.iter().map(|c| c.to_string_lossy()).collect();
+                let Ok(digest) = Digest::parse(&format!("{alg}:{hex}")) else {
+                    continue;
+                };
+                out.push(OnDisk {
+                    digest,
+                    path: entry.path().to_owned(),
+                    size: meta.len(),
+                    accessed: meta.modified().unwrap_or(UNIX_EPOCH),
+                });
+            }
+        }
+        out
+    }
+
+    /// Marks `path` as being served until the returned guard is dropped.
+    pub fn pin(&self, path: &Path) -> Pin {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        *pins.entry(path.to_owned()).or_default() += 1;
+        Pin {
+            pins: self.pins.clone(),
+            path: path.to_owned(),
+        }
+    }
+
+    /// Whether `path` is being served.
+    pub fn is_pinned(&self, path: &Path) -> bool {
+        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.contains_key(path)
+    }
+
+    /// Removes an object's file and index entry; the gauges follow.
+    pub fn remove_object(&self, object: &OnDisk) -> Result<(), StoreError> {
+        match std::fs::remove_file(&object.path) {
+            Ok(()) => {
+                self.metrics.cache_entries.fetch_sub(1, Ordering::Relaxed);
+                self.metrics
+                    .cache_bytes
+                    .fetch_sub(object.size, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &object.path)(e)),
+        }
+        cacache::index::delete(&self.dir, &object_key(&object.digest))
+            .map_err(|e| StoreError::Index(e.to_string()))
+    }
+
+    /// Notified after a commit that grew the cache.
+    pub fn commit_hint(&self) -> Arc<tokio::sync::Notify> {
+        self.committed.clone()
+    }
+
+    /// Rewrites index buckets to their latest entry per key, dropping removed keys and objects
+    /// whose content is gone: cacache's index only ever appends (blocking I/O).
+    ///
+    /// An entry appended by another process between the read and the rename of a bucket is lost;
+    /// for an object that means a re-download, never a wrong answer.
+    pub fn compact_index(&self) -> Result<(), StoreError> {
+        let root = self.dir.join("index-v5");
+        for bucket in walkdir::WalkDir::new(&root).min_depth(3).max_depth(3) {
+            let Ok(bucket) = bucket else { continue };
+            if bucket.file_type().is_file() {
+                self.compact_bucket(bucket.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn compact_bucket(&self, path: &Path) -> Result<(), StoreError> {
+        let text = std::fs::read_to_string(path).map_err(io_err("read", path))?;
+        let lines: Vec<&str> = text.split('\n').filter(|l| !l.is_empty()).collect();
+        let mut latest: Vec<(String, &str, bool)> = Vec::new();
+        for line in &lines {
+            let Some((key, live)) = self.index_line(line) else {
+                continue;
+            };
+            latest.retain(|(k, _, _)| *k != key);
+            latest.push((key, line, live));
+        }
+        let keep: Vec<&str> = latest.iter().filter(|e| e.2).map(|e| e.1).collect();
+        if keep.len() == lines.len() {
+            return Ok(());
+        }
+        if keep.is_empty() {
+            return std::fs::remove_file(path).map_err(io_err("compact", path));
+        }
+        let tmp = path.with_extension("compact");
+        let body: String = keep.iter().map(|l| format!("\n{l}")).collect();
+        std::fs::write(&tmp, body).map_err(io_err("compact", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err("compact", path))
+    }
+
+    /// An index line's key, and whether it is live (not a removal, content present); `None` for
+    /// a torn or foreign line.
+    fn index_line(&self, line: &str) -> Option<(String, bool)> {
+        use sha2::Digest as _;
+        let (hash, json) = line.split_once('\t')?;
+        if hex::encode(sha2::Sha256::digest(json.as_bytes())) != hash {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        let key = v.get("key")?.as_str()?.to_owned();
+        let mut live = !v.get("integrity").map_or(true, |i| i.is_null());
+        if let Some(d) = key.strip_prefix("regproxy:object:") {
+            live &= Digest::parse(d).is_ok_and(|d| self.content_path(&d).exists());
+        }
+        Some((key, live))
+    }
+
+    /// The metrics the store keeps current.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The store's directory.
@@ -142,9 +322,17 @@ impl Store {
                 .await
                 .map_err(io_err("create", parent))?;
         }
+        let existed = tokio::fs::try_exists(&path).await.unwrap_or(false);
         tokio::fs::rename(tmp, &path)
             .await
             .map_err(io_err("commit", &path))?;
+        if !existed {
+            self.metrics.cache_entries.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .cache_bytes
+                .fetch_add(meta.size, Ordering::Relaxed);
+            self.committed.notify_one();
+        }
         let json = serde_json::to_value(meta).map_err(|e| StoreError::Index(e.to_string()))?;
         let opts = WriteOpts::new()
             .integrity(digest.integrity())
@@ -261,7 +449,7 @@ mod tests {
     #[tokio::test]
     async fn content_path_is_cacaches_own_layout() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), Arc::default()).unwrap();
         let data = b"pinned layout".to_vec();
         let sri = cacache::write_hash(dir.path(), &data).await.unwrap();
         let digest = Digest::sha256_of(&data);
@@ -289,7 +477,7 @@ mod tests {
     #[tokio::test]
     async fn tags_record_and_age() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), Arc::default()).unwrap();
         let name = TagName {
             host: "registry.test:5000",
             repo: "a/b",
@@ -307,13 +495,66 @@ mod tests {
         assert!(age < Duration::from_secs(5));
     }
 
+    /// Pins cacache's index line format too: compaction leaves one line per key, which cacache
+    /// still reads, and drops removed keys.
+    #[tokio::test]
+    async fn compaction_keeps_the_latest_entry_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Arc::default()).unwrap();
+        let name = TagName {
+            host: "h",
+            repo: "r",
+            tag: "t",
+        };
+        for n in 1..=3u64 {
+            let record = TagRecord {
+                digest: Digest::sha256_of(&[n as u8]).to_string(),
+                content_type: "x".into(),
+                size: n,
+            };
+            store.set_tag(&name, &record).await.unwrap();
+        }
+        let gone = TagName {
+            tag: "gone",
+            ..name.clone()
+        };
+        store
+            .set_tag(
+                &gone,
+                &TagRecord {
+                    digest: Digest::sha256_of(b"g").to_string(),
+                    content_type: "x".into(),
+                    size: 1,
+                },
+            )
+            .await
+            .unwrap();
+        cacache::index::delete(dir.path(), &gone.key()).unwrap();
+        store.compact_index().unwrap();
+        let lines: usize = walkdir::WalkDir::new(dir.path().join("index-v5"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap()
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .count()
+            })
+            .sum();
+        assert_eq!(lines, 1);
+        assert_eq!(store.tag(&name).await.unwrap().unwrap().0.size, 3);
+        assert!(store.tag(&gone).await.unwrap().is_none());
+    }
+
     #[test]
     fn leftover_partials_are_removed_on_open() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         // No process has pid 0 in /proc, so this partial is an orphan.
         std::fs::write(dir.path().join("tmp/0-0.part"), b"half").unwrap();
-        Store::open(dir.path()).unwrap();
+        Store::open(dir.path(), Arc::default()).unwrap();
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0

@@ -71,6 +71,7 @@ pub(super) async fn handle(
                 outcome: "TUNNEL",
                 status: 200,
                 start,
+                metrics: shared.metrics.clone(),
             };
             shared.tasks.spawn(tunnel::run(upgrade, upstream, log));
             Response::new(empty())

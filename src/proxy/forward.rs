@@ -81,6 +81,7 @@ pub(super) async fn plain(
         outcome: "FORWARD",
         status: 0,
         start,
+        metrics: shared.metrics.clone(),
     };
     let port = parts.uri.port_u16().unwrap_or(80);
     if port != 80 && !shared.config.allow_port.contains(&port) {

@@ -67,6 +67,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
 }
 
 async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _open = crate::metrics::Open::new(&shared.metrics.open_connections);
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| {
         let shared = svc_shared.clone();

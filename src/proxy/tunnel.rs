@@ -17,6 +17,7 @@ pub(super) async fn run(upgrade: OnUpgrade, mut upstream: TcpStream, log: Access
             return;
         }
     };
+    let _open = crate::metrics::Open::new(&log.metrics.open_tunnels);
     let mut client = TokioIo::new(upgraded);
     // copy_bidirectional shuts down each write side when its read side reaches EOF (half-close).
     let result =
@@ -25,6 +26,7 @@ pub(super) async fn run(upgrade: OnUpgrade, mut upstream: TcpStream, log: Access
         Ok((up, down)) => (up, down, true),
         Err(_) => (0, 0, false),
     };
+    log.metrics.request(&log.host, "TUNNEL", down);
     tracing::info!(
         target: "regproxy::access",
         client = %log.client,

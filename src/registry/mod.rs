@@ -48,6 +48,7 @@ pub async fn handle(
             outcome: "FORWARD",
             status: 0,
             start: Instant::now(),
+            metrics: shared.metrics.clone(),
         };
         let route = Route::classify(req.method(), req.uri().path());
         let (resp, outcome) = match route {

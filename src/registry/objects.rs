@@ -41,7 +41,13 @@ pub(super) async fn serve(
     match shared.cache.flights.join(&digest) {
         Join::Follower(flight) => match flight.started().await {
             State::Abandoned => (forward(req, target, shared, true).await, "FORWARD"),
-            _ => (respond(&flight, &digest, false, range), "JOINED"),
+            _ => {
+                shared
+                    .metrics
+                    .joins
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (respond(&flight, &digest, false, range), "JOINED")
+            }
         },
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.

@@ -178,6 +178,10 @@ async fn store_manifest(shared: &Shared, record: &TagRecord, data: &[u8]) {
         content_type: Some(record.content_type.clone()),
         size: record.size,
     };
+    shared
+        .metrics
+        .bytes_from_upstream
+        .fetch_add(record.size, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = shared.cache.store.put(&digest, data, &meta).await {
         tracing::warn!(error = %e, "cannot cache a manifest");
     }

@@ -40,11 +40,16 @@ pub enum UpstreamError {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<Connector, Body>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Upstream {
     /// Builds the client: platform roots plus `config.upstream_ca`, timeouts and overrides from `config`.
-    pub fn new(config: &Config, resolver: Arc<Resolver>) -> Result<Upstream, UpstreamError> {
+    pub fn new(
+        config: &Config,
+        resolver: Arc<Resolver>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Upstream, UpstreamError> {
         let roots = root_store(&config.upstream_ca)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls_provider())
             .with_safe_default_protocol_versions()
@@ -60,7 +65,7 @@ impl Upstream {
             .pool_max_idle_per_host(64)
             .http2_adaptive_window(true)
             .build(connector);
-        Ok(Upstream { client })
+        Ok(Upstream { client, metrics })
     }
 
     /// Sends one request, returning the response head with its body still streaming.
@@ -68,7 +73,20 @@ impl Upstream {
         &self,
         req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
-        self.client.request(req).await.map_err(|e| {
+        let registry = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let result = self.client.request(req).await;
+        match &result {
+            Ok(resp) => {
+                self.metrics.upstream(&registry, resp.status().as_str());
+                self.metrics.ratelimit(&registry, resp.headers());
+            }
+            Err(_) => self.metrics.upstream(&registry, "error"),
+        }
+        result.map_err(|e| {
             let mut source = e.source();
             while let Some(s) = source {
                 if let Some(c) = s.downcast_ref::<ConnectError>() {

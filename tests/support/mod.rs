@@ -973,6 +973,12 @@ impl Proxy {
         make_cert_dir(&proxy.cert_dir, &ca);
         TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("the proxy does not accept on {addr}: {e}"));
+        // The admin listener is bound just after the CA is written.
+        wait_for(
+            START_TIMEOUT,
+            || TcpStream::connect(admin_addr).ok(),
+            || format!("the admin endpoint does not accept on {admin_addr}"),
+        );
         proxy
     }
 

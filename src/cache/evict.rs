@@ -1,0 +1,138 @@
+//! Keeping the cache within bounds: least recently used objects go first once the cache is over
+//! its size or the disk under its free-space floor, down to a low watermark so that eviction
+//! does not run on every commit. Objects being served are left alone; objects being filled are
+//! not in the store yet.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::store::{Store, StoreError};
+
+/// How often the bounds are checked even when nothing was committed (the disk fills by others).
+const CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// The limits the cache is kept within.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bounds {
+    /// Most bytes of objects; eviction then goes down to 90 % of it.
+    pub max_size: Option<u64>,
+    /// Least free bytes on the cache's file system; eviction then frees 10 % more.
+    pub min_free: Option<u64>,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Objects removed.
+    pub removed: u64,
+    /// Bytes freed.
+    pub freed: u64,
+}
+
+impl Bounds {
+    /// Whether any bound is set.
+    pub fn any(&self) -> bool {
+        self.max_size.is_some() || self.min_free.is_some()
+    }
+
+    /// Bytes to free given the cache's size and the disk's free space.
+    fn need(&self, total: u64, free: Option<u64>) -> u64 {
+        let over = self
+            .max_size
+            .filter(|max| total > *max)
+            .map_or(0, |max| total - max / 10 * 9);
+        let short = match (self.min_free, free) {
+            (Some(min), Some(free)) if free < min => min - free + min / 10,
+            _ => 0,
+        };
+        over.max(short)
+    }
+}
+
+/// Free bytes for unprivileged users on the file system holding `path`.
+pub fn free_space(path: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// One pass (blocking I/O): evicts least recently used objects until within `bounds`, then
+/// compacts the index.
+pub fn evict(store: &Store, bounds: &Bounds) -> Result<Report, StoreError> {
+    let mut objects = store.objects_on_disk();
+    let total: u64 = objects.iter().map(|o| o.size).sum();
+    let need = bounds.need(total, free_space(store.dir()));
+    let mut report = Report::default();
+    if need > 0 {
+        objects.sort_by_key(|o| o.accessed);
+        for object in objects {
+            if report.freed >= need {
+                break;
+            }
+            if store.is_pinned(&object.path) {
+                continue;
+            }
+            store.remove_object(&object)?;
+            tracing::info!(digest = %object.digest, bytes = object.size, "evicted");
+            report.removed += 1;
+            report.freed += object.size;
+        }
+        store
+            .metrics()
+            .evictions
+            .fetch_add(report.removed, Ordering::Relaxed);
+    }
+    store.compact_index()?;
+    Ok(report)
+}
+
+/// Runs eviction whenever a commit may have crossed a bound, and every [`CHECK_EVERY`].
+pub async fn keep_within(
+    store: Store,
+    bounds: Bounds,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if !bounds.any() {
+        return;
+    }
+    let hint = store.commit_hint();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hint.notified() => {}
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+        let bytes = store.metrics().cache_bytes.load(Ordering::Relaxed);
+        let free = free_space(store.dir());
+        if bounds.need(bytes, free) == 0 {
+            continue;
+        }
+        let (s, b) = (store.clone(), bounds);
+        match tokio::task::spawn_blocking(move || evict(&s, &b)).await {
+            Ok(Ok(r)) => tracing::info!(removed = r.removed, freed = r.freed, "cache trimmed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
+            Err(e) => tracing::warn!(error = %e, "eviction task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn need_has_watermarks() {
+        let b = Bounds {
+            max_size: Some(1000),
+            min_free: None,
+        };
+        assert_eq!(b.need(900, None), 0);
+        assert_eq!(b.need(1000, None), 0);
+        assert_eq!(b.need(1001, None), 101);
+        let f = Bounds {
+            max_size: None,
+            min_free: Some(1000),
+        };
+        assert_eq!(f.need(5, Some(2000)), 0);
+        assert_eq!(f.need(5, Some(500)), 600);
+    }
+}

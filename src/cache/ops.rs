@@ -1,0 +1,215 @@
+//! What the `regproxy cache …` commands do, safe to run beside a running proxy: every change is
+//! a file removal or an index append, which the proxy already tolerates.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::time::SystemTime;
+
+use super::digest::Digest;
+use super::evict::{self, Bounds, Report};
+use super::store::{OnDisk, Store, StoreError};
+
+/// Larger objects are never parsed as manifests.
+const MAX_MANIFEST: u64 = 4 << 20;
+
+/// One cached object as `cache ls` shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// The object.
+    pub object: OnDisk,
+    /// Its media type, as the upstream sent it.
+    pub media_type: Option<String>,
+    /// `host/repo:tag` names whose manifest tree references it.
+    pub refs: BTreeSet<String>,
+}
+
+/// Every object, with its media type and the tags that reference it.
+pub fn list(store: &Store) -> Vec<Listed> {
+    let meta = object_metadata(store);
+    let refs = references(store);
+    let mut out: Vec<Listed> = store
+        .objects_on_disk()
+        .into_iter()
+        .map(|object| Listed {
+            media_type: meta.get(&object.digest.to_string()).cloned().flatten(),
+            refs: refs
+                .get(&object.digest.to_string())
+                .cloned()
+                .unwrap_or_default(),
+            object,
+        })
+        .collect();
+    out.sort_by_key(|l| std::cmp::Reverse(l.object.accessed));
+    out
+}
+
+/// Removes one object by digest, or an image (`host/repo:tag`): its tag and every object of its
+/// manifest tree that no other tag references. Returns the digests removed.
+pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, String> {
+    if let Ok(digest) = Digest::parse(what) {
+        let Some(object) = store
+            .objects_on_disk()
+            .into_iter()
+            .find(|o| o.digest == digest)
+        else {
+            return Err(format!("{digest} is not in the cache"));
+        };
+        store.remove_object(&object).map_err(|e| e.to_string())?;
+        return Ok(vec![digest.to_string()]);
+    }
+    let key = format!("regproxy:tag:{what}");
+    let tags = tag_records(store);
+    let Some(root) = tags.get(&key) else {
+        return Err(format!(
+            "no cached tag {what} (expected DIGEST or HOST/REPO:TAG, as `cache ls` shows)"
+        ));
+    };
+    let mine = tree(store, root);
+    let others: BTreeSet<String> = tags
+        .iter()
+        .filter(|(k, _)| **k != key)
+        .flat_map(|(_, d)| tree(store, d))
+        .collect();
+    let mut removed = Vec::new();
+    for object in store.objects_on_disk() {
+        let d = object.digest.to_string();
+        if mine.contains(&d) && !others.contains(&d) {
+            store.remove_object(&object).map_err(|e| e.to_string())?;
+            removed.push(d);
+        }
+    }
+    cacache::index::delete(store.dir(), &key).map_err(|e| e.to_string())?;
+    Ok(removed)
+}
+
+/// What `cache gc` did.
+#[derive(Debug, Default)]
+pub struct Gc {
+    /// Eviction to the configured bounds.
+    pub evicted: Report,
+    /// Content files no index entry points to (a crash between rename and index write).
+    pub orphans: u64,
+}
+
+/// Evicts to `bounds`, removes orphaned content files and compacts the index.
+pub fn gc(store: &Store, bounds: &Bounds) -> Result<Gc, StoreError> {
+    let indexed: BTreeSet<String> = object_metadata(store).into_keys().collect();
+    let mut orphans = 0;
+    for object in store.objects_on_disk() {
+        if !indexed.contains(&object.digest.to_string()) && !store.is_pinned(&object.path) {
+            store.remove_object(&object)?;
+            orphans += 1;
+        }
+    }
+    let evicted = evict::evict(store, bounds)?;
+    Ok(Gc { evicted, orphans })
+}
+
+/// Re-hashes every object; removes and returns those whose bytes do not match their digest.
+pub fn verify(store: &Store) -> Result<(usize, Vec<String>), StoreError> {
+    let objects = store.objects_on_disk();
+    let mut corrupt = Vec::new();
+    for object in &objects {
+        if !hashes_to(object) {
+            store.remove_object(object)?;
+            corrupt.push(object.digest.to_string());
+        }
+    }
+    Ok((objects.len(), corrupt))
+}
+
+fn hashes_to(object: &OnDisk) -> bool {
+    let Ok(mut file) = std::fs::File::open(&object.path) else {
+        return false;
+    };
+    let mut hasher = object.digest.hasher();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return hasher.matches(&object.digest),
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Media type of every indexed object, by digest.
+fn object_metadata(store: &Store) -> BTreeMap<String, Option<String>> {
+    cacache::index::ls(store.dir())
+        .flatten()
+        .filter_map(|m| {
+            let digest = m.key.strip_prefix("regproxy:object:")?.to_owned();
+            let ct = m
+                .metadata
+                .get("content_type")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
+            Some((digest, ct))
+        })
+        .collect()
+}
+
+/// Tag index key → manifest digest.
+fn tag_records(store: &Store) -> BTreeMap<String, String> {
+    cacache::index::ls(store.dir())
+        .flatten()
+        .filter(|m| m.key.starts_with("regproxy:tag:"))
+        .filter_map(|m| {
+            let digest = m.metadata.get("digest")?.as_str()?.to_owned();
+            Some((m.key, digest))
+        })
+        .collect()
+}
+
+/// Digest → the `host/repo:tag` names whose manifest tree holds it.
+fn references(store: &Store) -> BTreeMap<String, BTreeSet<String>> {
+    let mut refs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (key, digest) in tag_records(store) {
+        let name = key.trim_start_matches("regproxy:tag:").to_owned();
+        for d in tree(store, &digest) {
+            refs.entry(d).or_default().insert(name.clone());
+        }
+    }
+    refs
+}
+
+/// A manifest's digest and every digest it references, down through indexes (cached ones only).
+fn tree(store: &Store, root: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![root.to_owned()];
+    while let Some(d) = todo.pop() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        let Ok(digest) = Digest::parse(&d) else {
+            continue;
+        };
+        let path = store.content_path(&digest);
+        // Only manifests and indexes have children, and they are small: never read a layer.
+        if std::fs::metadata(&path).map_or(true, |m| m.len() > MAX_MANIFEST) {
+            continue;
+        }
+        let Ok(data) = std::fs::read(&path) else {
+            continue;
+        };
+        // Layers are not JSON (or are, by chance, without these fields): nothing to follow.
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) else {
+            continue;
+        };
+        let children = ["manifests", "layers", "blobs"]
+            .iter()
+            .filter_map(|k| v.get(*k)?.as_array())
+            .flatten()
+            .chain(v.get("config"))
+            .filter_map(|c| c.get("digest")?.as_str());
+        todo.extend(children.map(str::to_owned));
+    }
+    seen
+}
+
+/// Seconds since an access time, for display.
+pub fn age(t: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(t)
+        .map_or(0, |d| d.as_secs())
+}

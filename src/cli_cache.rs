@@ -1,0 +1,129 @@
+//! `regproxy cache …`: prints what [`crate::cache::ops`] finds and does.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cache::{ops, Store};
+use crate::config::Config;
+
+/// One `cache` subcommand.
+pub enum Action {
+    /// `cache stats`
+    Stats,
+    /// `cache ls`
+    Ls,
+    /// `cache rm TARGET`
+    Rm(String),
+    /// `cache gc`
+    Gc,
+    /// `cache verify`
+    Verify,
+}
+
+/// Runs `action` on the cache in `config.cache_dir`.
+pub fn run(config: &Config, action: Action) -> anyhow::Result<()> {
+    let store = Store::open(&config.cache_dir, Arc::default())
+        .with_context(|| format!("cannot open the cache in {}", config.cache_dir.display()))?;
+    match action {
+        Action::Stats => stats(&store, config.admin_listen),
+        Action::Ls => {
+            println!(
+                "{:<71} {:>12} {:>9} {:<48} TAGS",
+                "DIGEST", "SIZE", "ACCESSED", "MEDIA TYPE"
+            );
+            for l in ops::list(&store) {
+                let refs: Vec<&str> = l.refs.iter().map(String::as_str).collect();
+                println!(
+                    "{:<71} {:>12} {:>8}s {:<48} {}",
+                    l.object.digest.to_string(),
+                    l.object.size,
+                    ops::age(l.object.accessed),
+                    l.media_type.as_deref().unwrap_or("-"),
+                    if refs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        refs.join(",")
+                    }
+                );
+            }
+            Ok(())
+        }
+        Action::Rm(target) => {
+            let removed = ops::remove(&store, &target).map_err(anyhow::Error::msg)?;
+            for d in &removed {
+                println!("removed {d}");
+            }
+            println!("{} object(s) removed", removed.len());
+            Ok(())
+        }
+        Action::Gc => {
+            let gc = ops::gc(&store, &config.cache_bounds())?;
+            println!(
+                "evicted {} object(s), {} bytes; removed {} orphaned file(s); index compacted",
+                gc.evicted.removed, gc.evicted.freed, gc.orphans
+            );
+            Ok(())
+        }
+        Action::Verify => {
+            let (checked, corrupt) = ops::verify(&store)?;
+            for d in &corrupt {
+                println!("corrupt, removed: {d}");
+            }
+            println!("{checked} object(s) checked, {} corrupt", corrupt.len());
+            if !corrupt.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn stats(store: &Store, admin: SocketAddr) -> anyhow::Result<()> {
+    let objects = store.objects_on_disk();
+    let bytes: u64 = objects.iter().map(|o| o.size).sum();
+    println!("entries: {}", objects.len());
+    println!("bytes:   {bytes}");
+    match scrape(admin) {
+        Some(metrics) => {
+            let count = |outcome: &str| -> u64 {
+                metrics
+                    .lines()
+                    .filter(|l| l.starts_with("regproxy_requests_total{"))
+                    .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum()
+            };
+            let served = count("HIT") + count("REVALIDATED") + count("STALE");
+            let fetched = count("MISS") + count("JOINED");
+            let ratio = if served + fetched == 0 {
+                "n/a (no cacheable requests yet)".to_string()
+            } else {
+                format!("{:.1}%", 100.0 * served as f64 / (served + fetched) as f64)
+            };
+            println!(
+                "hit ratio since start: {ratio} ({served} from cache, {fetched} from upstream)"
+            );
+        }
+        None => println!("hit ratio: proxy not reachable on {admin} (admin endpoint)"),
+    }
+    Ok(())
+}
+
+/// The running proxy's `/metrics`, if its admin endpoint answers.
+fn scrape(admin: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
