@@ -96,6 +96,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long an idle pooled upstream connection is kept.
     pub idle_timeout: Duration,
+    /// How long an upstream may take to answer a request (the response head) or a manifest body.
+    pub upstream_timeout: Duration,
     /// How long in-flight transfers may run on after a shutdown signal.
     pub shutdown_grace: Duration,
 }
@@ -118,6 +120,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
+            upstream_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -236,6 +239,14 @@ pub struct Settings {
         value_name = "DURATION"
     )]
     pub idle_timeout: Option<String>,
+    /// Time an upstream may take to start answering before it counts as down [default: 60s]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_UPSTREAM_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    pub upstream_timeout: Option<String>,
     /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
     #[arg(
         global = true,
@@ -335,6 +346,12 @@ impl Settings {
                 d.idle_timeout,
                 parse_duration,
             )?,
+            upstream_timeout: parse_or(
+                "upstream_timeout",
+                scalar(self.upstream_timeout, file.upstream_timeout),
+                d.upstream_timeout,
+                parse_duration,
+            )?,
             shutdown_grace: parse_or(
                 "shutdown_grace",
                 scalar(self.shutdown_grace, file.shutdown_grace),
@@ -416,6 +433,10 @@ impl Config {
         kv(
             "idle_timeout",
             quote(&humantime::format_duration(self.idle_timeout).to_string()),
+        );
+        kv(
+            "upstream_timeout",
+            quote(&humantime::format_duration(self.upstream_timeout).to_string()),
         );
         kv(
             "shutdown_grace",

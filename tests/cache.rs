@@ -381,7 +381,10 @@ fn kill_9_mid_download_leaves_nothing_served() {
     std::io::Read::read_exact(&mut tls, &mut first).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    let partials = walk(&state.join("cache/tmp"));
+    let partials: Vec<_> = walk(&state.join("cache/tmp"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "part"))
+        .collect();
     assert_eq!(
         partials.len(),
         1,
@@ -412,4 +415,110 @@ fn kill_9_mid_download_leaves_nothing_served() {
         !partials[0].exists(),
         "the dead run's partial file was removed"
     );
+}
+
+/// The client that started a download leaves before the upstream even answered: the download
+/// goes on, the clients that joined get every byte, and the upstream is asked once.
+#[test]
+fn leader_leaving_early_cancels_nothing() {
+    let dir = TestDir::new();
+    let data: Arc<Vec<u8>> = Arc::new((0..400_000u32).map(|i| (i % 233) as u8).collect());
+    let digest = sha256_digest(&data);
+    let body = data.clone();
+    let (port, seen) = tiny_https(&dir.join("up"), &["blobs.test"], move |_, w| {
+        thread::sleep(Duration::from_millis(600)); // the head comes late
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = w.write_all(&body);
+    });
+    let proxy = blob_proxy(port, &dir.join("up"));
+    let target = format!("blobs.test:{port}");
+    let mut leader = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
+    write!(
+        leader,
+        "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    leader.flush().unwrap();
+    thread::sleep(Duration::from_millis(150));
+    drop(leader);
+    let followers: Vec<RawResponse> = thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| get_blob(&proxy, port, &digest)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for resp in followers {
+        assert!(resp.complete && resp.body == *data, "{}", resp.head);
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
+}
+
+/// A tag whose upstream answers 503, 429, or nothing in time is served stale with a Warning.
+#[test]
+fn tag_is_served_stale_on_5xx_429_and_timeouts() {
+    let dir = TestDir::new();
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#.to_vec();
+    let digest = sha256_digest(&manifest);
+    // 0: healthy, 1: 503, 2: 429, 3: answers too late.
+    let mode = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (m, d, body) = (mode.clone(), digest.clone(), manifest.clone());
+    let (port, _) = tiny_https(&dir.join("up"), &["tags.test"], move |head, w| {
+        match m.load(std::sync::atomic::Ordering::SeqCst) {
+            1 => {
+                let _ = w.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                return;
+            }
+            2 => {
+                let _ = w.write_all(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                return;
+            }
+            3 => thread::sleep(Duration::from_secs(3)),
+            _ => {}
+        }
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nDocker-Content-Digest: {d}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+        if head.starts_with("GET ") {
+            let _ = w.write_all(&body);
+        }
+    });
+    let ca = dir.join("up/ca.crt");
+    let proxy = Proxy::start(move |c| {
+        c.intercept.push("tags.test".into());
+        c.allow_port.push(port);
+        c.resolve.push((
+            format!("tags.test:{port}"),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ));
+        c.upstream_ca.push(ca);
+        c.tag_ttl = Duration::ZERO;
+        c.upstream_timeout = Duration::from_secs(1);
+    });
+    let target = format!("tags.test:{port}");
+    let get = || {
+        let tls = tls_via(proxy.addr(), &target, "tags.test", &proxy.ca_cert_path());
+        request(
+            tls,
+            &format!(
+                "GET /v2/x/manifests/v1 HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    let first = get();
+    assert_eq!(first.status, 200, "{}", first.head);
+    assert!(first.header("warning").is_none());
+    for m in [1, 2, 3] {
+        mode.store(m, std::sync::atomic::Ordering::SeqCst);
+        let resp = get();
+        assert_eq!(resp.status, 200, "mode {m}: {}", resp.head);
+        assert_eq!(resp.body, manifest, "mode {m}");
+        assert!(
+            resp.header("warning").is_some_and(|w| w.starts_with("110")),
+            "mode {m}: {}",
+            resp.head
+        );
+        assert_eq!(resp.header("docker-content-digest"), Some(digest.clone()));
+    }
 }

@@ -309,7 +309,8 @@ fn blob_redirects_are_followed_upstream_side_without_the_token() {
     );
     let proxy = Proxy::start(|c| {
         c.intercept.push("origin.test".into());
-        c.allow_port.push(origin_port);
+        // Redirect targets must be on allowed ports too.
+        c.allow_port.extend([origin_port, cdn_port]);
         for (name, port) in [("origin.test", origin_port), ("cdn.test", cdn_port)] {
             c.resolve.push((
                 format!("{name}:{port}"),

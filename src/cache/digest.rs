@@ -7,7 +7,8 @@ use cacache::{Algorithm, Integrity};
 use sha2::Digest as _;
 
 /// A validated digest: a supported algorithm and lower-case hex of the right length.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Digest {
     alg: Alg,
     hex: String,
@@ -84,13 +85,27 @@ impl Digest {
             Alg::Sha256 => Algorithm::Sha256,
             Alg::Sha512 => Algorithm::Sha512,
         };
-        // The hex was validated in `parse`, so this cannot fail.
-        Integrity::from_hex(&self.hex, alg).unwrap_or_else(|_| Integrity::from(self.hex.as_bytes()))
+        // `parse` validated the hex, so from_hex cannot fail; the fallback only keeps this total.
+        Integrity::from_hex(&self.hex, alg).unwrap_or_else(|_| Integrity::from(self.to_string()))
+    }
+}
+
+impl TryFrom<String> for Digest {
+    type Error = String;
+    fn try_from(s: String) -> Result<Digest, String> {
+        Digest::parse(&s)
+    }
+}
+
+impl From<Digest> for String {
+    fn from(d: Digest) -> String {
+        d.to_string()
     }
 }
 
 impl Alg {
-    fn name(self) -> &'static str {
+    /// The algorithm's name in digests and in cacache's content path.
+    pub fn name(self) -> &'static str {
         match self {
             Alg::Sha256 => "sha256",
             Alg::Sha512 => "sha512",

@@ -10,6 +10,8 @@ use super::store::{Store, StoreError};
 
 /// How often the bounds are checked even when nothing was committed (the disk fills by others).
 const CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often the index is compacted.
+const COMPACT_EVERY: Duration = Duration::from_secs(300);
 
 /// The limits the cache is kept within.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -85,16 +87,15 @@ pub fn evict(store: &Store, bounds: &Bounds) -> Result<Report, StoreError> {
     Ok(report)
 }
 
-/// Runs eviction whenever a commit may have crossed a bound, and every [`CHECK_EVERY`].
+/// Runs eviction whenever a commit may have crossed a bound and every [`CHECK_EVERY`], and
+/// compacts the index every [`COMPACT_EVERY`] even without bounds (revalidated tags append).
 pub async fn keep_within(
     store: Store,
     bounds: Bounds,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    if !bounds.any() {
-        return;
-    }
     let hint = store.commit_hint();
+    let mut last_compaction = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -102,15 +103,27 @@ pub async fn keep_within(
             _ = tokio::time::sleep(CHECK_EVERY) => {}
         }
         let bytes = store.metrics().cache_bytes.load(Ordering::Relaxed);
-        let free = free_space(store.dir());
-        if bounds.need(bytes, free) == 0 {
+        let over = bounds.any() && bounds.need(bytes, free_space(store.dir())) > 0;
+        let compact_due = last_compaction.elapsed() >= COMPACT_EVERY;
+        if !over && !compact_due {
             continue;
         }
+        last_compaction = tokio::time::Instant::now();
         let (s, b) = (store.clone(), bounds);
-        match tokio::task::spawn_blocking(move || evict(&s, &b)).await {
-            Ok(Ok(r)) => tracing::info!(removed = r.removed, freed = r.freed, "cache trimmed"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
-            Err(e) => tracing::warn!(error = %e, "eviction task failed"),
+        let pass = move || {
+            if over {
+                evict(&s, &b)
+            } else {
+                s.compact_index().map(|()| Report::default())
+            }
+        };
+        match tokio::task::spawn_blocking(pass).await {
+            Ok(Ok(r)) if r.removed > 0 => {
+                tracing::info!(removed = r.removed, freed = r.freed, "cache trimmed")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cache maintenance failed"),
+            Err(e) => tracing::warn!(error = %e, "cache maintenance task failed"),
         }
     }
 }

@@ -22,6 +22,8 @@ use crate::body::{channel, Body, BoxError};
 const CHUNK: usize = 128 * 1024;
 /// Chunks buffered per client, and frames buffered between the network and the disk writer.
 const QUEUE: usize = 4;
+/// Readers are woken when at least this much more has landed (and at the first and last byte).
+const PUBLISH_EVERY: u64 = 64 * 1024;
 /// A download that delivers nothing for this long is given up.
 const STALL: Duration = Duration::from_secs(60);
 
@@ -139,16 +141,6 @@ impl Flights {
         map.get(digest).cloned()
     }
 
-    /// Number of downloads in progress.
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether no download is in progress.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn remove(&self, digest: &Digest) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(digest);
@@ -164,6 +156,11 @@ pub struct Leader {
 }
 
 impl Leader {
+    /// The flight followers wait on.
+    pub fn flight(&self) -> Arc<Flight> {
+        self.flight.clone()
+    }
+
     /// Starts filling from the upstream `body` in the background; returns the flight to read.
     pub fn start(
         mut self,
@@ -184,6 +181,7 @@ impl Leader {
             digest: self.digest.clone(),
             store: store.clone(),
             tmp,
+            finished: false,
         };
         tokio::spawn(fill.run(body, writer));
         Ok(self.flight.clone())
@@ -205,10 +203,24 @@ struct Fill {
     digest: Digest,
     store: Store,
     tmp: PathBuf,
+    finished: bool,
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        // The task panicked or was cancelled: release the readers and let the next request retry.
+        if !self.finished {
+            self.flight
+                .state
+                .send_replace(State::Failed("download task ended".into()));
+            self.flights.remove(&self.digest);
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl Fill {
-    async fn run(self, body: Incoming, file: std::fs::File) {
+    async fn run(mut self, body: Incoming, file: std::fs::File) {
         let result = self.download(body, file).await;
         let state = match result {
             Ok(size) => {
@@ -235,6 +247,7 @@ impl Fill {
         };
         self.flight.state.send_replace(state);
         self.flights.remove(&self.digest);
+        self.finished = true;
     }
 
     /// Streams `body` to disk through a writer thread; returns the verified size.
@@ -292,13 +305,17 @@ fn write_all(
     digest: &Digest,
 ) -> std::io::Result<(u64, bool)> {
     let mut hasher = digest.hasher();
-    let mut written = 0u64;
+    let (mut written, mut published) = (0u64, 0u64);
     while let Some(data) = rx.blocking_recv() {
         file.write_all(&data)?;
         hasher.update(&data);
         written += data.len() as u64;
-        flight.state.send_replace(State::Filling(written));
+        if published == 0 || written - published >= PUBLISH_EVERY {
+            flight.state.send_replace(State::Filling(written));
+            published = written;
+        }
     }
+    flight.state.send_replace(State::Filling(written));
     file.sync_all()?;
     Ok((written, hasher.matches(digest)))
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 pub use digest::Digest;
 pub use flight::{Flight, Flights, Head, Join, State};
-pub use store::{Entry, ObjectMeta, OnDisk, Store, StoreError, TagName, TagRecord};
+pub use store::{accept_class, Entry, ObjectMeta, OnDisk, Store, StoreError, TagName, TagRecord};
 
 use crate::metrics::Metrics;
 

@@ -57,18 +57,17 @@ pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, String> {
         store.remove_object(&object).map_err(|e| e.to_string())?;
         return Ok(vec![digest.to_string()]);
     }
-    let key = format!("regproxy:tag:{what}");
     let tags = tag_records(store);
-    let Some(root) = tags.get(&key) else {
+    let Some(roots) = tags.get(what) else {
         return Err(format!(
             "no cached tag {what} (expected DIGEST or HOST/REPO:TAG, as `cache ls` shows)"
         ));
     };
-    let mine = tree(store, root);
+    let mine: BTreeSet<String> = roots.iter().flat_map(|d| tree(store, d)).collect();
     let others: BTreeSet<String> = tags
         .iter()
-        .filter(|(k, _)| **k != key)
-        .flat_map(|(_, d)| tree(store, d))
+        .filter(|(name, _)| name.as_str() != what)
+        .flat_map(|(_, ds)| ds.iter().flat_map(|d| tree(store, d)))
         .collect();
     let mut removed = Vec::new();
     for object in store.objects_on_disk() {
@@ -78,6 +77,7 @@ pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, String> {
             removed.push(d);
         }
     }
+    let key = format!("regproxy:tag:{what}");
     cacache::index::delete(store.dir(), &key).map_err(|e| e.to_string())?;
     Ok(removed)
 }
@@ -149,14 +149,18 @@ fn object_metadata(store: &Store) -> BTreeMap<String, Option<String>> {
         .collect()
 }
 
-/// Tag index key → manifest digest.
-fn tag_records(store: &Store) -> BTreeMap<String, String> {
+/// `HOST/REPO:TAG` → the manifest digests its records point to (one per Accept class).
+fn tag_records(store: &Store) -> BTreeMap<String, Vec<String>> {
     cacache::index::ls(store.dir())
         .flatten()
-        .filter(|m| m.key.starts_with("regproxy:tag:"))
         .filter_map(|m| {
-            let digest = m.metadata.get("digest")?.as_str()?.to_owned();
-            Some((m.key, digest))
+            let name = m.key.strip_prefix("regproxy:tag:")?.to_owned();
+            let entry: super::store::TagEntry = serde_json::from_value(m.metadata).ok()?;
+            let digests = entry
+                .by_accept
+                .values()
+                .map(|c| c.record.digest.to_string());
+            Some((name, digests.collect()))
         })
         .collect()
 }
@@ -164,9 +168,8 @@ fn tag_records(store: &Store) -> BTreeMap<String, String> {
 /// Digest → the `host/repo:tag` names whose manifest tree holds it.
 fn references(store: &Store) -> BTreeMap<String, BTreeSet<String>> {
     let mut refs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (key, digest) in tag_records(store) {
-        let name = key.trim_start_matches("regproxy:tag:").to_owned();
-        for d in tree(store, &digest) {
+    for (name, digests) in tag_records(store) {
+        for d in digests.iter().flat_map(|d| tree(store, d)) {
             refs.entry(d).or_default().insert(name.clone());
         }
     }

@@ -56,7 +56,7 @@ pub struct Entry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TagRecord {
     /// The manifest digest.
-    pub digest: String,
+    pub digest: Digest,
     /// The manifest's media type.
     pub content_type: String,
     /// The manifest's size.
@@ -72,6 +72,9 @@ pub struct Store {
     pins: Arc<Mutex<HashMap<PathBuf, usize>>>,
     // Woken on each commit, so that eviction looks at the bounds when the cache grew.
     committed: Arc<tokio::sync::Notify>,
+    // This process's directory for partial downloads, and the lock that marks it alive.
+    run_dir: PathBuf,
+    _run_lock: Arc<std::fs::File>,
 }
 
 /// An object file on disk, as eviction and the cache commands see it.
@@ -109,26 +112,18 @@ impl Store {
     /// Opens (creating) the store in `dir`, removes temporary files a dead run left, and counts
     /// what is on disk into `metrics`.
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
+        remove_dead_partials(&tmp)?;
+        let (run_dir, run_lock) = lock_run_dir(&tmp)?;
         let store = Store {
             dir: dir.to_owned(),
             metrics,
             pins: Arc::default(),
             committed: Arc::default(),
+            run_dir,
+            _run_lock: Arc::new(run_lock),
         };
-        let tmp = store.tmp_dir();
-        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-        // A partial download whose process is gone is unverified and never served: remove it.
-        // Partials of a live process (a `cache prefetch` beside the proxy) are left alone.
-        for entry in std::fs::read_dir(&tmp)
-            .map_err(io_err("read", &tmp))?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.split('-').next().unwrap_or_default();
-            if pid.is_empty() || !Path::new("/proc").join(pid).exists() {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
         let objects = store.objects_on_disk();
         store
             .metrics
@@ -280,14 +275,10 @@ impl Store {
 
     /// The content file of `digest` in cacache's layout (`content-v2/<alg>/<xx>/<yy>/<rest>`).
     pub fn content_path(&self, digest: &Digest) -> PathBuf {
-        let alg = match digest.alg() {
-            super::digest::Alg::Sha256 => "sha256",
-            super::digest::Alg::Sha512 => "sha512",
-        };
         let hex = digest.hex();
         self.dir
             .join("content-v2")
-            .join(alg)
+            .join(digest.alg().name())
             .join(&hex[0..2])
             .join(&hex[2..4])
             .join(&hex[4..])
@@ -365,46 +356,58 @@ impl Store {
         result
     }
 
-    /// A fresh, unused path in the temporary directory.
+    /// A fresh, unused path in this process's directory for partial downloads.
     pub fn new_tmp_path(&self) -> PathBuf {
-        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::atomic::AtomicU64;
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        self.tmp_dir()
-            .join(format!("{}-{n}.part", std::process::id()))
+        self.run_dir.join(format!("{n}.part"))
     }
 
-    /// The tag record of `host/repo:tag` and how long ago it was last confirmed upstream.
+    /// The record of `name` for its Accept class, and how long ago it was last confirmed.
     pub async fn tag(
         &self,
         name: &TagName<'_>,
     ) -> Result<Option<(TagRecord, Duration)>, StoreError> {
-        let Some(found) = self.find(&name.key()).await? else {
-            return Ok(None);
-        };
-        let Ok(record) = serde_json::from_value::<TagRecord>(found.metadata) else {
-            return Ok(None);
-        };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let age = Duration::from_millis(now.saturating_sub(found.time) as u64);
-        Ok(Some((record, age)))
+        let entry = self.tag_entry(name).await?;
+        Ok(entry.by_accept.get(name.accept).map(|c| {
+            let age = now_ms().saturating_sub(c.checked_ms);
+            (c.record.clone(), Duration::from_millis(age as u64))
+        }))
     }
 
-    /// Records (or re-confirms, which resets its age) where a tag points.
+    /// Every record of the tag, whatever Accept class it was fetched for (for stale serving).
+    pub async fn tag_records(&self, name: &TagName<'_>) -> Result<Vec<TagRecord>, StoreError> {
+        let entry = self.tag_entry(name).await?;
+        Ok(entry.by_accept.into_values().map(|c| c.record).collect())
+    }
+
+    /// Records (or re-confirms, which resets its age) where a tag points for `name.accept`.
     pub async fn set_tag(&self, name: &TagName<'_>, record: &TagRecord) -> Result<(), StoreError> {
-        let digest = Digest::parse(&record.digest).map_err(StoreError::Index)?;
-        let json = serde_json::to_value(record).map_err(|e| StoreError::Index(e.to_string()))?;
+        // Read-modify-append: a concurrent update of another class may be lost, which costs
+        // that class one refetch.
+        let mut entry = self.tag_entry(name).await?;
+        let checked = Checked {
+            record: record.clone(),
+            checked_ms: now_ms(),
+        };
+        entry.by_accept.insert(name.accept.to_owned(), checked);
+        let json = serde_json::to_value(&entry).map_err(|e| StoreError::Index(e.to_string()))?;
         let opts = WriteOpts::new()
-            .integrity(digest.integrity())
+            .integrity(record.digest.integrity())
             .size(record.size as usize)
             .metadata(json);
         cacache::index::insert_async(&self.dir, &name.key(), opts)
             .await
             .map_err(|e| StoreError::Index(e.to_string()))?;
         Ok(())
+    }
+
+    async fn tag_entry(&self, name: &TagName<'_>) -> Result<TagEntry, StoreError> {
+        let found = self.find(&name.key()).await?;
+        Ok(found
+            .and_then(|f| serde_json::from_value(f.metadata).ok())
+            .unwrap_or_default())
     }
 
     async fn find(&self, key: &str) -> Result<Option<cacache::Metadata>, StoreError> {
@@ -414,7 +417,35 @@ impl Store {
     }
 }
 
-/// A tag in a repository on a registry host.
+/// Where a tag pointed for each Accept class, as stored in its index entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TagEntry {
+    /// Accept class (see [`accept_class`]) → record.
+    pub by_accept: std::collections::BTreeMap<String, Checked>,
+}
+
+/// A tag record and when the upstream last confirmed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checked {
+    /// Where the tag pointed.
+    #[serde(flatten)]
+    pub record: TagRecord,
+    /// When that was last confirmed, in ms since the epoch.
+    pub checked_ms: u128,
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+/// A tag in a repository on a registry host, as asked for with one `Accept` list.
+///
+/// The media types a client accepts decide what a tag resolves to (an index, or one platform's
+/// manifest for an old client), so each distinct `Accept` list has its own record in the tag's
+/// entry.
 #[derive(Debug, Clone)]
 pub struct TagName<'a> {
     /// Registry host (and port when not 443).
@@ -423,16 +454,83 @@ pub struct TagName<'a> {
     pub repo: &'a str,
     /// Tag.
     pub tag: &'a str,
+    /// The client's accepted media types, normalized (see [`accept_class`]).
+    pub accept: &'a str,
 }
 
 impl TagName<'_> {
-    fn key(&self) -> String {
+    /// The index key: `regproxy:tag:HOST/REPO:TAG`.
+    pub fn key(&self) -> String {
         format!("regproxy:tag:{}/{}:{}", self.host, self.repo, self.tag)
+    }
+}
+
+/// The media types of an `Accept` header list, lower-case, sorted and deduplicated (`*` when
+/// there are none), so that equivalent lists share a tag record.
+pub fn accept_class(headers: &http::HeaderMap) -> String {
+    let mut types: Vec<String> = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|v| !v.is_empty())
+        .collect();
+    types.sort();
+    types.dedup();
+    if types.is_empty() {
+        "*".into()
+    } else {
+        types.join(",")
     }
 }
 
 fn object_key(digest: &Digest) -> String {
     format!("regproxy:object:{digest}")
+}
+
+/// Removes the partial downloads of processes that are gone: their run directory's lock is free.
+/// Partials of a live process (a second proxy or a `cache` command on the same directory) stay.
+fn remove_dead_partials(tmp: &Path) -> Result<(), StoreError> {
+    use rustix::fs::{flock, FlockOperation};
+    for entry in std::fs::read_dir(tmp)
+        .map_err(io_err("read", tmp))?
+        .flatten()
+    {
+        let path = entry.path();
+        if !path.is_dir() {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        let alive = std::fs::File::open(path.join("lock"))
+            .is_ok_and(|f| flock(&f, FlockOperation::NonBlockingLockExclusive).is_err());
+        if !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Creates and locks this process's run directory under `tmp`.
+fn lock_run_dir(tmp: &Path) -> Result<(PathBuf, std::fs::File), StoreError> {
+    use rustix::fs::{flock, FlockOperation};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let dir = tmp.join(format!("run-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+    let lock_path = dir.join("lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io_err("create", &lock_path))?;
+    flock(&lock, FlockOperation::NonBlockingLockExclusive)
+        .map_err(|e| io_err("lock", &lock_path)(e.into()))?;
+    Ok((dir, lock))
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
@@ -482,10 +580,11 @@ mod tests {
             host: "registry.test:5000",
             repo: "a/b",
             tag: "latest",
+            accept: "*",
         };
         assert!(store.tag(&name).await.unwrap().is_none());
         let record = TagRecord {
-            digest: Digest::sha256_of(b"m").to_string(),
+            digest: Digest::sha256_of(b"m"),
             content_type: "application/vnd.oci.image.manifest.v1+json".into(),
             size: 1,
         };
@@ -505,10 +604,11 @@ mod tests {
             host: "h",
             repo: "r",
             tag: "t",
+            accept: "*",
         };
         for n in 1..=3u64 {
             let record = TagRecord {
-                digest: Digest::sha256_of(&[n as u8]).to_string(),
+                digest: Digest::sha256_of(&[n as u8]),
                 content_type: "x".into(),
                 size: n,
             };
@@ -522,7 +622,7 @@ mod tests {
             .set_tag(
                 &gone,
                 &TagRecord {
-                    digest: Digest::sha256_of(b"g").to_string(),
+                    digest: Digest::sha256_of(b"g"),
                     content_type: "x".into(),
                     size: 1,
                 },
@@ -548,16 +648,50 @@ mod tests {
         assert!(store.tag(&gone).await.unwrap().is_none());
     }
 
-    #[test]
-    fn leftover_partials_are_removed_on_open() {
+    /// Each Accept class has its own record under one key; all of them are there for stale use.
+    #[tokio::test]
+    async fn tag_records_per_accept_class() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
-        // No process has pid 0 in /proc, so this partial is an orphan.
-        std::fs::write(dir.path().join("tmp/0-0.part"), b"half").unwrap();
-        Store::open(dir.path(), Arc::default()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        let store = Store::open(dir.path(), Arc::default()).unwrap();
+        let a = TagName {
+            host: "h",
+            repo: "r",
+            tag: "t",
+            accept: "a",
+        };
+        let b = TagName {
+            accept: "b",
+            ..a.clone()
+        };
+        let rec = |data: &[u8]| TagRecord {
+            digest: Digest::sha256_of(data),
+            content_type: "ct".into(),
+            size: 1,
+        };
+        store.set_tag(&a, &rec(b"x")).await.unwrap();
+        store.set_tag(&b, &rec(b"y")).await.unwrap();
+        assert_eq!(store.tag(&a).await.unwrap().unwrap().0, rec(b"x"));
+        assert_eq!(store.tag(&b).await.unwrap().unwrap().0, rec(b"y"));
+        let star = TagName {
+            accept: "*",
+            ..a.clone()
+        };
+        assert!(store.tag(&star).await.unwrap().is_none());
+        assert_eq!(store.tag_records(&star).await.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn partials_of_dead_runs_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join("tmp/run-1-1");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join("lock"), b"").unwrap();
+        std::fs::write(dead.join("0.part"), b"half").unwrap();
+        let live = Store::open(dir.path(), Arc::default()).unwrap();
+        let partial = live.new_tmp_path();
+        std::fs::write(&partial, b"in progress").unwrap();
+        assert!(!dead.exists());
+        let _second = Store::open(dir.path(), Arc::default()).unwrap();
+        assert!(partial.exists(), "a live run's partial was removed");
     }
 }

@@ -7,6 +7,7 @@ pub mod route;
 mod tags;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
@@ -36,7 +37,7 @@ pub async fn handle(
     req: Request<Incoming>,
     target: &Target,
     peer: SocketAddr,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Response<Body> {
     let span = tracing::info_span!("request", host = %target.authority(), method = %req.method(), path = %req.uri().path());
     async move {
@@ -164,6 +165,11 @@ fn fetch_request(
     ] {
         req.headers_mut().remove(h);
     }
+    // What is cached must be the object's own bytes: a compressed body would never verify.
+    req.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     Ok(req)
 }
 
@@ -177,24 +183,27 @@ pub fn upstream_uri(target: &Target, uri: &Uri) -> Result<Uri, String> {
 
 /// Sends a body-less request and follows redirects (CDN, object store) on the proxy's side.
 ///
-/// The signed URL is fetched directly; `Authorization` is dropped once the redirect leaves the
-/// original host, because the registry's token means nothing (and must not leak) elsewhere.
+/// The signed URL is fetched directly. `Authorization` is dropped once a redirect leaves the
+/// original scheme and authority, because the registry's token means nothing (and must not leak)
+/// elsewhere; a redirect from https to plain http, or to a port not allowed, is refused.
 pub async fn send_following_redirects(
     shared: &Shared,
     req: Request<Body>,
 ) -> Result<Response<Incoming>, UpstreamError> {
     let (parts, body) = req.into_parts();
     let origin = parts.uri.clone();
+    let mut current = origin.clone();
     let mut headers = parts.headers.clone();
     let mut resp = shared
         .upstream
         .send(Request::from_parts(parts.clone(), body))
         .await?;
     for _ in 0..MAX_REDIRECTS {
-        let Some(next) = redirect_target(&resp, &origin) else {
+        let Some(next) = redirect_target(&resp, &current) else {
             break;
         };
-        if next.authority() != origin.authority() {
+        check_redirect(shared, &current, &next)?;
+        if next.scheme() != origin.scheme() || next.authority() != origin.authority() {
             headers.remove(header::AUTHORIZATION);
         }
         tracing::debug!(to = %next.host().unwrap_or(""), "following redirect upstream-side");
@@ -202,8 +211,27 @@ pub async fn send_following_redirects(
             .upstream
             .send(request_to(&parts.method, &next, &headers))
             .await?;
+        current = next;
     }
     Ok(resp)
+}
+
+/// Refuses downgrades to plain http and ports that CONNECT could not reach either.
+fn check_redirect(shared: &Shared, from: &Uri, to: &Uri) -> Result<(), UpstreamError> {
+    let refuse = |why: String| Err(UpstreamError::Redirect(why));
+    if from.scheme_str() == Some("https") && to.scheme_str() != Some("https") {
+        return refuse(format!(
+            "refused redirect from https to {}",
+            to.scheme_str().unwrap_or("?")
+        ));
+    }
+    let port = to.port_u16().unwrap_or(443);
+    if port != 443 && !shared.config.allow_port.contains(&port) {
+        return refuse(format!(
+            "refused redirect to port {port} (not an allowed port)"
+        ));
+    }
+    Ok(())
 }
 
 fn redirect_target(resp: &Response<Incoming>, base: &Uri) -> Option<Uri> {

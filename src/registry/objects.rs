@@ -1,6 +1,7 @@
 //! Blobs and manifests by digest: immutable, so a verified cached copy is always the answer.
 //! A miss starts (or joins) the one download of that digest.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -9,7 +10,10 @@ use hyper::body::Incoming;
 
 use super::range::{ByteRange, Slice};
 use super::{bad_gateway, fetch_request, forward, send_following_redirects, Outcome};
+use tokio::sync::oneshot;
+
 use crate::body::{self, text, Body};
+use crate::cache::flight::Leader;
 use crate::cache::{Digest, Flight, Head, Join, State};
 use crate::proxy::Target;
 use crate::Shared;
@@ -19,7 +23,7 @@ pub(super) async fn serve(
     req: Request<Incoming>,
     target: &Target,
     digest: Digest,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> (Response<Body>, Outcome) {
     let head_only = req.method() == Method::HEAD;
     let range = ByteRange::from_headers(req.headers());
@@ -40,18 +44,22 @@ pub(super) async fn serve(
     }
     match shared.cache.flights.join(&digest) {
         Join::Follower(flight) => match flight.started().await {
-            State::Abandoned => (forward(req, target, shared, true).await, "FORWARD"),
+            State::Abandoned => {
+                // The leader got no cacheable answer (or found it cached meanwhile).
+                if let Some((flight, _)) = shared.cache.hit(&digest).await {
+                    return (respond(&flight, &digest, false, range), "HIT");
+                }
+                (forward(req, target, shared, true).await, "FORWARD")
+            }
             _ => {
-                shared
-                    .metrics
-                    .joins
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
                 (respond(&flight, &digest, false, range), "JOINED")
             }
         },
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.
             if let Some((flight, _)) = shared.cache.hit(&digest).await {
+                drop(leader);
                 return (respond(&flight, &digest, false, range), "HIT");
             }
             let (parts, _) = req.into_parts();
@@ -59,35 +67,65 @@ pub(super) async fn serve(
                 Ok(r) => r,
                 Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
             };
-            let resp = match send_following_redirects(shared, up).await {
-                Ok(r) => r,
-                Err(e) => return (bad_gateway(target, &e), "FORWARD"),
-            };
-            if resp.status() != StatusCode::OK {
-                // 401, 404, …: the client's business, passed on as is; followers ask for themselves.
-                return (crate::proxy::client_response(resp), "FORWARD");
-            }
-            let head = Head {
-                content_type: header_str(resp.headers(), header::CONTENT_TYPE),
-                length: header_str(resp.headers(), header::CONTENT_LENGTH)
-                    .and_then(|v| v.parse().ok()),
-            };
-            match leader.start(&shared.cache.store, head, resp.into_body()) {
-                Ok(flight) => (respond(&flight, &digest, false, range), "MISS"),
-                Err(e) => (
-                    text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("cannot create a cache file: {e}"),
+            let flight = leader.flight();
+            let (tx, rx) = oneshot::channel();
+            // The download runs apart from this client, which may leave without harming it.
+            tokio::spawn(lead(leader, up, target.clone(), shared.clone(), tx));
+            match flight.started().await {
+                State::Abandoned => match rx.await {
+                    Ok(resp) => (resp, "FORWARD"),
+                    Err(_) => (
+                        text(StatusCode::BAD_GATEWAY, "the download was abandoned"),
+                        "FORWARD",
                     ),
-                    "FORWARD",
-                ),
+                },
+                _ => (respond(&flight, &digest, false, range), "MISS"),
             }
         }
     }
 }
 
+/// The leader's side: ask upstream; start the fill on a 200, else hand the answer (401, 404,
+/// 502, …) to the leader's client and release the followers, who ask for themselves.
+async fn lead(
+    leader: Leader,
+    up: Request<Body>,
+    target: Target,
+    shared: Arc<Shared>,
+    answer: oneshot::Sender<Response<Body>>,
+) {
+    let resp = match send_following_redirects(&shared, up).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = answer.send(bad_gateway(&target, &e));
+            return;
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        let _ = answer.send(crate::proxy::client_response(resp));
+        return;
+    }
+    let head = Head {
+        content_type: header_str(resp.headers(), header::CONTENT_TYPE),
+        length: header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+    };
+    if resp.headers().contains_key(header::CONTENT_ENCODING) {
+        let _ = answer.send(text(
+            StatusCode::BAD_GATEWAY,
+            "upstream sent an encoded blob although asked for identity",
+        ));
+        return;
+    }
+    if let Err(e) = leader.start(&shared.cache.store, head, resp.into_body()) {
+        let _ = answer.send(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot create a cache file: {e}"),
+        ));
+    }
+}
+
 /// The response for a flight (complete or growing): whole, one range, or 416.
-fn respond(
+pub(super) fn respond(
     flight: &Arc<Flight>,
     digest: &Digest,
     head_only: bool,

@@ -52,10 +52,14 @@ impl ByteRange {
     pub fn slice(self, total: Option<u64>) -> Slice {
         match (self, total) {
             (ByteRange::From(start, end), Some(t)) if start < t => {
-                Slice::Part(start, end.map_or(t, |e| (e + 1).min(t)))
+                let end = end.and_then(|e| e.checked_add(1)).map_or(t, |e| e.min(t));
+                Slice::Part(start, end)
             }
             (ByteRange::From(..), Some(_)) => Slice::Unsatisfiable,
-            (ByteRange::From(start, Some(end)), None) => Slice::Part(start, end + 1),
+            (ByteRange::From(start, Some(end)), None) => match end.checked_add(1) {
+                Some(e) => Slice::Part(start, e),
+                None => Slice::Whole,
+            },
             (ByteRange::Suffix(n), Some(t)) if n > 0 => Slice::Part(t.saturating_sub(n), t),
             (ByteRange::Suffix(_), Some(_)) => Slice::Unsatisfiable,
             // Without a known size, an open range is served whole.
@@ -98,6 +102,9 @@ mod tests {
         );
         assert_eq!(range("bytes=5-").unwrap().slice(None), Slice::Whole);
         assert_eq!(range("bytes=0-1,4-5"), None);
+        let huge = format!("bytes=5-{}", u64::MAX);
+        assert_eq!(range(&huge).unwrap().slice(Some(100)), Slice::Part(5, 100));
+        assert_eq!(range(&huge).unwrap().slice(None), Slice::Whole);
         assert_eq!(range("bytes=9-1"), None);
         assert_eq!(range("items=0-1"), None);
     }

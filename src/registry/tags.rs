@@ -8,15 +8,22 @@ use http::{request, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::objects::{header_str, insert};
+use super::objects::{header_str, insert, respond};
+use super::range::ByteRange;
 use super::{bad_gateway, fetch_request, upstream_is_down, Outcome, DOCKER_CONTENT_DIGEST};
 use crate::body::{self, text, Body};
-use crate::cache::{Digest, ObjectMeta, TagName, TagRecord};
+use crate::cache::{accept_class, Digest, ObjectMeta, TagName, TagRecord};
 use crate::proxy::{client_response, Target};
 use crate::Shared;
 
 /// Manifests above this size are not accepted (the OCI spec lets registries refuse them too).
 const MAX_MANIFEST: usize = 4 << 20;
+
+/// What a tag request asks for, besides the name.
+struct Ask {
+    head_only: bool,
+    range: Option<ByteRange>,
+}
 
 /// Answers a GET or HEAD of a manifest by tag.
 pub(super) async fn serve(
@@ -27,33 +34,36 @@ pub(super) async fn serve(
     shared: &Shared,
 ) -> (Response<Body>, Outcome) {
     let host = target.authority();
+    let accept = accept_class(req.headers());
     let name = TagName {
         host: &host,
         repo,
         tag,
+        accept: &accept,
     };
-    let head_only = req.method() == Method::HEAD;
+    let ask = Ask {
+        head_only: req.method() == Method::HEAD,
+        range: ByteRange::from_headers(req.headers()),
+    };
     let cached = shared.cache.store.tag(&name).await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
         None
     });
-    // A client that cannot take the cached media type gets what the upstream gives it.
-    let cached = cached.filter(|(r, _)| accepts(req.headers(), &r.content_type));
     let (parts, _) = req.into_parts();
     let Some((record, age)) = cached else {
-        return fetch(&parts, target, &name, head_only, shared).await;
+        return fetch(&parts, target, &name, &ask, shared).await;
     };
-    if !head_only && !has_manifest(shared, &record).await {
-        // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
-        return fetch(&parts, target, &name, head_only, shared).await;
-    }
     if age < shared.config.tag_ttl_for(&host, repo) {
-        if let Some(resp) = cached_response(&record, head_only, shared, false).await {
+        if let Some(resp) = cached_response(&record, &ask, shared, false).await {
             return (resp, "HIT");
         }
-        return fetch(&parts, target, &name, head_only, shared).await;
+        return fetch(&parts, target, &name, &ask, shared).await;
     }
-    revalidate(&parts, target, &name, record, head_only, shared).await
+    if !ask.head_only && shared.cache.hit(&record.digest).await.is_none() {
+        // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
+        return fetch(&parts, target, &name, &ask, shared).await;
+    }
+    revalidate(&parts, target, &name, record, &ask, shared).await
 }
 
 /// A stale tag: one upstream `HEAD` (not counted against Docker Hub's pull limit) decides.
@@ -62,7 +72,7 @@ async fn revalidate(
     target: &Target,
     name: &TagName<'_>,
     record: TagRecord,
-    head_only: bool,
+    ask: &Ask,
     shared: &Shared,
 ) -> (Response<Body>, Outcome) {
     let up = match fetch_request(target, parts, Method::HEAD) {
@@ -72,22 +82,24 @@ async fn revalidate(
     let cause = match shared.upstream.send(up).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
             let digest = header_str(resp.headers(), DOCKER_CONTENT_DIGEST);
-            if digest.as_deref() == Some(record.digest.as_str()) {
+            if digest == Some(record.digest.to_string()) {
                 save_tag(shared, name, &record).await;
-                if let Some(resp) = cached_response(&record, head_only, shared, false).await {
+                if let Some(resp) = cached_response(&record, ask, shared, false).await {
                     return (resp, "REVALIDATED");
                 }
             }
             // Moved (or the manifest is gone from disk): fetch it anew.
-            return fetch(parts, target, name, head_only, shared).await;
+            return fetch(parts, target, name, ask, shared).await;
         }
-        Ok(resp) if upstream_is_down(resp.status()) => format!("upstream status {}", resp.status()),
+        Ok(resp) if upstream_is_down(resp.status()) => {
+            format!("upstream status {}", resp.status())
+        }
         Ok(resp) => return (client_response(resp), "FORWARD"),
         Err(e) if !e.is_unreachable() => return (bad_gateway(target, &e), "FORWARD"),
         Err(e) => e.to_string(),
     };
     tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
-    match cached_response(&record, head_only, shared, true).await {
+    match cached_response(&record, ask, shared, true).await {
         Some(resp) => (resp, "STALE"),
         None => (
             text(
@@ -104,33 +116,50 @@ async fn fetch(
     parts: &request::Parts,
     target: &Target,
     name: &TagName<'_>,
-    head_only: bool,
+    ask: &Ask,
     shared: &Shared,
 ) -> (Response<Body>, Outcome) {
-    let method = if head_only { Method::HEAD } else { Method::GET };
+    let method = if ask.head_only {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
     let up = match fetch_request(target, parts, method) {
         Ok(r) => r,
         Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
     };
     let resp = match shared.upstream.send(up).await {
+        Ok(r) if upstream_is_down(r.status()) => {
+            let cause = format!("upstream status {}", r.status());
+            return stale_any(parts, name, ask, shared, cause, client_response(r)).await;
+        }
         Ok(r) => r,
+        Err(e) if e.is_unreachable() => {
+            let fallback = bad_gateway(target, &e);
+            return stale_any(parts, name, ask, shared, e.to_string(), fallback).await;
+        }
         Err(e) => return (bad_gateway(target, &e), "FORWARD"),
     };
     if resp.status() != StatusCode::OK {
         return (client_response(resp), "FORWARD");
     }
-    if head_only {
+    if ask.head_only {
         if let Some(record) = record_from(resp.headers(), None) {
             save_tag(shared, name, &record).await;
         }
         return (client_response(resp), "MISS");
     }
     let (head, incoming) = resp.into_parts();
-    let data = match Limited::new(incoming, MAX_MANIFEST).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => {
+    let read = Limited::new(incoming, MAX_MANIFEST).collect();
+    let data = match tokio::time::timeout(shared.config.upstream_timeout, read).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(e)) => {
             let reason = format!("manifest body from upstream: {e}");
             return (text(StatusCode::BAD_GATEWAY, reason), "FORWARD");
+        }
+        Err(_) => {
+            let reason = "manifest body from upstream timed out";
+            return (text(StatusCode::GATEWAY_TIMEOUT, reason), "FORWARD");
         }
     };
     let Some(record) = record_from(&head.headers, Some(&data)) else {
@@ -140,11 +169,51 @@ async fn fetch(
     };
     store_manifest(shared, &record, &data).await;
     save_tag(shared, name, &record).await;
-    (manifest_response(&record, data, false), "MISS")
+    (manifest_response(&record, data), "MISS")
+}
+
+/// The upstream cannot answer and this client's Accept class has no record: serve a record
+/// fetched for another class whose media type this client takes, else `fallback`.
+async fn stale_any(
+    parts: &request::Parts,
+    name: &TagName<'_>,
+    ask: &Ask,
+    shared: &Shared,
+    cause: String,
+    fallback: Response<Body>,
+) -> (Response<Body>, Outcome) {
+    let records = shared
+        .cache
+        .store
+        .tag_records(name)
+        .await
+        .unwrap_or_default();
+    for record in records
+        .iter()
+        .filter(|r| accepts(&parts.headers, &r.content_type))
+    {
+        if let Some(resp) = cached_response(record, ask, shared, true).await {
+            tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
+            return (resp, "STALE");
+        }
+    }
+    (fallback, "FORWARD")
+}
+
+/// Whether the client's `Accept` admits `media_type` (no `Accept`, or `*/*`, admits anything).
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let class = accept_class(headers);
+    class == "*"
+        || class
+            .split(',')
+            .any(|t| t == "*/*" || t.eq_ignore_ascii_case(media_type))
 }
 
 /// The record an upstream answer describes; with the body, the digest is verified (or computed).
 fn record_from(headers: &HeaderMap, data: Option<&Bytes>) -> Option<TagRecord> {
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        return None; // encoded bytes are not the manifest
+    }
     let content_type = header_str(headers, header::CONTENT_TYPE)?;
     let announced = header_str(headers, DOCKER_CONTENT_DIGEST)
         .map(|d| Digest::parse(&d))
@@ -164,16 +233,13 @@ fn record_from(headers: &HeaderMap, data: Option<&Bytes>) -> Option<TagRecord> {
         (None, None) => return None,
     };
     Some(TagRecord {
-        digest: digest.to_string(),
+        digest,
         content_type,
         size,
     })
 }
 
 async fn store_manifest(shared: &Shared, record: &TagRecord, data: &[u8]) {
-    let Ok(digest) = Digest::parse(&record.digest) else {
-        return;
-    };
     let meta = ObjectMeta {
         content_type: Some(record.content_type.clone()),
         size: record.size,
@@ -182,7 +248,7 @@ async fn store_manifest(shared: &Shared, record: &TagRecord, data: &[u8]) {
         .metrics
         .bytes_from_upstream
         .fetch_add(record.size, std::sync::atomic::Ordering::Relaxed);
-    if let Err(e) = shared.cache.store.put(&digest, data, &meta).await {
+    if let Err(e) = shared.cache.store.put(&record.digest, data, &meta).await {
         tracing::warn!(error = %e, "cannot cache a manifest");
     }
 }
@@ -193,28 +259,24 @@ async fn save_tag(shared: &Shared, name: &TagName<'_>, record: &TagRecord) {
     }
 }
 
-async fn has_manifest(shared: &Shared, record: &TagRecord) -> bool {
-    match Digest::parse(&record.digest) {
-        Ok(d) => matches!(shared.cache.store.object(&d).await, Ok(Some(_))),
-        Err(_) => false,
-    }
-}
-
 /// The cached manifest for `record` (headers only for `HEAD`), if its bytes are on disk.
 async fn cached_response(
     record: &TagRecord,
-    head_only: bool,
+    ask: &Ask,
     shared: &Shared,
     stale: bool,
 ) -> Option<Response<Body>> {
-    let data = if head_only {
-        Bytes::new()
+    let mut resp = if ask.head_only {
+        let mut resp = manifest_response(record, Bytes::new());
+        *resp.body_mut() = body::empty();
+        resp
     } else {
-        let digest = Digest::parse(&record.digest).ok()?;
-        let entry = shared.cache.store.object(&digest).await.ok()??;
-        Bytes::from(tokio::fs::read(&entry.path).await.ok()?)
+        let (flight, _) = shared.cache.hit(&record.digest).await?;
+        let mut resp = respond(&flight, &record.digest, false, ask.range);
+        // The manifest's media type as recorded for this tag (the object's own is the same).
+        insert(&mut resp, header::CONTENT_TYPE, record.content_type.clone());
+        resp
     };
-    let mut resp = manifest_response(record, data, head_only);
     if stale {
         insert(
             &mut resp,
@@ -225,34 +287,13 @@ async fn cached_response(
     Some(resp)
 }
 
-fn manifest_response(record: &TagRecord, data: Bytes, head_only: bool) -> Response<Body> {
-    let body = if head_only {
-        body::empty()
-    } else {
-        body::full(data)
-    };
-    let mut resp = Response::new(body);
+fn manifest_response(record: &TagRecord, data: Bytes) -> Response<Body> {
+    let mut resp = Response::new(body::full(data));
     insert(&mut resp, header::CONTENT_TYPE, record.content_type.clone());
-    insert(&mut resp, DOCKER_CONTENT_DIGEST, record.digest.clone());
+    insert(&mut resp, DOCKER_CONTENT_DIGEST, record.digest.to_string());
     insert(&mut resp, header::ETAG, format!("\"{}\"", record.digest));
     insert(&mut resp, header::CONTENT_LENGTH, record.size.to_string());
     resp
-}
-
-/// Whether the client's `Accept` admits `media_type` (no `Accept`, or `*/*`, admits anything).
-fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
-    let mut offered = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|v| v.split(';').next().unwrap_or("").trim())
-        .filter(|v| !v.is_empty())
-        .peekable();
-    if offered.peek().is_none() {
-        return true;
-    }
-    offered.any(|v| v == "*/*" || v.eq_ignore_ascii_case(media_type))
 }
 
 #[cfg(test)]

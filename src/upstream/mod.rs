@@ -25,6 +25,12 @@ pub enum UpstreamError {
     /// Could not reach the upstream: DNS, refused, unreachable, timed out.
     #[error("{0}")]
     Connect(String),
+    /// A redirect that regproxy will not follow.
+    #[error("{0}")]
+    Redirect(String),
+    /// It did not start answering in time.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
     /// Reached it, but its TLS did not verify (or the handshake failed).
     #[error("{0}")]
     Tls(String),
@@ -41,6 +47,7 @@ pub enum UpstreamError {
 pub struct Upstream {
     client: Client<Connector, Body>,
     metrics: Arc<crate::metrics::Metrics>,
+    timeout: std::time::Duration,
 }
 
 impl Upstream {
@@ -64,8 +71,15 @@ impl Upstream {
             .pool_idle_timeout(config.idle_timeout)
             .pool_max_idle_per_host(64)
             .http2_adaptive_window(true)
+            // A pooled h2 connection that died silently is found out, not waited on forever.
+            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+            .http2_keep_alive_timeout(std::time::Duration::from_secs(10))
             .build(connector);
-        Ok(Upstream { client, metrics })
+        Ok(Upstream {
+            client,
+            metrics,
+            timeout: config.upstream_timeout,
+        })
     }
 
     /// Sends one request, returning the response head with its body still streaming.
@@ -78,7 +92,10 @@ impl Upstream {
             .authority()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let result = self.client.request(req).await;
+        let Ok(result) = tokio::time::timeout(self.timeout, self.client.request(req)).await else {
+            self.metrics.upstream(&registry, "timeout");
+            return Err(UpstreamError::Timeout(self.timeout));
+        };
         match &result {
             Ok(resp) => {
                 self.metrics.upstream(&registry, resp.status().as_str());
@@ -105,7 +122,10 @@ impl Upstream {
 impl UpstreamError {
     /// Whether the upstream is out of reach (serve stale), rather than misconfigured or broken.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_) | UpstreamError::Request(_))
+        matches!(
+            self,
+            UpstreamError::Connect(_) | UpstreamError::Request(_) | UpstreamError::Timeout(_)
+        )
     }
 }
 
