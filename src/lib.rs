@@ -62,6 +62,28 @@ pub struct Shared {
     pub tasks: TaskTracker,
 }
 
+impl Shared {
+    /// Loads the CA, opens the cache and builds the upstream client; `own` is the proxy's
+    /// listen address, which upstream connections refuse to reach.
+    pub fn new(config: Config, own: std::net::SocketAddr) -> Result<Arc<Shared>, Error> {
+        let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
+        let resolver = Arc::new(upstream::Resolver::new(&config.resolve, own));
+        let upstream = upstream::Upstream::new(&config, resolver.clone(), metrics.clone())?;
+        Ok(Arc::new(Shared {
+            config,
+            ca,
+            metrics,
+            cache,
+            upstream,
+            resolver,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }))
+    }
+}
+
 /// The rustls crypto provider used on both sides.
 pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -74,24 +96,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
-    let metrics = Arc::new(metrics::Metrics::default());
-    let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
-    let resolver = Arc::new(upstream::Resolver::new(
-        &config.resolve,
-        listener.local_addr()?,
-    ));
-    let upstream = upstream::Upstream::new(&config, resolver.clone(), metrics.clone())?;
-    let shared = Arc::new(Shared {
-        config,
-        ca,
-        metrics,
-        cache,
-        upstream,
-        resolver,
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-    });
+    let shared = Shared::new(config, listener.local_addr()?)?;
     let admin = TcpListener::bind(shared.config.admin_listen)
         .await
         .map_err(|e| {

@@ -51,17 +51,13 @@ pub async fn handle(
             start: Instant::now(),
             metrics: shared.metrics.clone(),
         };
-        let route = Route::classify(req.method(), req.uri().path());
-        let (resp, outcome) = match route {
-            Route::Invalid(reason) => (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
-            Route::Ping => ping(req, target, shared).await,
-            Route::Blob { digest, .. } | Route::ManifestByDigest { digest, .. } => {
-                objects::serve(req, target, digest, shared).await
+        let (parts, incoming) = req.into_parts();
+        let (resp, outcome) = match Route::classify(&parts.method, parts.uri.path()) {
+            Route::Other => {
+                let body = body::incoming(incoming);
+                (forward(&parts, body, target, shared, false).await, "FORWARD")
             }
-            Route::ManifestByTag { repo, tag } => {
-                tags::serve(req, target, &repo, &tag, shared).await
-            }
-            Route::Other => (forward(req, target, shared, false).await, "FORWARD"),
+            route => serve(&parts, route, target, shared).await,
         };
         log.outcome = outcome;
         metered(resp, log)
@@ -70,19 +66,40 @@ pub async fn handle(
     .await
 }
 
+/// Answers a body-less registry request (`GET`/`HEAD`) from its head: what intercepted clients
+/// and `cache prefetch` both go through.
+pub async fn serve(
+    parts: &request::Parts,
+    route: Route,
+    target: &Target,
+    shared: &Arc<Shared>,
+) -> (Response<Body>, Outcome) {
+    match route {
+        Route::Invalid(reason) => (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+        Route::Ping => ping(parts, target, shared).await,
+        Route::Blob { digest, .. } | Route::ManifestByDigest { digest, .. } => {
+            objects::serve(parts, target, digest, shared).await
+        }
+        Route::ManifestByTag { repo, tag } => tags::serve(parts, target, &repo, &tag, shared).await,
+        Route::Other => {
+            let resp = forward(parts, body::empty(), target, shared, false).await;
+            (resp, "FORWARD")
+        }
+    }
+}
+
 /// The `/v2/` version check: the upstream's answer (its auth challenge included), or a local
 /// `200` when the upstream is down, so that clients go on to pull what the cache holds.
 async fn ping(
-    req: Request<Incoming>,
+    parts: &request::Parts,
     target: &Target,
     shared: &Shared,
 ) -> (Response<Body>, Outcome) {
-    let (parts, _) = req.into_parts();
     let result = match upstream_uri(target, &parts.uri) {
         Ok(uri) => {
             shared
                 .upstream
-                .send(upstream_request(&parts, uri, body::empty()))
+                .send(upstream_request(parts, uri, body::empty()))
                 .await
         }
         Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
@@ -115,17 +132,17 @@ fn upstream_is_down(status: StatusCode) -> bool {
 
 /// Forwards the request unchanged to the upstream and streams the answer back.
 async fn forward(
-    req: Request<Incoming>,
+    parts: &request::Parts,
+    body: Body,
     target: &Target,
     shared: &Shared,
     follow: bool,
 ) -> Response<Body> {
-    let (parts, incoming) = req.into_parts();
     let uri = match upstream_uri(target, &parts.uri) {
         Ok(u) => u,
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
-    let req = upstream_request(&parts, uri, body::incoming(incoming));
+    let req = upstream_request(parts, uri, body);
     let result = if follow {
         send_following_redirects(shared, req).await
     } else {

@@ -5,8 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{request, Method, Request, Response, StatusCode};
 
 use super::range::{ByteRange, Slice};
 use super::{bad_gateway, fetch_request, forward, send_following_redirects, Outcome};
@@ -20,13 +19,14 @@ use crate::Shared;
 
 /// Answers a GET or HEAD of an object by digest.
 pub(super) async fn serve(
-    req: Request<Incoming>,
+    parts: &request::Parts,
     target: &Target,
     digest: Digest,
     shared: &Arc<Shared>,
 ) -> (Response<Body>, Outcome) {
-    let head_only = req.method() == Method::HEAD;
-    let range = ByteRange::from_headers(req.headers());
+    let head_only = parts.method == Method::HEAD;
+    let range = ByteRange::from_headers(&parts.headers);
+    let forward = || forward(parts, body::empty(), target, shared, true);
     if let Some((flight, _)) = shared.cache.hit(&digest).await {
         return (respond(&flight, &digest, head_only, range), "HIT");
     }
@@ -40,7 +40,7 @@ pub(super) async fn serve(
         {
             return (respond(&flight, &digest, true, range), "JOINED");
         }
-        return (forward(req, target, shared, true).await, "FORWARD");
+        return (forward().await, "FORWARD");
     }
     match shared.cache.flights.join(&digest) {
         Join::Follower(flight) => match flight.started().await {
@@ -49,7 +49,7 @@ pub(super) async fn serve(
                 if let Some((flight, _)) = shared.cache.hit(&digest).await {
                     return (respond(&flight, &digest, false, range), "HIT");
                 }
-                (forward(req, target, shared, true).await, "FORWARD")
+                (forward().await, "FORWARD")
             }
             _ => {
                 shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
@@ -62,8 +62,7 @@ pub(super) async fn serve(
                 drop(leader);
                 return (respond(&flight, &digest, false, range), "HIT");
             }
-            let (parts, _) = req.into_parts();
-            let up = match fetch_request(target, &parts, Method::GET) {
+            let up = match fetch_request(target, parts, Method::GET) {
                 Ok(r) => r,
                 Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
             };

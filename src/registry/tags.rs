@@ -4,9 +4,8 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
-use http::{request, Method, Request, Response, StatusCode};
+use http::{request, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use super::objects::{header_str, insert, respond};
 use super::range::ByteRange;
@@ -27,14 +26,14 @@ struct Ask {
 
 /// Answers a GET or HEAD of a manifest by tag.
 pub(super) async fn serve(
-    req: Request<Incoming>,
+    parts: &request::Parts,
     target: &Target,
     repo: &str,
     tag: &str,
     shared: &Shared,
 ) -> (Response<Body>, Outcome) {
     let host = target.authority();
-    let accept = accept_class(req.headers());
+    let accept = accept_class(&parts.headers);
     let name = TagName {
         host: &host,
         repo,
@@ -42,28 +41,27 @@ pub(super) async fn serve(
         accept: &accept,
     };
     let ask = Ask {
-        head_only: req.method() == Method::HEAD,
-        range: ByteRange::from_headers(req.headers()),
+        head_only: parts.method == Method::HEAD,
+        range: ByteRange::from_headers(&parts.headers),
     };
     let cached = shared.cache.store.tag(&name).await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
         None
     });
-    let (parts, _) = req.into_parts();
     let Some((record, age)) = cached else {
-        return fetch(&parts, target, &name, &ask, shared).await;
+        return fetch(parts, target, &name, &ask, shared).await;
     };
     if age < shared.config.tag_ttl_for(&host, repo) {
         if let Some(resp) = cached_response(&record, &ask, shared, false).await {
             return (resp, "HIT");
         }
-        return fetch(&parts, target, &name, &ask, shared).await;
+        return fetch(parts, target, &name, &ask, shared).await;
     }
     if !ask.head_only && shared.cache.hit(&record.digest).await.is_none() {
         // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
-        return fetch(&parts, target, &name, &ask, shared).await;
+        return fetch(parts, target, &name, &ask, shared).await;
     }
-    revalidate(&parts, target, &name, record, &ask, shared).await
+    revalidate(parts, target, &name, record, &ask, shared).await
 }
 
 /// A stale tag: one upstream `HEAD` (not counted against Docker Hub's pull limit) decides.

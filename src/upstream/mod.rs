@@ -1,5 +1,6 @@
 //! The upstream side: a pooled, verified HTTP client (h2 where offered) with resolve overrides.
 
+pub mod auth;
 mod connector;
 pub mod resolve;
 
@@ -25,6 +26,9 @@ pub enum UpstreamError {
     /// Could not reach the upstream: DNS, refused, unreachable, timed out.
     #[error("{0}")]
     Connect(String),
+    /// Authentication with the upstream failed (challenge, token endpoint).
+    #[error("upstream authentication: {0}")]
+    Auth(String),
     /// A redirect that regproxy will not follow.
     #[error("{0}")]
     Redirect(String),

@@ -1,0 +1,131 @@
+//! Registry authentication as the distribution token spec describes it: parsing
+//! `WWW-Authenticate` challenges and fetching a bearer token from the realm.
+
+use std::collections::BTreeMap;
+
+use http::{header, Request, Uri};
+use http_body_util::{BodyExt, Limited};
+
+use super::{Upstream, UpstreamError};
+use crate::body;
+
+/// A parsed `WWW-Authenticate` challenge: its scheme and parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// `bearer` or `basic`, lower-case.
+    pub scheme: String,
+    /// `realm`, `service`, `scope`, … (names lower-case).
+    pub params: BTreeMap<String, String>,
+}
+
+/// Parses `Bearer realm="…",service="…",scope="…"` (or `Basic realm="…"`); the error names
+/// what is malformed.
+pub fn parse_challenge(value: &str) -> Result<Challenge, String> {
+    let value = value.trim();
+    let (scheme, mut rest) = value.split_once(' ').unwrap_or((value, ""));
+    if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(format!("WWW-Authenticate has no valid scheme: {value:?}"));
+    }
+    let mut params = BTreeMap::new();
+    loop {
+        rest = rest.trim_start_matches([' ', ',']);
+        if rest.is_empty() {
+            break;
+        }
+        let (name, after) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("WWW-Authenticate parameter without '=': {rest:?}"))?;
+        let (val, after) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted
+                .find('"')
+                .ok_or_else(|| format!("WWW-Authenticate has an unterminated quote: {value:?}"))?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            after.split_once(',').unwrap_or((after, ""))
+        };
+        params.insert(name.trim().to_ascii_lowercase(), val.trim().to_owned());
+        rest = after;
+    }
+    Ok(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+/// Fetches a token for `scope` from a bearer challenge's realm; `basic` is an
+/// `Authorization: Basic …` value when credentials are known, else the token is anonymous.
+pub async fn fetch_token(
+    upstream: &Upstream,
+    challenge: &Challenge,
+    scope: &str,
+    basic: Option<&str>,
+) -> Result<String, UpstreamError> {
+    let bad = |why: String| UpstreamError::Auth(why);
+    let realm = challenge
+        .params
+        .get("realm")
+        .ok_or_else(|| bad("bearer challenge without realm".into()))?;
+    let mut url = format!("{realm}?scope={}", encode(scope));
+    if let Some(service) = challenge.params.get("service") {
+        url.push_str(&format!("&service={}", encode(service)));
+    }
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| bad(format!("token realm {realm:?} is not a URL: {e}")))?;
+    let mut req = Request::get(uri)
+        .body(body::empty())
+        .map_err(|e| bad(e.to_string()))?;
+    if let Some(b) = basic {
+        let value = b.parse().map_err(|_| bad("credentials are not header text".into()))?;
+        req.headers_mut().insert(header::AUTHORIZATION, value);
+    }
+    let resp = upstream.send(req).await?;
+    let status = resp.status();
+    let bytes = Limited::new(resp.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| bad(format!("token endpoint body: {e}")))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(bad(format!("token endpoint answered {status}")));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| bad("token endpoint answered something that is not JSON".into()))?;
+    json.get("token")
+        .or_else(|| json.get("access_token"))
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| bad("token endpoint answer has no token".into()))
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_and_basic() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c.params["scope"], "repository:library/alpine:pull");
+        assert_eq!(parse_challenge(r#"Basic realm="x""#).unwrap().scheme, "basic");
+        assert!(parse_challenge(r#"Bearer realm="unterminated"#).is_err());
+        assert!(parse_challenge(r#"Bearer realm"#).is_err());
+        assert_eq!(encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+    }
+}
