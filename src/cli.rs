@@ -1,4 +1,5 @@
-//! The command line: `run` (the default), `ca init|show`, `config check`.
+//! The command line: `run` (the default), `ca init|show|install|uninstall`, `config check`,
+//! `cache stats|ls|rm|gc|verify|prefetch`.
 
 use std::path::PathBuf;
 
@@ -57,6 +58,18 @@ enum CacheCommand {
     Gc,
     /// Re-hash every object; remove and report corrupt ones (exit status 1 if any)
     Verify,
+    /// Pull images into the cache (through the same code that serves clients)
+    Prefetch {
+        /// Platform to fetch from a multi-platform image, os/arch[/variant] [default: this machine's]
+        #[arg(long, value_name = "PLATFORM", conflicts_with = "all_platforms")]
+        platform: Option<String>,
+        /// Fetch every platform of a multi-platform image
+        #[arg(long)]
+        all_platforms: bool,
+        /// Images: [HOST[:PORT]/]REPO[:TAG|@DIGEST]
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +187,18 @@ impl From<CacheCommand> for crate::cli_cache::Action {
             CacheCommand::Rm { target } => Action::Rm(target),
             CacheCommand::Gc => Action::Gc,
             CacheCommand::Verify => Action::Verify,
+            CacheCommand::Prefetch {
+                platform,
+                all_platforms,
+                images,
+            } => Action::Prefetch {
+                platforms: match (all_platforms, platform) {
+                    (true, _) => crate::prefetch::Platforms::All,
+                    (false, Some(p)) => crate::prefetch::Platforms::One(p),
+                    (false, None) => crate::prefetch::Platforms::native(),
+                },
+                images,
+            },
         }
     }
 }

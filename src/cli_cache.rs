@@ -22,10 +22,20 @@ pub enum Action {
     Gc,
     /// `cache verify`
     Verify,
+    /// `cache prefetch IMAGE…`
+    Prefetch {
+        /// Which platforms of multi-platform images.
+        platforms: crate::prefetch::Platforms,
+        /// The images.
+        images: Vec<String>,
+    },
 }
 
 /// Runs `action` on the cache in `config.cache_dir`.
 pub fn run(config: &Config, action: Action) -> anyhow::Result<()> {
+    if let Action::Prefetch { platforms, images } = action {
+        return prefetch(config, &platforms, &images);
+    }
     let store = Store::open(&config.cache_dir, Arc::default())
         .with_context(|| format!("cannot open the cache in {}", config.cache_dir.display()))?;
     match action {
@@ -68,6 +78,7 @@ pub fn run(config: &Config, action: Action) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Action::Prefetch { .. } => unreachable!("handled above"),
         Action::Verify => {
             let (checked, corrupt) = ops::verify(&store)?;
             for d in &corrupt {
@@ -126,4 +137,71 @@ fn scrape(admin: SocketAddr) -> Option<String> {
     s.read_to_string(&mut text).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// Pulls each image into the cache, with progress bars on a terminal and plain lines otherwise.
+fn prefetch(
+    config: &Config,
+    platforms: &crate::prefetch::Platforms,
+    images: &[String],
+) -> anyhow::Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let shared = crate::Shared::new(config.clone(), config.listen)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "{msg:20} {bar:30} {bytes:>10}/{total_bytes:<10} {bytes_per_sec}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bars: Mutex<HashMap<String, ProgressBar>> = Mutex::default();
+    let short = |d: &str| {
+        d.trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect::<String>()
+    };
+    let events = |event: crate::prefetch::Event| {
+        use crate::prefetch::Event;
+        let mut bars = bars.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            Event::Start { digest, size } if tty => {
+                let bar = multi.add(ProgressBar::new(size.unwrap_or(0)).with_style(style.clone()));
+                bar.set_message(short(&digest));
+                bars.insert(digest, bar);
+            }
+            Event::Bytes { digest, n } => {
+                if let Some(bar) = bars.get(&digest) {
+                    bar.inc(n);
+                }
+            }
+            Event::Done { digest, outcome } => match bars.remove(&digest) {
+                Some(bar) => bar.finish_with_message(format!("{} {outcome}", short(&digest))),
+                None => eprintln!("{digest} {outcome}"),
+            },
+            Event::Start { .. } => {}
+        }
+    };
+    let mut failed = 0;
+    for image in images {
+        match runtime.block_on(crate::prefetch::prefetch(
+            &shared, image, platforms, &events,
+        )) {
+            Ok(objects) => println!("{image}: {} object(s) cached", objects.len()),
+            Err(e) => {
+                eprintln!("{image}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} image(s) could not be prefetched",
+            images.len()
+        );
+    }
+    Ok(())
 }

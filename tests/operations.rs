@@ -416,3 +416,80 @@ fn ca_install_and_uninstall_in_a_debian_trust_store() {
     );
     assert!(!bundle().contains(&body), "CA still in the bundle");
 }
+
+/// `cache prefetch --all-platforms` warms the cache so completely that a pull of every platform
+/// works with the registry stopped; each object was fetched from the registry once.
+#[test]
+fn prefetch_warms_the_cache_for_an_offline_pull() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let index = mkimage(&src, 2, "64KiB", Some("linux/amd64,linux/arm64"), 41);
+    let mut registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/pre:v1", true);
+    let state = dir.join("state");
+    let config = dir.join("prefetch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache_dir = {:?}\nca_dir = {:?}\nresolve = [\"{}=127.0.0.1:{}\"]\nupstream_ca = [{:?}]\n",
+            state.join("cache").display().to_string(),
+            state.join("ca").display().to_string(),
+            registry.host(),
+            registry.port(),
+            registry.ca_cert_path().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let image = format!("{}/test/pre:v1", registry.host());
+    let out = regproxy(&["cache", "prefetch", "--all-platforms", &image], &config);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    // index + 2 × (manifest + config + 2 layers)
+    assert!(
+        said.contains(&format!("{image}: 9 object(s) cached")),
+        "{said}"
+    );
+    // Off a terminal, progress is one plain line per object.
+    assert!(said.lines().any(|l| l == "v1 MISS"), "{said}");
+    let layer = &oci_layers(&src, &manifest_of(&src, &index, "arm64"))[0];
+    assert!(
+        said.lines().any(|l| *l == format!("{layer} MISS")),
+        "{said}"
+    );
+    for blob in oci_blobs(&src).keys() {
+        let gets = registry
+            .access_log()
+            .iter()
+            .filter(|e| e.method == "GET" && e.uri.ends_with(blob.as_str()) && e.status == 200)
+            .count();
+        assert!(gets <= 1, "{blob} fetched {gets} times");
+    }
+    // A second prefetch is all hits.
+    let out = regproxy(&["cache", "prefetch", "--all-platforms", &image], &config);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!said.contains(" MISS"), "{said}");
+
+    registry.stop();
+    let proxy = Proxy::start_in(&state, |c| registry.configure_proxy(c));
+    let dst = dir.join("dst");
+    skopeo_copy_via(&proxy, &registry.image("test/pre:v1"), &oci_ref(&dst), true);
+    assert_same_image(&src, &dst);
+}
+
+/// The digest of `arch`'s manifest in the OCI index `index` of the layout at `dir`.
+fn manifest_of(dir: &Path, index: &str, arch: &str) -> String {
+    let path = dir.join("blobs/sha256").join(&index["sha256:".len()..]);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    v["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["platform"]["architecture"] == arch)
+        .and_then(|m| m["digest"].as_str())
+        .unwrap()
+        .to_string()
+}

@@ -111,6 +111,7 @@ pub async fn keep_within(
         last_compaction = tokio::time::Instant::now();
         let (s, b) = (store.clone(), bounds);
         let pass = move || {
+            s.recount();
             if over {
                 evict(&s, &b)
             } else {

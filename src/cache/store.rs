@@ -124,14 +124,18 @@ impl Store {
             run_dir,
             _run_lock: Arc::new(run_lock),
         };
-        let objects = store.objects_on_disk();
-        store
-            .metrics
-            .cache_entries
-            .store(objects.len() as u64, Ordering::Relaxed);
-        let bytes = objects.iter().map(|o| o.size).sum();
-        store.metrics.cache_bytes.store(bytes, Ordering::Relaxed);
+        store.recount();
         Ok(store)
+    }
+
+    /// Sets the entry and byte gauges from what is on disk (blocking), which also corrects them
+    /// after `cache` commands run by another process removed objects.
+    pub fn recount(&self) {
+        let objects = self.objects_on_disk();
+        let bytes = objects.iter().map(|o| o.size).sum();
+        let entries = objects.len() as u64;
+        self.metrics.cache_entries.store(entries, Ordering::Relaxed);
+        self.metrics.cache_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Every content file in the store (a blocking directory walk).

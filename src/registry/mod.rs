@@ -55,7 +55,10 @@ pub async fn handle(
         let (resp, outcome) = match Route::classify(&parts.method, parts.uri.path()) {
             Route::Other => {
                 let body = body::incoming(incoming);
-                (forward(&parts, body, target, shared, false).await, "FORWARD")
+                (
+                    forward(&parts, body, target, shared, false).await,
+                    "FORWARD",
+                )
             }
             route => serve(&parts, route, target, shared).await,
         };

@@ -23,7 +23,11 @@ pub struct Challenge {
 pub fn parse_challenge(value: &str) -> Result<Challenge, String> {
     let value = value.trim();
     let (scheme, mut rest) = value.split_once(' ').unwrap_or((value, ""));
-    if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
         return Err(format!("WWW-Authenticate has no valid scheme: {value:?}"));
     }
     let mut params = BTreeMap::new();
@@ -76,7 +80,9 @@ pub async fn fetch_token(
         .body(body::empty())
         .map_err(|e| bad(e.to_string()))?;
     if let Some(b) = basic {
-        let value = b.parse().map_err(|_| bad("credentials are not header text".into()))?;
+        let value = b
+            .parse()
+            .map_err(|_| bad("credentials are not header text".into()))?;
         req.headers_mut().insert(header::AUTHORIZATION, value);
     }
     let resp = upstream.send(req).await?;
@@ -123,7 +129,10 @@ mod tests {
         assert_eq!(c.scheme, "bearer");
         assert_eq!(c.params["realm"], "https://auth.docker.io/token");
         assert_eq!(c.params["scope"], "repository:library/alpine:pull");
-        assert_eq!(parse_challenge(r#"Basic realm="x""#).unwrap().scheme, "basic");
+        assert_eq!(
+            parse_challenge(r#"Basic realm="x""#).unwrap().scheme,
+            "basic"
+        );
         assert!(parse_challenge(r#"Bearer realm="unterminated"#).is_err());
         assert!(parse_challenge(r#"Bearer realm"#).is_err());
         assert_eq!(encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
