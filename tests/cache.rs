@@ -522,3 +522,93 @@ fn tag_is_served_stale_on_5xx_429_and_timeouts() {
         assert_eq!(resp.header("docker-content-digest"), Some(digest.clone()));
     }
 }
+
+/// Eight skopeo pulls of one image started at once: every blob crosses from the registry once.
+#[test]
+fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let manifest = mkimage(&src, 3, "2MiB", None, 51);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/fan:latest", false);
+    let proxy = Proxy::for_registry(&registry);
+    let image = registry.image("test/fan:latest");
+    thread::scope(|s| {
+        for i in 0..8 {
+            let (proxy, image, dst) = (&proxy, &image, dir.join(format!("dst{i}")));
+            s.spawn(move || skopeo_copy_via(proxy, image, &oci_ref(dst), false));
+        }
+    });
+    for i in 0..8 {
+        assert_same_image(&src, dir.join(format!("dst{i}")));
+    }
+    // Config and layers are fetched by digest, each exactly once (the manifest by its tag).
+    let log = registry.access_log();
+    for blob in oci_blobs(&src).keys().filter(|b| **b != manifest) {
+        let gets = log
+            .iter()
+            .filter(|e| e.is_blob_get(blob) && (200..300).contains(&e.status))
+            .count();
+        assert_eq!(gets, 1, "{blob}: {gets} upstream GETs");
+    }
+}
+
+/// A tag moved upstream: within the freshness time the old digest is served, after it the new.
+#[test]
+fn moved_tag_is_seen_after_its_freshness_time() {
+    let dir = TestDir::new();
+    let old = mkimage(dir.join("old"), 1, "16KiB", None, 61);
+    let new = mkimage(dir.join("new"), 1, "16KiB", None, 62);
+    let registry = Registry::start(dir.join("registry"));
+    push(dir.join("old"), &registry, "test/moving:latest", false);
+    let proxy = Proxy::for_registry_with(&registry, |c| c.tag_ttl = Duration::from_secs(2));
+    let image = registry.image("test/moving:latest");
+    assert_eq!(sha256_digest(&inspect_raw_via(&proxy, &image)), old);
+    push(dir.join("new"), &registry, "test/moving:latest", false);
+    assert_eq!(
+        sha256_digest(&inspect_raw_via(&proxy, &image)),
+        old,
+        "fresh: the cached digest"
+    );
+    thread::sleep(Duration::from_millis(2100));
+    assert_eq!(
+        sha256_digest(&inspect_raw_via(&proxy, &image)),
+        new,
+        "stale: revalidated"
+    );
+}
+
+/// A fixture standing in for the registry serves wrong bytes, then the right ones: the first
+/// pull fails and caches nothing, the next one works and is cached.
+#[test]
+fn after_a_corrupt_download_a_correct_upstream_works() {
+    let dir = TestDir::new();
+    let data: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 227) as u8).collect());
+    let digest = sha256_digest(&data);
+    let corrupt = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (flag, body) = (corrupt.clone(), data.clone());
+    let (port, seen) = tiny_https(&dir.join("up"), &["blobs.test"], move |_, w| {
+        let mut bytes = body.to_vec();
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            bytes[1000] ^= 0x55;
+        }
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            bytes.len()
+        );
+        let _ = w.write_all(&bytes);
+    });
+    let proxy = blob_proxy(port, &dir.join("up"));
+    assert!(!get_blob(&proxy, port, &digest).complete);
+    corrupt.store(false, std::sync::atomic::Ordering::SeqCst);
+    let good = get_blob(&proxy, port, &digest);
+    assert!(good.complete && good.body == *data);
+    let again = get_blob(&proxy, port, &digest);
+    assert!(again.complete && again.body == *data);
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "the corrupt try and the good one; then a hit"
+    );
+}

@@ -132,6 +132,46 @@ pub async fn keep_within(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::{Digest, ObjectMeta};
+    use std::time::{Duration as D, SystemTime};
+
+    /// Oldest first, but an object being served survives even when it is the oldest.
+    #[tokio::test]
+    async fn evicts_lru_first_and_spares_pinned_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        let mut digests = Vec::new();
+        for (i, age) in [(0u8, 300u64), (1, 200), (2, 100)] {
+            let data = vec![i; 1000];
+            let d = Digest::sha256_of(&data);
+            let meta = ObjectMeta {
+                content_type: None,
+                size: 1000,
+            };
+            store.put(&d, &data, &meta).await.unwrap();
+            let f = std::fs::File::options()
+                .write(true)
+                .open(store.content_path(&d))
+                .unwrap();
+            f.set_modified(SystemTime::now() - D::from_secs(age))
+                .unwrap();
+            digests.push(d);
+        }
+        let oldest = store.content_path(&digests[0]);
+        let _pin = store.pin(&oldest);
+        let bounds = Bounds {
+            max_size: Some(2500),
+            min_free: None,
+        };
+        let report = evict(&store, &bounds).unwrap();
+        assert_eq!(report.removed, 1);
+        assert!(oldest.exists(), "the pinned oldest object was evicted");
+        assert!(
+            !store.content_path(&digests[1]).exists(),
+            "the oldest unpinned goes"
+        );
+        assert!(store.content_path(&digests[2]).exists());
+    }
 
     #[test]
     fn need_has_watermarks() {
