@@ -14,6 +14,10 @@ declare -A needs=(
   [htpasswd]=apache2-utils
   [systemd-analyze]=systemd
   [update-ca-certificates]=ca-certificates
+  [podman]=podman
+  [containerd]=containerd
+  [ctr]=containerd
+  [dockerd]=docker.io
 )
 missing=()
 for cmd in "${!needs[@]}"; do
@@ -33,6 +37,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   "${sudo[@]}" apt-get update -q
+  mapfile -t missing < <(printf "%s\n" "${missing[@]}" | sort -u)
   "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
