@@ -266,6 +266,29 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// A TLS acceptor presenting an operator's certificate chain and key (PEM): the mirror listener.
+pub fn acceptor_from_files(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, CaError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |path: &Path| {
+        let path = path.to_owned();
+        move |e: rustls::pki_types::pem::Error| CaError::Invalid {
+            path,
+            reason: e.to_string(),
+        }
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(bad(cert))?
+        .collect::<Result<_, _>>()
+        .map_err(bad(cert))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(bad(key))?;
+    let mut config = ServerConfig::builder_with_provider(crate::tls_provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// What `regproxy ca show` prints about a CA certificate.
 #[derive(Debug)]
 pub struct CaInfo {

@@ -38,6 +38,15 @@ enum Command {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print containerd hosts.toml files that use regproxy as a mirror
+    ContainerdConfig {
+        /// The mirror's URL as containerd reaches it [default: from --mirror-listen or --listen]
+        #[arg(long, value_name = "URL")]
+        mirror_url: Option<String>,
+        /// Registries to write files for [default: docker.io and those in the cache]
+        #[arg(value_name = "REGISTRY")]
+        registries: Vec<String>,
+    },
     /// Inspect and maintain the cache (safe while the proxy runs)
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -119,6 +128,16 @@ pub fn main() -> anyhow::Result<()> {
         Some(Command::Ca(CaCommand::Install(t))) => ca_trust(&config, &t.root, true),
         Some(Command::Ca(CaCommand::Uninstall(t))) => ca_trust(&config, &t.root, false),
         Some(Command::Cache(c)) => crate::cli_cache::run(&config, c.into()),
+        Some(Command::ContainerdConfig {
+            mirror_url,
+            registries,
+        }) => {
+            print!(
+                "{}",
+                crate::cli_cache::containerd_config(&config, mirror_url, registries)?
+            );
+            Ok(())
+        }
         Some(Command::Config(ConfigCommand::Check)) => {
             print!("{}", config.to_toml());
             Ok(())

@@ -205,3 +205,47 @@ fn prefetch(
     }
     Ok(())
 }
+
+/// `hosts.toml` files (each after a `# PATH` line) sending pulls of each registry to the mirror.
+pub fn containerd_config(
+    config: &Config,
+    mirror_url: Option<String>,
+    mut registries: Vec<String>,
+) -> anyhow::Result<String> {
+    let url = mirror_url.unwrap_or_else(|| {
+        let scheme = if config.mirror_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!(
+            "{scheme}://{}",
+            config.mirror_listen.unwrap_or(config.listen)
+        )
+    });
+    if registries.is_empty() {
+        registries.push("docker.io".into());
+        if let Ok(store) = Store::open(&config.cache_dir, Arc::default()) {
+            registries.extend(ops::registries(&store));
+        }
+    }
+    let mut out = String::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for registry in registries {
+        // containerd names Docker Hub docker.io; its API host is registry-1.docker.io.
+        let (dir, server) = match registry.as_str() {
+            "docker.io" | "registry-1.docker.io" | "index.docker.io" => (
+                "docker.io".to_string(),
+                "https://registry-1.docker.io".to_string(),
+            ),
+            other => (other.to_string(), format!("https://{other}")),
+        };
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
+        out.push_str(&format!(
+            "# /etc/containerd/certs.d/{dir}/hosts.toml\nserver = \"{server}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n\n"
+        ));
+    }
+    Ok(out)
+}

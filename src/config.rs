@@ -100,6 +100,12 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// How long in-flight transfers may run on after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// The upstream of mirror requests that name none (`?ns=`): docker's `registry-mirrors`.
+    pub mirror_default: String,
+    /// A separate listener for mirror mode, if any (the proxy listener serves it too).
+    pub mirror_listen: Option<SocketAddr>,
+    /// Certificate and key (PEM) for TLS on the mirror listener; plain HTTP without them.
+    pub mirror_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for Config {
@@ -122,6 +128,9 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(90),
             upstream_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            mirror_default: "docker.io".into(),
+            mirror_listen: None,
+            mirror_tls: None,
         }
     }
 }
@@ -247,6 +256,38 @@ pub struct Settings {
         value_name = "DURATION"
     )]
     pub upstream_timeout: Option<String>,
+    /// Upstream of mirror requests without ?ns= (docker's registry-mirrors) [default: docker.io]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MIRROR_DEFAULT",
+        value_name = "HOST"
+    )]
+    pub mirror_default: Option<String>,
+    /// Separate listener for mirror mode (the proxy listener serves /v2/ too)
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MIRROR_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub mirror_listen: Option<String>,
+    /// PEM certificate for TLS on --mirror-listen (with --mirror-tls-key)
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MIRROR_TLS_CERT",
+        value_name = "FILE"
+    )]
+    pub mirror_tls_cert: Option<PathBuf>,
+    /// PEM key for TLS on --mirror-listen
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MIRROR_TLS_KEY",
+        value_name = "FILE"
+    )]
+    pub mirror_tls_key: Option<PathBuf>,
     /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
     #[arg(
         global = true,
@@ -283,6 +324,21 @@ impl Settings {
         allow_port.extend(file.allow_port.into_iter().chain(self.allow_port).flatten());
         allow_port.sort_unstable();
         allow_port.dedup();
+        let mirror_tls = match (
+            self.mirror_tls_cert.or(file.mirror_tls_cert),
+            self.mirror_tls_key.or(file.mirror_tls_key),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (c, _) => {
+                let (key, have) = if c.is_some() {
+                    ("mirror_tls_key", "mirror_tls_cert")
+                } else {
+                    ("mirror_tls_cert", "mirror_tls_key")
+                };
+                return Err(invalid(key, "", format!("missing; {have} needs it")));
+            }
+        };
         Ok(Config {
             listen: parse_or(
                 "listen",
@@ -358,6 +414,14 @@ impl Settings {
                 d.shutdown_grace,
                 parse_duration,
             )?,
+            mirror_default: scalar(self.mirror_default, file.mirror_default)
+                .unwrap_or(d.mirror_default)
+                .to_ascii_lowercase(),
+            mirror_listen: match scalar(self.mirror_listen, file.mirror_listen) {
+                None => None,
+                Some(v) => Some(parse_addr(&v).map_err(|r| invalid("mirror_listen", &v, r))?),
+            },
+            mirror_tls,
         })
     }
 }
@@ -438,6 +502,14 @@ impl Config {
             "upstream_timeout",
             quote(&humantime::format_duration(self.upstream_timeout).to_string()),
         );
+        kv("mirror_default", quote(&self.mirror_default));
+        if let Some(addr) = self.mirror_listen {
+            kv("mirror_listen", quote(&addr.to_string()));
+        }
+        if let Some((cert, key)) = &self.mirror_tls {
+            kv("mirror_tls_cert", quote(&cert.display().to_string()));
+            kv("mirror_tls_key", quote(&key.display().to_string()));
+        }
         kv(
             "shutdown_grace",
             quote(&humantime::format_duration(self.shutdown_grace).to_string()),

@@ -107,6 +107,16 @@ pub async fn run(
             )
         })?;
     tokio::spawn(admin::serve(admin, shared.clone()));
+    if let Some(addr) = shared.config.mirror_listen {
+        let mirror = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("mirror_listen {addr}: {e}")))?;
+        let tls = match &shared.config.mirror_tls {
+            Some((cert, key)) => Some(ca::acceptor_from_files(cert, key)?),
+            None => None,
+        };
+        tokio::spawn(proxy::serve_mirror(mirror, tls, shared.clone()));
+    }
     tokio::spawn(cache::evict::keep_within(
         shared.cache.store.clone(),
         shared.config.cache_bounds(),

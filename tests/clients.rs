@@ -75,54 +75,6 @@ fn podman_pulls_through_the_proxy() {
     assert!(miss_count(&proxy) >= 3, "the pull went through the cache");
 }
 
-/// A private containerd (own root, state and socket) for one test; killed on drop.
-struct Containerd {
-    child: Child,
-    socket: std::path::PathBuf,
-}
-
-impl Containerd {
-    fn start(dir: &Path) -> Containerd {
-        require_tool("containerd");
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = {:?}\nstate = {:?}\n[grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
-                dir.join("root").display().to_string(),
-                dir.join("state").display().to_string(),
-                socket.display().to_string(),
-                dir.join("ttrpc.sock").display().to_string(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
-        wait_for(
-            START_TIMEOUT,
-            || socket.exists().then_some(()),
-            || std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default(),
-        );
-        Containerd { child, socket }
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn ctr_pulls_through_the_proxy() {
     require_tool("ctr");

@@ -210,7 +210,7 @@ fn bad_requests_get_clear_4xx_answers() {
 
     let (status, text) = raw(
         addr,
-        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("CONNECT"), "the 400 explains itself: {text}");

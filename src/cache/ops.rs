@@ -165,6 +165,14 @@ fn tag_records(store: &Store) -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
+/// The registry hosts that have tags in the cache.
+pub fn registries(store: &Store) -> BTreeSet<String> {
+    tag_records(store)
+        .into_keys()
+        .filter_map(|name| Some(name.split_once('/')?.0.to_owned()))
+        .collect()
+}
+
 /// Digest → the `host/repo:tag` names whose manifest tree holds it.
 fn references(store: &Store) -> BTreeMap<String, BTreeSet<String>> {
     let mut refs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();

@@ -67,18 +67,30 @@ pub(super) async fn serve(
             return;
         }
     };
-    serve_http(TokioIo::new(tls), target, peer, shared).await;
+    serve_http(TokioIo::new(tls), Some(target), peer, shared).await;
 }
 
-async fn serve_http<I>(io: TokioIo<I>, target: Target, peer: SocketAddr, shared: Arc<Shared>)
-where
+/// Serves the registry API (HTTP/1.1 or h2) on a connection: for `target` when intercepted, or
+/// in mirror mode (the upstream named by each request) when `None`.
+pub(super) async fn serve_http<I>(
+    io: TokioIo<I>,
+    target: Option<Target>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let target = Arc::new(target);
+    let target = target.map(Arc::new);
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| {
         let (target, shared) = (target.clone(), svc_shared.clone());
-        async move { Ok::<_, Infallible>(registry::handle(req, &target, peer, &shared).await) }
+        async move {
+            let resp = match &target {
+                Some(t) => registry::handle(req, t, peer, &shared).await,
+                None => registry::mirror::handle(req, peer, &shared).await,
+            };
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

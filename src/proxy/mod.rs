@@ -66,6 +66,42 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     }
 }
 
+/// Serves mirror mode on its own listener (TLS when `tls` is given) until shutdown.
+pub async fn serve_mirror(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((tcp, peer)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, shared) = (tls.clone(), shared.clone());
+        shared.clone().tasks.spawn(async move {
+            let metrics = shared.metrics.clone();
+            let _open = crate::metrics::Open::new(&metrics.open_connections);
+            match tls {
+                None => intercept::serve_http(TokioIo::new(tcp), None, peer, shared).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp));
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            intercept::serve_http(TokioIo::new(stream), None, peer, shared).await
+                        }
+                        _ => tracing::debug!(client = %peer, "mirror TLS handshake failed"),
+                    }
+                }
+            }
+        });
+    }
+}
+
 async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _open = crate::metrics::Open::new(&shared.metrics.open_connections);
     let svc_shared = shared.clone();
@@ -115,6 +151,10 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -
         return connect::handle(req, peer, shared).await;
     }
     match req.uri().scheme_str() {
+        // Sent straight to regproxy: mirror mode (containerd hosts.toml, docker registry-mirrors).
+        None if req.uri().path().starts_with("/v2") => {
+            crate::registry::mirror::handle(req, peer, &shared).await
+        }
         Some("http") => forward::plain(req, peer, shared).await,
         Some(other) => text(
             StatusCode::BAD_REQUEST,
@@ -123,8 +163,8 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -
         None => text(
             StatusCode::BAD_REQUEST,
             format!(
-                "regproxy is an HTTP proxy: send CONNECT host:port (set HTTPS_PROXY) or an absolute http:// URL, \
-                 not an origin-form request ({} {})",
+                "regproxy is an HTTP proxy: send CONNECT host:port (set HTTPS_PROXY), an absolute http:// URL, \
+                 or, as a registry mirror, /v2/ requests; not {} {}",
                 req.method(),
                 req.uri().path()
             ),

@@ -1,6 +1,7 @@
 //! The OCI distribution API as seen inside an intercepted connection: classify, then answer from
 //! the cache or the upstream.
 
+pub mod mirror;
 mod objects;
 mod range;
 pub mod route;

@@ -355,7 +355,13 @@ impl Registry {
         make_test_certs(
             &dir,
             "regproxy test registry CA",
-            &[REGISTRY_HOST, "127.0.0.1", "localhost"],
+            // registry-1.docker.io: mirror tests stand this registry in for Docker Hub.
+            &[
+                REGISTRY_HOST,
+                "127.0.0.1",
+                "localhost",
+                "registry-1.docker.io",
+            ],
         );
         make_cert_dir(&dir.join("certs.d"), &dir.join("ca.crt"));
         if let Some((user, password)) = &creds {
@@ -1403,4 +1409,56 @@ pub fn request(mut s: impl Read + Write, request: &str) -> RawResponse {
             .header("content-length")
             .map_or(true, |l| l.parse::<usize>().ok() == Some(resp.body.len()));
     RawResponse { complete, ..resp }
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd
+// ---------------------------------------------------------------------------------------------
+
+/// A private containerd (own root, state and socket) for one test; killed on drop.
+pub struct Containerd {
+    child: Child,
+    pub socket: std::path::PathBuf,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Containerd {
+        require_tool("containerd");
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = {:?}\nstate = {:?}\n[grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
+                dir.join("root").display().to_string(),
+                dir.join("state").display().to_string(),
+                socket.display().to_string(),
+                dir.join("ttrpc.sock").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        wait_for(
+            START_TIMEOUT,
+            || socket.exists().then_some(()),
+            || std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default(),
+        );
+        Containerd { child, socket }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

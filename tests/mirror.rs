@@ -1,0 +1,247 @@
+//! Mirror mode: registry requests sent straight to regproxy (containerd's hosts.toml with
+//! `?ns=`, docker's registry-mirrors), sharing one cache with the intercepting mode.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+fn ctr_pull(containerd: &Containerd, hosts: &std::path::Path, image: &str) -> std::process::Output {
+    let mut cmd = Command::new("ctr");
+    for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+        cmd.env_remove(var);
+    }
+    cmd.arg("-a")
+        .arg(&containerd.socket)
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(hosts)
+        .arg(image);
+    run_with_timeout(&mut cmd, CMD_TIMEOUT)
+}
+
+/// `ctr` with a hosts.toml mirror pointing at regproxy (plain HTTP; nobody trusts regproxy's
+/// CA) pulls; a blob first fetched through the intercepting mode is a hit; and with the registry
+/// stopped a fresh containerd still pulls the image.
+#[test]
+fn ctr_pulls_through_a_hosts_toml_mirror() {
+    require_tool("ctr");
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 2, "128KiB", None, 81);
+    let mut registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/mirror:latest", false);
+    let proxy = Proxy::for_registry(&registry);
+
+    // The config blob through the intercepting mode first.
+    let raw = inspect_raw_via(&proxy, &registry.image("test/mirror:latest"));
+    assert_eq!(sha256_digest(&raw), digest);
+
+    let hosts = dir.join("hosts");
+    let host_dir = hosts.join(registry.host());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_regproxy"))
+        .args([
+            "--listen",
+            &proxy.addr().to_string(),
+            "containerd-config",
+            &registry.host(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        toml.contains(&format!("[host.\"http://{}\"]", proxy.addr())),
+        "{toml}"
+    );
+    std::fs::write(host_dir.join("hosts.toml"), &toml).unwrap();
+
+    let image = format!("{}/test/mirror:latest", registry.host());
+    let containerd = Containerd::start(&dir.join("containerd1"));
+    assert_success(
+        &ctr_pull(&containerd, &hosts, &image),
+        "ctr pull via the mirror",
+    );
+    let layers = oci_layers(&src, &digest);
+    for layer in &layers {
+        assert_eq!(registry.blob_gets(layer), 1, "{layer}");
+    }
+    let (_, metrics) = raw_get(proxy.admin_addr(), "/metrics");
+    assert!(
+        metrics.contains("outcome=\"HIT\""),
+        "the manifest fetched by intercept was a hit: {metrics}"
+    );
+
+    registry.stop();
+    let fresh = Containerd::start(&dir.join("containerd2"));
+    assert_success(
+        &ctr_pull(&fresh, &hosts, &image),
+        "ctr pull with the registry stopped",
+    );
+}
+
+fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+/// An upstream that is not on the intercept list, or on a port not allowed, gets a 403 that
+/// says how to allow it; nothing is sent anywhere.
+#[test]
+fn unknown_ns_is_refused_with_a_reason() {
+    let proxy = Proxy::start(|_| {});
+    let (status, text) = raw_get(proxy.addr(), "/v2/x/manifests/1?ns=evil.test");
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("--intercept"), "{text}");
+    let (status, text) = raw_get(proxy.addr(), "/v2/x/manifests/1?ns=ghcr.io:8443");
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("--allow-port"), "{text}");
+}
+
+/// A separate TLS mirror listener with the operator's certificate serves the same cache; a
+/// single-name repository on Docker Hub gets `library/` (the registry stands in for Docker Hub).
+#[test]
+fn tls_mirror_listener_and_docker_hub_library_prefix() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 1, "32KiB", None, 82);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "library/hubimg:v1", false);
+    make_test_certs(&dir.join("mirror-tls"), "mirror test CA", &["mirror.test"]);
+    let mirror_port = free_port();
+    let proxy = Proxy::start(|c| {
+        c.resolve.push((
+            "registry-1.docker.io:443".into(),
+            SocketAddr::from(([127, 0, 0, 1], registry.port())),
+        ));
+        c.upstream_ca.push(registry.ca_cert_path());
+        c.mirror_listen = Some(SocketAddr::from(([127, 0, 0, 1], mirror_port)));
+        c.mirror_tls = Some((
+            dir.join("mirror-tls/server.crt"),
+            dir.join("mirror-tls/server.key"),
+        ));
+    });
+    let addr = SocketAddr::from(([127, 0, 0, 1], mirror_port));
+    wait_for(
+        START_TIMEOUT,
+        || std::net::TcpStream::connect(addr).ok(),
+        || "mirror listener".into(),
+    );
+    let tcp = dial(addr);
+    let name = rustls::pki_types::ServerName::try_from("mirror.test").unwrap();
+    let conn =
+        rustls::ClientConnection::new(tls_config(&dir.join("mirror-tls/ca.crt")), name).unwrap();
+    let tls = rustls::StreamOwned::new(conn, tcp);
+    let resp = request(
+        tls,
+        "GET /v2/hubimg/manifests/v1 HTTP/1.1\r\nHost: mirror.test\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    assert_eq!(resp.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(sha256_digest(&resp.body), digest);
+    assert!(
+        registry
+            .access_log()
+            .iter()
+            .any(|e| e.uri == "/v2/library/hubimg/manifests/v1"),
+        "the upstream was asked for library/hubimg"
+    );
+    // The plain proxy listener answers mirror requests too, from the same cache.
+    let (status, text) = raw(
+        proxy.addr(),
+        b"GET /v2/library/hubimg/manifests/v1 HTTP/1.1\r\nHost: m\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(&digest));
+}
+
+/// dockerd with `registry-mirrors` pointed at regproxy pulls a Docker Hub image (the test
+/// registry stands in for registry-1.docker.io through a resolve override and a test CA).
+#[test]
+fn dockerd_registry_mirror() {
+    require_tool("dockerd");
+    require_tool("docker");
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 2, "64KiB", None, 83);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "library/mirrored:latest", false);
+    let proxy = Proxy::start(|c| {
+        c.resolve.push((
+            "registry-1.docker.io:443".into(),
+            SocketAddr::from(([127, 0, 0, 1], registry.port())),
+        ));
+        c.upstream_ca.push(registry.ca_cert_path());
+    });
+    let short = tempfile::Builder::new()
+        .prefix("rpm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sock = short.path().join("d.sock");
+    let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+    let mut cmd = Command::new("dockerd");
+    for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+        cmd.env_remove(var);
+    }
+    cmd.args(["--iptables=false", "--bridge=none", "--storage-driver=vfs"])
+        .arg("--registry-mirror")
+        .arg(format!("http://{}", proxy.addr()))
+        .arg("--data-root")
+        .arg(short.path().join("data"))
+        .arg("--exec-root")
+        .arg(short.path().join("exec"))
+        .arg("--pidfile")
+        .arg(short.path().join("d.pid"))
+        .arg("-H")
+        .arg(format!("unix://{}", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _dockerd = Kill(cmd.spawn().expect("starting dockerd"));
+    let docker = |args: &[&str]| {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .args(args);
+        run_with_timeout(&mut cmd, CMD_TIMEOUT)
+    };
+    wait_for(
+        Duration::from_secs(60),
+        || docker(&["info"]).status.success().then_some(()),
+        || std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default(),
+    );
+    assert_success(
+        &docker(&["pull", "mirrored:latest"]),
+        "docker pull via registry-mirrors",
+    );
+    let out = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{index .RepoDigests 0}}",
+        "mirrored:latest",
+    ]);
+    assert_success(&out, "docker image inspect");
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .ends_with(&digest));
+    for layer in oci_layers(&src, &digest) {
+        assert_eq!(
+            registry.blob_gets(&layer),
+            1,
+            "{layer} came through regproxy"
+        );
+    }
+}
