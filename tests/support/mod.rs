@@ -319,9 +319,20 @@ pub struct Registry {
     port: u16,
     child: Option<Child>,
     creds: Option<(String, String)>,
+    auth_yaml: Option<String>,
 }
 
 impl Registry {
+    /// Starts a registry with `auth_yaml` (an `auth:` section, e.g. token auth) in its config;
+    /// `creds` are what pushes and direct inspection use (e.g. the token server's user).
+    pub fn start_with_auth(
+        dir: impl AsRef<Path>,
+        creds: Option<(String, String)>,
+        auth_yaml: String,
+    ) -> Registry {
+        Self::start_full(dir.as_ref().to_path_buf(), creds, Some(auth_yaml), None)
+    }
+
     /// Starts a registry whose files (certs, config.yml, data/, registry.log) live in `dir`
     /// (created if missing).
     pub fn start(dir: impl AsRef<Path>) -> Registry {
@@ -349,6 +360,15 @@ impl Registry {
         creds: Option<(String, String)>,
         tmp: Option<TestDir>,
     ) -> Registry {
+        Self::start_full(dir, creds, None, tmp)
+    }
+
+    fn start_full(
+        dir: PathBuf,
+        creds: Option<(String, String)>,
+        auth_yaml: Option<String>,
+        tmp: Option<TestDir>,
+    ) -> Registry {
         require_tool("docker-registry");
         require_tool("curl");
         fs::create_dir_all(dir.join("data")).unwrap();
@@ -364,7 +384,7 @@ impl Registry {
             ],
         );
         make_cert_dir(&dir.join("certs.d"), &dir.join("ca.crt"));
-        if let Some((user, password)) = &creds {
+        if let (Some((user, password)), None) = (&creds, &auth_yaml) {
             let line = htpasswd_line(user, password);
             write_file(&dir.join("htpasswd"), format!("{line}\n").as_bytes(), 0o644);
         }
@@ -374,6 +394,7 @@ impl Registry {
             port: 0,
             child: None,
             creds,
+            auth_yaml,
         };
         // The port was free when we looked; another process may take it before the registry binds
         // it, so retry with a new one a few times.
@@ -419,7 +440,9 @@ http:
 ",
             port = self.port
         );
-        if self.creds.is_some() {
+        if let Some(auth) = &self.auth_yaml {
+            yml.push_str(auth);
+        } else if self.creds.is_some() {
             yml.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: registry-test\n    path: {dir}/htpasswd\n"
             ));
