@@ -1,0 +1,997 @@
+#!/usr/bin/env python3
+"""regproxy against the tools people would otherwise use, on this machine, in one run.
+
+    bench/run [--quick] [--rounds N] [--out FILE]          # installs what is missing, builds, runs this
+    python3 bench/bench.py --regproxy PATH [--quick] ...    # this script alone
+
+Origin: Debian's docker-registry over TLS on 127.0.0.1 (as registry.test), holding three generated
+images: big (1 layer of 200 MiB), many (100 layers of 64 KiB), huge (1 layer of 1 GiB; 256 MiB in
+--quick). Peers: direct access, a blind CONNECT tunnel, regproxy, distribution in proxy (pull-through)
+mode, an nginx MITM cache like rpardini/docker-registry-proxy, mitmproxy. Every pull is timed with
+skopeo. Everything listens on 127.0.0.1; every process started is killed and the temp dir removed at
+the end. Writes bench/RESULTS.md (median, min, max of the rounds; ratios to direct and tunnel).
+"""
+import argparse, datetime, http.client, json, os, platform, re, shutil, signal, socket, ssl
+import statistics, subprocess, sys, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+HOST = "registry.test"
+MiB = 1 << 20
+CONC = 8
+
+PROCS = []  # every Popen we start, killed in the finally
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def spawn(cmd, logfile, env=None, mode="ab"):
+    f = open(logfile, mode)
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                         start_new_session=True)
+    f.close()
+    PROCS.append(p)
+    return p
+
+
+def kill(p, sig=signal.SIGTERM, timeout=10):
+    if p is None or p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def wait_port(port, proc=None, timeout=30, tls_ca=None, path=None):
+    """Wait until 127.0.0.1:port accepts (and, with tls_ca/path, answers an HTTPS GET)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode}")
+        try:
+            if path is None:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                return
+            ctx = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+            c = (http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=2) if tls_ca
+                 else http.client.HTTPConnection("127.0.0.1", port, timeout=2))
+            c.request("GET", path)
+            if c.getresponse().status < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port}")
+
+
+def vm_hwm_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pids(pid):
+    """pid and its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_hwm_mib(pid):
+    return sum(vm_hwm_kib(p) for p in tree_pids(pid)) / 1024
+
+
+def certdir_with(work, name, ca_file):
+    d = os.path.join(work, "certdirs", name)
+    os.makedirs(d, exist_ok=True)
+    shutil.copy(ca_file, os.path.join(d, "ca.crt"))
+    return d
+
+
+# ---------------------------------------------------------------- certificates
+
+def openssl_ca(d, cn):
+    os.makedirs(d, exist_ok=True)
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", "30", "-subj", f"/CN={cn}", "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+
+
+def openssl_leaf(d, name):
+    run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-subj", f"/CN={name}", "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr"])
+    with open(f"{d}/ext.cnf", "w") as f:
+        f.write(f"subjectAltName=DNS:{name},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    run(["openssl", "x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.crt", "-CAkey", f"{d}/ca.key",
+         "-CAcreateserial", "-days", "30", "-extfile", f"{d}/ext.cnf", "-out", f"{d}/server.crt"])
+
+
+# ---------------------------------------------------------------- registries (origin and mirror)
+
+def registry_config(path, data, port, certdir, proxy_remote=None):
+    cfg = f"""version: 0.1
+log:
+  level: warn
+  formatter: json
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {data}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+  tls:
+    certificate: {certdir}/server.crt
+    key: {certdir}/server.key
+"""
+    if proxy_remote:
+        cfg += f"proxy:\n  remoteurl: {proxy_remote}\n"
+    with open(path, "w") as f:
+        f.write(cfg)
+
+
+class Origin:
+    def __init__(self, work):
+        self.dir = os.path.join(work, "origin")
+        self.port = free_port()
+        openssl_ca(self.dir, "bench origin CA")
+        openssl_leaf(self.dir, HOST)
+        self.ca = os.path.join(self.dir, "ca.crt")
+        self.certdir = certdir_with(work, "origin", self.ca)
+        self.log = os.path.join(self.dir, "registry.log")
+        self.cfg = os.path.join(self.dir, "config.yml")
+        registry_config(self.cfg, os.path.join(self.dir, "data"), self.port, self.dir)
+        self.proc = None
+
+    def start(self):
+        self.proc = spawn(["docker-registry", "serve", self.cfg], self.log)
+        wait_port(self.port, self.proc, tls_ca=self.ca, path="/v2/")
+
+    def stop(self):
+        kill(self.proc)
+        self.proc = None
+
+    def log_size(self):
+        return os.path.getsize(self.log)
+
+    def blob_gets(self, since):
+        """{digest: count} of 2xx GETs of blobs in the access log after byte offset `since`."""
+        time.sleep(0.3)  # the access line is written just after the response
+        with open(self.log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        counts = {}
+        for line in text.splitlines():
+            m = re.search(r'\] "GET (/v2/\S+/blobs/(sha256:[0-9a-f]+)) HTTP/[\d.]+" (\d{3}) ', line)
+            if m and m.group(3).startswith("2"):
+                counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+        return counts
+
+
+# ---------------------------------------------------------------- peers
+
+class Peer:
+    name = "?"
+    caching = False       # keeps blobs: has a cold and a warm (origin stopped) case
+    def start(self): pass
+    def fresh(self): pass  # empty cache, started
+    def stop(self): pass
+    def pull(self, image):  # (ref, HTTPS_PROXY or None, cert dir)
+        raise NotImplementedError
+    def curl_args(self, image, digest):
+        raise NotImplementedError
+    def rss_pid(self):
+        return None
+
+
+class Direct(Peer):
+    name = "direct"
+    def __init__(self, origin):
+        self.o = origin
+    def pull(self, image):
+        return f"127.0.0.1:{self.o.port}/test/{image}:latest", None, self.o.certdir
+    def curl_args(self, image, digest):
+        return ["--cacert", self.o.ca, "--resolve", f"{HOST}:{self.o.port}:127.0.0.1",
+                f"https://{HOST}:{self.o.port}/v2/test/{image}/blobs/{digest}"]
+
+
+class ViaProxy(Peer):
+    """A peer reached as HTTPS_PROXY, the client trusting `self.ca`."""
+    def proxy(self):
+        return f"http://127.0.0.1:{self.port}"
+    def pull(self, image):
+        return f"{HOST}:{self.o.port}/test/{image}:latest", self.proxy(), self.certdir
+    def curl_args(self, image, digest):
+        return ["--proxy", self.proxy(), "--cacert", self.ca,
+                f"https://{HOST}:{self.o.port}/v2/test/{image}/blobs/{digest}"]
+
+
+class Tunnel(ViaProxy):
+    name = "tunnel"
+    def __init__(self, work, origin):
+        self.o, self.work, self.port, self.proc = origin, work, free_port(), None
+        self.ca, self.certdir = origin.ca, origin.certdir
+    def start(self):
+        self.proc = spawn([sys.executable, os.path.join(HERE, "tunnel.py"), "--listen", f"127.0.0.1:{self.port}",
+                           "--map", f"{HOST}=127.0.0.1"], os.path.join(self.work, "tunnel.log"))
+        wait_port(self.port, self.proc)
+    def stop(self):
+        kill(self.proc)
+    def rss_pid(self):
+        return self.proc.pid
+
+
+class Regproxy(ViaProxy):
+    name = "regproxy"
+    caching = True
+    def __init__(self, work, origin, binary):
+        self.o, self.work, self.bin = origin, work, binary
+        self.port, self.admin = free_port(), free_port()
+        self.cadir = os.path.join(work, "regproxy-ca")
+        self.proc, self.n = None, 0
+        self.ca = os.path.join(self.cadir, "ca.crt")
+        self.certdir = None
+    def start(self):
+        self.n += 1
+        self.cache = os.path.join(self.work, f"regproxy-cache-{self.n}")
+        self.proc = spawn([self.bin, "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin}",
+                           "--ca-dir", self.cadir, "--cache-dir", self.cache, "--intercept", HOST,
+                           "--intercept", "*.bench.test",
+                           "--resolve", f"{HOST}:{self.o.port}=127.0.0.1:{self.o.port}",
+                           "--upstream-ca", self.o.ca, "--allow-port", str(self.o.port), "--log-format", "text"],
+                          os.path.join(self.work, "regproxy.log"))
+        wait_port(self.admin, self.proc, path="/healthz")
+        wait_port(self.port, self.proc)
+        if self.certdir is None:
+            self.certdir = certdir_with(self.work, "regproxy", self.ca)
+    def stop(self):
+        kill(self.proc)
+        if getattr(self, "cache", None):
+            shutil.rmtree(self.cache, ignore_errors=True)
+    def fresh(self):
+        self.stop()
+        self.start()
+    def rss_pid(self):
+        return self.proc.pid
+    def metrics(self):
+        c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
+        c.request("GET", "/metrics")
+        return c.getresponse().read().decode()
+
+
+class Mirror(Peer):
+    """distribution (Debian's docker-registry) in proxy mode: a pull-through mirror, pulled from directly."""
+    name = "distribution"
+    caching = True
+    def __init__(self, work, origin):
+        self.o, self.work, self.port, self.proc, self.n = origin, work, free_port(), None, 0
+        self.bundle = os.path.join(work, "mirror-roots.pem")
+        with open(self.bundle, "wb") as out:
+            for f in ("/etc/ssl/certs/ca-certificates.crt", origin.ca):
+                if os.path.exists(f):
+                    with open(f, "rb") as i:
+                        out.write(i.read() + b"\n")
+    def start(self):
+        self.n += 1
+        self.data = os.path.join(self.work, f"mirror-data-{self.n}")
+        cfg = os.path.join(self.work, "mirror.yml")
+        # The origin's server certificate has IP:127.0.0.1, so the mirror reaches it as 127.0.0.1 (no
+        # /etc/hosts change) and serves clients with the same certificate.
+        registry_config(cfg, self.data, self.port, self.o.dir, proxy_remote=f"https://127.0.0.1:{self.o.port}")
+        env = {k: v for k, v in os.environ.items()}
+        env["SSL_CERT_FILE"] = self.bundle
+        self.proc = spawn(["docker-registry", "serve", cfg], os.path.join(self.work, "mirror.log"), env=env)
+        wait_port(self.port, self.proc, tls_ca=self.o.ca, path="/v2/")
+    def stop(self):
+        kill(self.proc)
+        if getattr(self, "data", None):
+            shutil.rmtree(self.data, ignore_errors=True)
+    def fresh(self):
+        self.stop()
+        self.start()
+    def pull(self, image):
+        return f"127.0.0.1:{self.port}/test/{image}:latest", None, self.o.certdir
+    def curl_args(self, image, digest):
+        return ["--cacert", self.o.ca, f"https://127.0.0.1:{self.port}/v2/test/{image}/blobs/{digest}"]
+    def rss_pid(self):
+        return self.proc.pid
+
+
+NGINX_CONF = """
+user root;
+worker_processes auto;
+daemon off;
+master_process on;
+pid {w}/nginx.pid;
+error_log {w}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {w}/tmp/body;
+    proxy_temp_path {w}/tmp/proxy;
+    fastcgi_temp_path {w}/tmp/fastcgi;
+    uwsgi_temp_path {w}/tmp/uwsgi;
+    scgi_temp_path {w}/tmp/scgi;
+    log_format cache '$request $status $upstream_cache_status $body_bytes_sent';
+    access_log {w}/access.log cache;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000;
+    client_max_body_size 0;
+
+    # as rpardini/docker-registry-proxy: one disk cache, keyed by URI, entries kept for 60 days
+    proxy_cache_path {w}/cache levels=1:2 keys_zone=cache:16m max_size=32g inactive=60d use_temp_path=off;
+
+    upstream origin {{
+        server 127.0.0.1:{origin_port};
+        keepalive 32;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name {host};
+        ssl_certificate {w}/server.crt;
+        ssl_certificate_key {w}/server.key;
+        ssl_session_cache shared:SSL:10m;
+
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_ssl_server_name on;
+        proxy_ssl_name {host};
+        proxy_ssl_verify on;
+        proxy_ssl_trusted_certificate {origin_ca};
+        proxy_ssl_session_reuse on;
+        proxy_read_timeout 900s;
+        proxy_buffering on;
+        proxy_ignore_headers X-Accel-Expires Expires Cache-Control Set-Cookie;
+        proxy_hide_header Set-Cookie;
+        proxy_cache cache;
+        proxy_cache_key $uri;
+        proxy_cache_lock on;
+        proxy_cache_lock_timeout 880s;
+        proxy_cache_lock_age 880s;
+        add_header X-Docker-Registry-Proxy-Cache-Status $upstream_cache_status;
+
+        # blobs and manifests by digest: immutable, cached for 60 days
+        location ~ ^/v2/.*/blobs/sha256:[0-9a-f]+$ {{
+            proxy_cache_valid 200 206 60d;
+            proxy_pass https://origin;
+        }}
+        location ~ ^/v2/.*/manifests/sha256:[0-9a-f]+$ {{
+            proxy_cache_key $uri$http_accept;
+            proxy_cache_valid 200 60d;
+            proxy_pass https://origin;
+        }}
+        # tags and the /v2/ ping: cached 1s, served stale while the origin is down
+        location ~ ^/v2/.*/manifests/ {{
+            proxy_cache_key $uri$http_accept;
+            proxy_cache_valid 200 1s;
+            proxy_cache_use_stale error timeout invalid_header updating http_500 http_502 http_503 http_504;
+            proxy_pass https://origin;
+        }}
+        location = /v2/ {{
+            proxy_cache_valid 200 1s;
+            proxy_cache_use_stale error timeout invalid_header updating http_500 http_502 http_503 http_504;
+            proxy_pass https://origin;
+        }}
+        location / {{
+            proxy_cache off;
+            proxy_pass https://origin;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx(ViaProxy):
+    """nginx MITM cache the way rpardini/docker-registry-proxy does it: a CONNECT front (there, nginx with
+    the proxy_connect module; here tunnel.py) sends registry.test to nginx's TLS server, which has a leaf
+    for registry.test signed by its own CA and caches with proxy_cache + proxy_cache_lock."""
+    name = "nginx"
+    caching = True
+    def __init__(self, work, origin):
+        self.o, self.work = origin, work
+        self.w = os.path.join(work, "nginx")
+        openssl_ca(self.w, "bench nginx MITM CA")
+        openssl_leaf(self.w, HOST)
+        self.ca = os.path.join(self.w, "ca.crt")
+        self.certdir = certdir_with(work, "nginx", self.ca)
+        self.port, self.tls_port = free_port(), free_port()
+        self.front = self.proc = None
+        self.conf = os.path.join(self.w, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(NGINX_CONF.format(w=self.w, port=self.tls_port, host=HOST, origin_port=origin.port,
+                                      origin_ca=origin.ca))
+    def start(self):
+        for d in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi", "cache"):
+            os.makedirs(os.path.join(self.w, d), exist_ok=True)
+        if self.front is None:
+            self.front = spawn([sys.executable, os.path.join(HERE, "tunnel.py"), "--listen", f"127.0.0.1:{self.port}",
+                                "--map", f"{HOST}:{self.o.port}=127.0.0.1:{self.tls_port}"],
+                               os.path.join(self.work, "nginx-front.log"))
+            wait_port(self.port, self.front)
+        self.proc = spawn(["nginx", "-p", self.w, "-c", self.conf, "-e", os.path.join(self.w, "error.log")],
+                          os.path.join(self.w, "stdout.log"))
+        wait_port(self.tls_port, self.proc)
+    def stop(self):
+        kill(self.proc)
+        shutil.rmtree(os.path.join(self.w, "cache"), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.w, "tmp"), ignore_errors=True)
+    def stop_all(self):
+        self.stop()
+        kill(self.front)
+    def fresh(self):
+        self.stop()
+        self.start()
+    def rss_pid(self):
+        return self.proc.pid
+    def cache_statuses(self):
+        counts = {}
+        try:
+            with open(os.path.join(self.w, "access.log")) as f:
+                for line in f:
+                    if "/blobs/" in line:
+                        st = line.split()[-2]
+                        counts[st] = counts.get(st, 0) + 1
+        except OSError:
+            pass
+        return counts
+
+
+class Mitm(ViaProxy):
+    name = "mitmproxy"
+    def __init__(self, work, origin, mitmdump):
+        self.o, self.work, self.bin = origin, work, mitmdump
+        self.port, self.proc = free_port(), None
+        self.conf = os.path.join(work, "mitmproxy")
+        self.ca = os.path.join(self.conf, "mitmproxy-ca-cert.pem")
+        self.certdir = None
+    def start(self):
+        env = dict(os.environ, BENCH_MITM_MAP=f"{HOST}=127.0.0.1,*.bench.test=127.0.0.1")
+        self.proc = spawn([self.bin, "-q", "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+                           "--set", f"confdir={self.conf}", "--set", "stream_large_bodies=1m",
+                           "--set", f"ssl_verify_upstream_trusted_ca={self.o.ca}",
+                           "--set", "connection_strategy=lazy",
+                           "-s", os.path.join(HERE, "mitm_resolve.py")],
+                          os.path.join(self.work, "mitmproxy.log"), env=env)
+        wait_port(self.port, self.proc)
+        for _ in range(100):
+            if os.path.exists(self.ca):
+                break
+            time.sleep(0.05)
+        if self.certdir is None:
+            self.certdir = certdir_with(self.work, "mitmproxy", self.ca)
+    def stop(self):
+        kill(self.proc)
+    def rss_pid(self):
+        return self.proc.pid
+
+
+# ---------------------------------------------------------------- clients
+
+class Clients:
+    def __init__(self, work):
+        self.work = work
+        self.n = 0
+        self.regconf = os.path.join(work, "registries.conf")
+        open(self.regconf, "w").close()
+        self.auth = os.path.join(work, "auth.json")
+        with open(self.auth, "w") as f:
+            f.write('{"auths":{}}')
+
+    def env(self, proxy):
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env.update(CONTAINERS_REGISTRIES_CONF=self.regconf, REGISTRY_AUTH_FILE=self.auth)
+        if proxy:
+            env["HTTPS_PROXY"] = proxy
+        return env
+
+    def skopeo(self, ref, proxy, certdir):
+        self.n += 1
+        dest = os.path.join(self.work, f"pull-{self.n}")
+        cmd = ["skopeo", "copy", "-q", "--src-cert-dir", certdir, f"docker://{ref}", f"oci:{dest}:latest"]
+        return subprocess.Popen(cmd, env=self.env(proxy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL), dest
+
+    def pull(self, peer, image, n=1):
+        """Wall time of n concurrent skopeo pulls of image through peer."""
+        ref, proxy, certdir = peer.pull(image)
+        t0 = time.monotonic()
+        procs = [self.skopeo(ref, proxy, certdir) for _ in range(n)]
+        errors = []
+        for p, dest in procs:
+            out = p.communicate()[0]
+            if p.returncode != 0:
+                errors.append(out.decode(errors="replace").strip()[-400:])
+        dt = time.monotonic() - t0
+        for _, dest in procs:
+            shutil.rmtree(dest, ignore_errors=True)
+        if errors:
+            raise RuntimeError(f"skopeo pull of {image} via {peer.name} failed: {errors[0]}")
+        return dt
+
+    def curl_mibps(self, args):
+        out = subprocess.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download} %{time_total}"]
+                             + args, env=self.env(None), check=True, capture_output=True, text=True).stdout
+        size, t = out.split()
+        return int(size) / MiB / float(t), int(size)
+
+
+def push(origin, clients, layout, image):
+    run(["skopeo", "copy", "-q", "--preserve-digests", "--dest-cert-dir", origin.certdir,
+         f"oci:{layout}:latest", f"docker://127.0.0.1:{origin.port}/test/{image}:latest"], env=clients.env(None))
+
+
+def image_layout(cache_root, name, layers, size, seed):
+    d = os.path.join(cache_root, f"{name}-{layers}x{size}-seed{seed}")
+    if not os.path.exists(os.path.join(d, ".done")):
+        shutil.rmtree(d, ignore_errors=True)
+        log(f"generating image {name}: {layers} x {size}")
+        run([sys.executable, os.path.join(HERE, "mkimage.py"), d, "--layers", str(layers), "--size", size,
+             "--seed", str(seed)])
+        open(os.path.join(d, ".done"), "w").close()
+    with open(os.path.join(d, "index.json")) as f:
+        top = json.load(f)["manifests"][0]["digest"]
+    with open(os.path.join(d, "blobs", "sha256", top.split(":")[1])) as f:
+        m = json.load(f)
+    return d, [l["digest"] for l in m["layers"]], m["config"]["digest"]
+
+
+# ---------------------------------------------------------------- leaf issuance
+
+def handshakes(proxy_port, ca, names, target_port=443):
+    """Time (s) of the TLS handshake through CONNECT for each name (CONNECT reply excluded)."""
+    ctx = ssl.create_default_context(cafile=ca)
+    out = []
+    for name in names:
+        s = socket.create_connection(("127.0.0.1", proxy_port), 30)
+        s.sendall(f"CONNECT {name}:{target_port} HTTP/1.1\r\nHost: {name}:{target_port}\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"proxy closed CONNECT {name}")
+            buf += chunk
+        if b" 200" not in buf.split(b"\r\n")[0]:
+            raise RuntimeError(f"CONNECT {name}: {buf.splitlines()[0]!r}")
+        t0 = time.perf_counter()
+        t = ctx.wrap_socket(s, server_hostname=name)
+        out.append(time.perf_counter() - t0)
+        t.close()
+    return out
+
+
+def leaf_issuance(peer, n, tag):
+    """Median handshake for a never-seen name minus median for a cached name, in ms."""
+    handshakes(peer.port, peer.ca, [f"warm{i}-{tag}.bench.test" for i in range(20)])
+    fresh = handshakes(peer.port, peer.ca, [f"h{i}-{tag}.bench.test" for i in range(n)])
+    same = handshakes(peer.port, peer.ca, [f"h0-{tag}.bench.test"] * n)
+    return (statistics.median(fresh) - statistics.median(same)) * 1000, statistics.median(fresh) * 1000, \
+        statistics.median(same) * 1000
+
+
+# ---------------------------------------------------------------- report
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) / 1024 / 1024
+    osname = "?"
+    if os.path.exists("/etc/os-release"):
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    osname = line.split("=", 1)[1].strip().strip('"')
+
+    def ver(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except Exception:  # noqa: BLE001
+            return "?"
+    return {
+        "CPU": f"{cpu}, {os.cpu_count()} CPUs (nproc {ver(['nproc'])})",
+        "Memory": f"{mem:.1f} GiB",
+        "OS / kernel": f"{osname}, Linux {platform.release()}",
+        "skopeo": ver(["skopeo", "--version"]),
+        "docker-registry": ver(["docker-registry", "--version"]),
+        "nginx": ver(["nginx", "-v"]),
+        "curl": ver(["curl", "--version"]),
+    }
+
+
+def fmt(v, unit):
+    if v is None:
+        return "n/a"
+    if unit == "s":
+        return f"{v:.2f} s"
+    if unit == "ms":
+        return f"{v:.3f} ms"
+    if unit == "MiB":
+        return f"{v:.1f} MiB"
+    if unit == "MiB/s":
+        return f"{v:.0f} MiB/s"
+    if unit == "x":
+        return f"{v:.2f}"
+    return f"{v:g}"
+
+
+class Results:
+    def __init__(self):
+        self.data = {}     # (case, peer) -> [values]
+        self.cases = []    # (case, unit, note)
+        self.notes = []
+
+    def case(self, case, unit, note=""):
+        if case not in [c[0] for c in self.cases]:
+            self.cases.append((case, unit, note))
+
+    def add(self, case, peer, v):
+        self.data.setdefault((case, peer), []).append(v)
+
+    def med(self, case, peer):
+        vs = self.data.get((case, peer))
+        return statistics.median(vs) if vs else None
+
+    def table(self, peers):
+        lines = []
+        for case, unit, note in self.cases:
+            lines += [f"### {case}", ""]
+            if note:
+                lines += [note, ""]
+            lines += ["| peer | median | min | max | runs | ÷ direct | ÷ tunnel |", "|---|---:|---:|---:|---:|---:|---:|"]
+            d, t = self.med(case, "direct"), self.med(case, "tunnel")
+            for p in peers:
+                vs = self.data.get((case, p))
+                if not vs:
+                    continue
+                m = statistics.median(vs)
+                rd = fmt(m / d, "x") if d and unit not in ("n", "ms") else "—"
+                rt = fmt(m / t, "x") if t and unit not in ("n", "ms") else "—"
+                lines.append(f"| {p} | {fmt(m, unit)} | {fmt(min(vs), unit)} | {fmt(max(vs), unit)} | {len(vs)} | {rd} | {rt} |")
+            lines.append("")
+        return lines
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regproxy", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                                                       "release", "regproxy"))
+    ap.add_argument("--mitmdump", default=shutil.which("mitmdump") or os.path.join(HERE, ".venv", "bin", "mitmdump"))
+    ap.add_argument("--quick", action="store_true", help="one round, 256 MiB instead of 1 GiB: a smoke run")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3, 1 with --quick)")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--image-cache", default="/tmp/regproxy-bench-images",
+                    help="generated images are kept here between runs")
+    ap.add_argument("--peers", default="direct,tunnel,regproxy,distribution,nginx,mitmproxy")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
+    a = ap.parse_args()
+    rounds = a.rounds or (1 if a.quick else 3)
+    huge_size = "256MiB" if a.quick else "1GiB"
+    huge_label = "256 MiB" if a.quick else "1 GiB"
+    want = a.peers.split(",")
+    for k in list(os.environ):
+        if "proxy" in k.lower():
+            del os.environ[k]
+
+    def on_signal(sig, _):
+        raise KeyboardInterrupt(f"signal {sig}")
+    signal.signal(signal.SIGTERM, on_signal)
+
+    started = time.monotonic()
+    work = tempfile.mkdtemp(prefix="regproxy-bench-")
+    res = Results()
+    peers = []
+    origin = None
+    failures = []
+    try:
+        os.makedirs(a.image_cache, exist_ok=True)
+        big = image_layout(a.image_cache, "big", 1, "200MiB", 1)
+        many = image_layout(a.image_cache, "many", 100, "64KiB", 2)
+        huge = image_layout(a.image_cache, "huge", 1, huge_size, 3)
+        log(f"work dir {work}")
+        origin = Origin(work)
+        origin.start()
+        clients = Clients(work)
+        for name, (layout, _, _) in (("big", big), ("many", many), ("huge", huge)):
+            push(origin, clients, layout, name)
+        log("images pushed")
+
+        allpeers = {"direct": lambda: Direct(origin), "tunnel": lambda: Tunnel(work, origin),
+                    "regproxy": lambda: Regproxy(work, origin, a.regproxy),
+                    "distribution": lambda: Mirror(work, origin), "nginx": lambda: Nginx(work, origin),
+                    "mitmproxy": lambda: Mitm(work, origin, a.mitmdump)}
+        for n in want:
+            if n == "mitmproxy" and not os.path.exists(a.mitmdump):
+                res.notes.append("mitmproxy: mitmdump not found, peer skipped.")
+                continue
+            peers.append(allpeers[n]())
+        for p in peers:
+            p.start()
+        names = [p.name for p in peers]
+        by = {p.name: p for p in peers}
+        caching = [p for p in peers if p.caching]
+
+        C_BIG, C_BIGW = "Pull 1 × 200 MiB, cold", "Pull 1 × 200 MiB, warm, origin stopped"
+        C_MANY, C_MANYW = "Pull 100 × 64 KiB, cold", "Pull 100 × 64 KiB, warm, origin stopped"
+        C_CONC, C_CONCR = f"{CONC} concurrent cold pulls of 1 × 200 MiB (wall time)", f"{CONC} concurrent cold pulls ÷ one cold pull (same peer)"
+        C_GETS = f"Origin GETs of the 200 MiB layer during the {CONC} concurrent pulls"
+        C_RSS200 = f"Peak RSS of the proxy, {CONC} concurrent cold pulls of 1 × 200 MiB"
+        C_RSSH = f"Peak RSS of the proxy, {CONC} concurrent cold pulls of 1 × {huge_label}"
+        C_TP = f"Throughput of one connection, GET of the {huge_label} blob, warm"
+        C_LEAF = "Leaf issuance: TLS handshake, new host name minus cached name"
+        res.case(C_BIG, "s")
+        res.case(C_BIGW, "s", "direct and tunnel: with the origin up (their only mode); caching peers: origin stopped.")
+        res.case(C_MANY, "s")
+        res.case(C_MANYW, "s", "direct and tunnel: with the origin up; caching peers: origin stopped.")
+        res.case(C_CONC, "s")
+        res.case(C_CONCR, "x")
+        res.case(C_GETS, "n", "Successful GETs of the layer blob in the origin's access log; the most of any blob of the image "
+                              "(config blob included).")
+        res.case(C_RSS200, "MiB", "VmHWM of a freshly started proxy after the pulls (nginx: master + workers summed; "
+                                  "distribution: the mirror registry; tunnel: the Python tunnel).")
+        res.case(C_RSSH, "MiB", "regproxy only (fresh process).")
+        res.case(C_TP, "MiB/s", "curl -o /dev/null, one connection, cache warm (non-caching peers: pass-through); higher is better.")
+        res.case(C_LEAF, "ms", f"Median of 200 handshakes through CONNECT to `hN.bench.test:443` (never seen before) minus the median of 200 "
+                               f"to one already-seen name; Python ssl client, P-256 leaf. nginx serves one static leaf (n/a).")
+
+        for r in range(rounds):
+            log(f"round {r + 1}/{rounds}")
+            for p in caching:
+                p.fresh()
+            # cold pulls, peers interleaved
+            for p in peers:
+                try:
+                    res.add(C_BIG, p.name, clients.pull(p, "big"))
+                    res.add(C_MANY, p.name, clients.pull(p, "many"))
+                except Exception as e:  # noqa: BLE001
+                    failures.append(f"round {r + 1}, {p.name}, cold: {e}")
+                    log(failures[-1])
+            if "nginx" in by:
+                log(f"nginx blob cache statuses after cold: {by['nginx'].cache_statuses()}")
+            for n in ("direct", "tunnel"):
+                for c, cw in ((C_BIG, C_BIGW), (C_MANY, C_MANYW)):
+                    if (c, n) in res.data:
+                        res.add(cw, n, res.data[(c, n)][-1])
+            # warm with the origin stopped
+            origin.stop()
+            try:
+                for p in caching:
+                    for img, case in (("big", C_BIGW), ("many", C_MANYW)):
+                        try:
+                            res.add(case, p.name, clients.pull(p, img))
+                        except Exception as e:  # noqa: BLE001
+                            failures.append(f"round {r + 1}, {p.name}, warm {img} (origin stopped): {e}")
+                            log(failures[-1])
+            finally:
+                origin.start()
+            if "nginx" in by:
+                log(f"nginx blob cache statuses after warm: {by['nginx'].cache_statuses()}")
+            # concurrent cold pulls
+            for p in peers:
+                if p.caching:
+                    p.fresh()
+                elif p.rss_pid():  # non-caching proxies: a fresh process too, for a fair peak RSS
+                    p.stop()
+                    p.start()
+                off = origin.log_size()
+                try:
+                    wall = clients.pull(p, "big", CONC)
+                    res.add(C_CONC, p.name, wall)
+                    one = res.data.get((C_BIG, p.name), [None])[-1]
+                    if one:
+                        res.add(C_CONCR, p.name, wall / one)
+                    gets = origin.blob_gets(off)
+                    res.add(C_GETS, p.name, max([gets.get(big[1][0], 0)] + list(gets.values())))
+                    if p.rss_pid():
+                        res.add(C_RSS200, p.name, tree_hwm_mib(p.rss_pid()))
+                except Exception as e:  # noqa: BLE001
+                    failures.append(f"round {r + 1}, {p.name}, {CONC} concurrent: {e}")
+                    log(failures[-1])
+            # regproxy: the big blob for peak RSS, then its warm cache for throughput
+            if "regproxy" in by:
+                rp = by["regproxy"]
+                rp.fresh()
+                off = origin.log_size()
+                try:
+                    clients.pull(rp, "huge", CONC)
+                    res.add(C_RSSH, "regproxy", tree_hwm_mib(rp.rss_pid()))
+                    gets = origin.blob_gets(off)
+                    if gets.get(huge[1][0], 0) != 1:
+                        res.notes.append(f"round {r + 1}: regproxy, {CONC} × {huge_label}: origin GETs {gets}")
+                except Exception as e:  # noqa: BLE001
+                    failures.append(f"round {r + 1}, regproxy, {CONC} concurrent {huge_label}: {e}")
+                    log(failures[-1])
+            # throughput of one warm connection
+            for p in peers:
+                if p.caching and p.name != "regproxy":
+                    p.fresh()
+                try:
+                    args = p.curl_args("huge", huge[1][0])
+                    if p.caching and p.name != "regproxy":
+                        clients.curl_mibps(args)  # fills the cache
+                    mibps, size = clients.curl_mibps(args)
+                    res.add(C_TP, p.name, mibps)
+                except Exception as e:  # noqa: BLE001
+                    failures.append(f"round {r + 1}, {p.name}, throughput: {e}")
+                    log(failures[-1])
+            # leaf issuance
+            for n in ("regproxy", "mitmproxy"):
+                if n in by:
+                    try:
+                        diff, fresh, same = leaf_issuance(by[n], 200, f"r{r}")
+                        res.add(C_LEAF, n, diff)
+                        res.notes.append(f"round {r + 1}: {n} handshake medians: new name {fresh:.3f} ms, "
+                                         f"cached name {same:.3f} ms")
+                    except Exception as e:  # noqa: BLE001
+                        failures.append(f"round {r + 1}, {n}, leaf issuance: {e}")
+                        log(failures[-1])
+            log(f"round {r + 1} done at {time.monotonic() - started:.0f} s")
+
+        metrics = ""
+        if "regproxy" in by:
+            try:
+                metrics = "\n".join(l for l in by["regproxy"].metrics().splitlines()
+                                    if l.startswith("regproxy_") and not l.endswith(" 0"))
+            except Exception:  # noqa: BLE001
+                pass
+        elapsed = time.monotonic() - started
+        write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics,
+                     {"C_BIG": C_BIG, "C_BIGW": C_BIGW, "C_MANY": C_MANY, "C_CONC": C_CONC, "C_CONCR": C_CONCR,
+                      "C_GETS": C_GETS, "C_RSS200": C_RSS200, "C_RSSH": C_RSSH, "C_LEAF": C_LEAF})
+        log(f"wrote {a.out} after {elapsed:.0f} s")
+    finally:
+        for p in peers:
+            try:
+                (p.stop_all if hasattr(p, "stop_all") else p.stop)()
+            except Exception:  # noqa: BLE001
+                pass
+        if origin:
+            origin.stop()
+        for p in PROCS:
+            kill(p, timeout=5)
+        if a.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, C):
+    def m(case, peer):
+        return res.med(C[case], peer)
+
+    def ratio(x, y):
+        return x / y if x is not None and y else None
+
+    goals = []
+    def goal(text, value, ok, shown):
+        goals.append(f"| {text} | {shown} | {'PASS' if ok else ('FAIL' if value is not None else 'n/a')} |")
+
+    v = ratio(m("C_BIG", "regproxy"), m("C_BIG", "tunnel"))
+    goal("cold 200 MiB, regproxy ÷ tunnel ≤ 1.05", v, v is not None and v <= 1.05, fmt(v, "x"))
+    v = ratio(m("C_BIGW", "regproxy"), m("C_BIG", "direct"))
+    goal("warm 200 MiB (origin stopped), regproxy ÷ direct ≤ 0.9", v, v is not None and v <= 0.9, fmt(v, "x"))
+    v = ratio(m("C_MANY", "regproxy"), m("C_MANY", "tunnel"))
+    goal("cold 100 × 64 KiB, regproxy ÷ tunnel ≤ 1.10", v, v is not None and v <= 1.10, fmt(v, "x"))
+    gets = res.data.get((C["C_GETS"], "regproxy"))
+    goal(f"{CONC} concurrent cold pulls: origin GETs per blob exactly 1 (every round)", gets,
+         bool(gets) and all(g == 1 for g in gets), ", ".join(str(g) for g in gets) if gets else "n/a")
+    v = m("C_CONCR", "regproxy")
+    goal(f"{CONC} concurrent cold pulls wall ÷ one pull ≤ 1.3 (regproxy)", v, v is not None and v <= 1.3, fmt(v, "x"))
+    h, s = res.data.get((C["C_RSSH"], "regproxy")), m("C_RSS200", "regproxy")
+    hv = max(h) if h else None
+    flat = hv is not None and s is not None and hv <= s * 1.25 + 4
+    goal(f"peak RSS, {CONC} clients × {huge_label} blob ≤ 64 MiB and flat in blob size "
+         f"(≤ 1.25 × the 200 MiB figure + 4 MiB)", hv, hv is not None and hv <= 64 and flat,
+         f"{fmt(hv, 'MiB')} (200 MiB: {fmt(s, 'MiB')})")
+    v = m("C_LEAF", "regproxy")
+    goal("leaf issuance after warm-up < 1 ms", v, v is not None and v < 1, fmt(v, "ms"))
+
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%H %s"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit, dirty = "?", ""
+    mach = machine()
+    mach["mitmproxy"] = "?"
+    try:
+        mach["mitmproxy"] = subprocess.run([a.mitmdump, "--version"], capture_output=True, text=True,
+                                           timeout=30).stdout.splitlines()[0]
+    except Exception:  # noqa: BLE001
+        pass
+    L = ["# regproxy benchmark results", "",
+         f"Generated by `bench/run{' --quick' if a.quick else ''}` on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
+         f"{rounds} round(s), {elapsed / 60:.1f} min in all. regproxy commit `{commit}`"
+         f"{' (with uncommitted changes in src/)' if dirty else ''}.", "",
+         "## Machine", ""]
+    L += [f"- **{k}**: {v}" for k, v in mach.items()]
+    L += ["", "## Goals (medians of this run)", "", "| goal | measured | result |", "|---|---|---|"] + goals
+    L += ["", "## Setup", "",
+          "- **origin**: Debian's docker-registry (distribution 2.8) over TLS on 127.0.0.1, named `registry.test` "
+          "(test CA; leaf with DNS:registry.test and IP:127.0.0.1). Images generated by `bench/mkimage.py` "
+          "(incompressible, gzip level 0): `big` 1 × 200 MiB, `many` 100 × 64 KiB, "
+          f"`huge` 1 × {huge_label}.",
+          "- **client**: `skopeo copy docker://… oci:DIR` (DIR removed after each pull), empty registries.conf and "
+          "auth file; `--src-cert-dir` with the CA the client must trust. Times are wall clock around the skopeo process(es).",
+          "- **direct**: skopeo to `127.0.0.1:PORT` (no proxy).",
+          "- **tunnel**: `bench/tunnel.py`, a blind CONNECT proxy (Python asyncio), `HTTPS_PROXY`.",
+          "- **regproxy**: `--intercept registry.test --resolve … --upstream-ca … --allow-port …`, fresh cache dir "
+          "for each cold case, `HTTPS_PROXY`.",
+          "- **distribution**: a second docker-registry with `proxy: remoteurl: https://127.0.0.1:ORIGIN` "
+          "(pull-through mirror; `SSL_CERT_FILE` holds the origin CA); skopeo pulls from it directly, fresh storage for each cold case.",
+          "- **nginx**: nginx MITM cache like rpardini/docker-registry-proxy: a CONNECT front (`bench/tunnel.py` "
+          "mapping registry.test:PORT to nginx, where rpardini uses nginx's proxy_connect module) → nginx TLS server "
+          "with a leaf for registry.test from its own CA → `proxy_cache` (key `$uri`, blobs and manifests by digest "
+          "60 d, tags and `/v2/` 1 s with `proxy_cache_use_stale`), `proxy_cache_lock on`, upstream TLS verified "
+          "(`proxy_ssl_verify`, `proxy_ssl_name registry.test`). Fresh cache for each cold case; the log of cache "
+          "statuses is checked (MISS when cold, HIT when warm).",
+          "- **mitmproxy**: `mitmdump --set stream_large_bodies=1m --set connection_strategy=lazy`, upstream TLS "
+          "verified against the origin CA, a 5-line addon (`bench/mitm_resolve.py`) mapping registry.test to "
+          "127.0.0.1. A reference MITM: it does not cache, so it has no warm case.",
+          "- Ratios are median ÷ median of the same run. For throughput a ratio above 1 is better; for times and "
+          "memory below 1 is better. Peers run one after another within a round, in the order shown; rounds repeat that.",
+          "", "## Results", ""]
+    L += res.table(names)
+    if failures:
+        L += ["## Failures", ""] + [f"- {f}" for f in failures] + [""]
+    if res.notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
+    if metrics:
+        L += ["## regproxy metrics at the end (non-zero)", "", "```", metrics, "```", ""]
+    with open(a.out, "w") as f:
+        f.write("\n".join(L))
+    print("\n".join(L))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
