@@ -106,6 +106,61 @@ pub struct Config {
     pub mirror_listen: Option<SocketAddr>,
     /// Certificate and key (PEM) for TLS on the mirror listener; plain HTTP without them.
     pub mirror_tls: Option<(PathBuf, PathBuf)>,
+    /// Upstream credentials per registry host (`[registries."HOST"]` in the file).
+    pub registries: std::collections::BTreeMap<String, crate::credentials::RegistryConfig>,
+    /// A docker `config.json` to take upstream credentials from.
+    pub docker_config: Option<PathBuf>,
+    /// Client networks allowed to use the proxy (empty: anyone who can connect).
+    pub allow_cidr: Vec<Cidr>,
+    /// A file of `user:password` lines; clients must send one as `Proxy-Authorization: Basic`.
+    pub proxy_credentials_file: Option<PathBuf>,
+}
+
+/// An IP network, `ADDR/PREFIX` (a bare address is a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or `192.0.2.7`.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a.trim().parse().map_err(|e| format!("{e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse().map_err(|_| format!("bad prefix {p:?}"))?
+        };
+        if prefix > max {
+            return Err(format!("prefix {prefix} is longer than {max}"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in the network (IPv4-mapped IPv6 clients match IPv4 networks).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(ip, V4),
+            v4 => v4,
+        };
+        let (net, ip, bits) = match (self.addr, ip) {
+            (V4(n), V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32),
+            (V6(n), V6(i)) => (u128::from(n), u128::from(i), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (net >> shift) == (ip >> shift)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 impl Default for Config {
@@ -131,6 +186,10 @@ impl Default for Config {
             mirror_default: "docker.io".into(),
             mirror_listen: None,
             mirror_tls: None,
+            registries: Default::default(),
+            docker_config: None,
+            allow_cidr: Vec::new(),
+            proxy_credentials_file: None,
         }
     }
 }
@@ -288,6 +347,34 @@ pub struct Settings {
         value_name = "FILE"
     )]
     pub mirror_tls_key: Option<PathBuf>,
+    /// Upstream credentials per registry (config file only: [registries."HOST"])
+    #[arg(skip)]
+    pub registries: Option<std::collections::BTreeMap<String, crate::credentials::RegistryConfig>>,
+    /// A docker config.json to take upstream credentials from (auths, credHelpers, credsStore)
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_DOCKER_CONFIG",
+        value_name = "FILE"
+    )]
+    pub docker_config: Option<PathBuf>,
+    /// Client network allowed to use the proxy, CIDR; repeatable [default: anyone who can connect]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_ALLOW_CIDR",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub allow_cidr: Option<Vec<String>>,
+    /// File of user:password lines; clients must send Proxy-Authorization: Basic with one
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_PROXY_CREDENTIALS_FILE",
+        value_name = "FILE"
+    )]
+    pub proxy_credentials_file: Option<PathBuf>,
     /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
     #[arg(
         global = true,
@@ -422,11 +509,41 @@ impl Settings {
                 Some(v) => Some(parse_addr(&v).map_err(|r| invalid("mirror_listen", &v, r))?),
             },
             mirror_tls,
+            registries: file.registries.unwrap_or_default(),
+            docker_config: self.docker_config.or(file.docker_config),
+            allow_cidr: list(self.allow_cidr, file.allow_cidr)
+                .iter()
+                .map(|c| Cidr::parse(c).map_err(|r| invalid("allow_cidr", c, r)))
+                .collect::<Result<_, _>>()?,
+            proxy_credentials_file: self.proxy_credentials_file.or(file.proxy_credentials_file),
         })
     }
 }
 
 impl Config {
+    /// Refuses a listener beyond loopback that names no clients: not an open proxy by accident.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        let wide = |a: &SocketAddr| !a.ip().is_loopback();
+        let named = !self.allow_cidr.is_empty() || self.proxy_credentials_file.is_some();
+        for (key, addr) in [
+            ("listen", Some(self.listen)),
+            ("mirror_listen", self.mirror_listen),
+        ] {
+            if let Some(addr) = addr.filter(wide) {
+                if !named {
+                    return Err(invalid(
+                        key,
+                        &addr.to_string(),
+                        "listening beyond loopback needs allow_cidr and/or proxy_credentials_file, \
+                         or anyone who can reach it may use it"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Renders the effective config as TOML (there are no secrets in it yet; masked ones print `***`).
     pub fn to_toml(&self) -> String {
         let quote = |s: &str| format!("{s:?}");
@@ -510,10 +627,41 @@ impl Config {
             kv("mirror_tls_cert", quote(&cert.display().to_string()));
             kv("mirror_tls_key", quote(&key.display().to_string()));
         }
+        if let Some(p) = &self.docker_config {
+            kv("docker_config", quote(&p.display().to_string()));
+        }
+        kv(
+            "allow_cidr",
+            list(
+                self.allow_cidr
+                    .iter()
+                    .map(|c| quote(&c.to_string()))
+                    .collect(),
+            ),
+        );
+        if let Some(p) = &self.proxy_credentials_file {
+            kv("proxy_credentials_file", quote(&p.display().to_string()));
+        }
         kv(
             "shutdown_grace",
             quote(&humantime::format_duration(self.shutdown_grace).to_string()),
         );
+        for (host, r) in &self.registries {
+            out.push_str(&format!("\n[registries.{}]\n", quote(host)));
+            let mut kv = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+            if let Some(u) = &r.username {
+                kv("username", quote(u));
+            }
+            if r.password.is_some() {
+                kv("password", quote("***"));
+            }
+            if let Some(f) = &r.password_file {
+                kv("password_file", quote(&f.display().to_string()));
+            }
+            if let Some(e) = &r.password_env {
+                kv("password_env", quote(e));
+            }
+        }
         out
     }
 
@@ -742,6 +890,35 @@ mod tests {
         );
         assert!(parse_resolve("registry.test=127.0.0.1:1").is_err());
         assert!(parse_ttl_rule("docker.io/*").is_err());
+    }
+
+    #[test]
+    fn cidrs_and_exposure() {
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("192.0.2.1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        let open = Settings {
+            listen: Some("0.0.0.0:3128".into()),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap();
+        let e = open.check_exposure().unwrap_err().to_string();
+        assert!(e.contains("listen") && e.contains("allow_cidr"), "{e}");
+        let named = Settings {
+            listen: Some("0.0.0.0:3128".into()),
+            allow_cidr: Some(vec!["10.0.0.0/8".into()]),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap();
+        assert!(named.check_exposure().is_ok());
     }
 
     #[test]

@@ -10,10 +10,12 @@ pub mod cache;
 pub mod cli;
 mod cli_cache;
 pub mod config;
+pub mod credentials;
 pub mod metrics;
 pub mod prefetch;
 pub mod proxy;
 pub mod registry;
+pub mod secret;
 pub mod trust;
 pub mod upstream;
 
@@ -38,6 +40,12 @@ pub enum Error {
     /// The cache directory is unusable.
     #[error(transparent)]
     Cache(#[from] cache::StoreError),
+    /// The configuration is refused (e.g. an open listener that names no clients).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Upstream credentials could not be loaded.
+    #[error(transparent)]
+    Credentials(#[from] credentials::CredentialsError),
     /// A socket operation failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -49,6 +57,12 @@ pub struct Shared {
     pub config: Config,
     /// Issues leaf certificates for intercepted hosts.
     pub ca: ca::CertAuthority,
+    /// Who may use the proxy.
+    pub gate: proxy::gate::Gate,
+    /// Upstream credentials per registry.
+    pub logins: credentials::Logins,
+    /// Bearer tokens obtained with those credentials, and what clients were found allowed.
+    pub auth: registry::auth::AuthState,
     /// Counters and gauges for `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
     /// Blobs, manifests and tags on disk, and the downloads in flight.
@@ -67,6 +81,10 @@ impl Shared {
     /// Loads the CA, opens the cache and builds the upstream client; `own` is the proxy's
     /// listen address, which upstream connections refuse to reach.
     pub fn new(config: Config, own: std::net::SocketAddr) -> Result<Arc<Shared>, Error> {
+        config.check_exposure()?;
+        let gate = proxy::gate::Gate::new(&config)?;
+        let logins =
+            credentials::Logins::load(&config.registries, config.docker_config.as_deref())?;
         let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
@@ -74,6 +92,9 @@ impl Shared {
         let upstream = upstream::Upstream::new(&config, resolver.clone(), metrics.clone())?;
         Ok(Arc::new(Shared {
             config,
+            gate,
+            logins,
+            auth: registry::auth::AuthState::default(),
             ca,
             metrics,
             cache,

@@ -324,6 +324,7 @@ impl Client {
         let scope = format!("repository:{}:pull", self.repo);
         fetch_token(&self.shared.upstream, &challenge, &scope, None)
             .await
+            .map(|t| t.value.expose().to_owned())
             .map_err(|e| PrefetchError::Other(e.to_string()))
     }
 }

@@ -232,12 +232,8 @@ fn concurrent_requests_share_one_download() {
             resp.body.len()
         );
     }
-    assert_eq!(
-        seen.lock().unwrap().len(),
-        1,
-        "upstream requests: {:?}",
-        seen.lock().unwrap()
-    );
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "upstream requests: {heads:?}");
     let again = get_blob(&proxy, port, &digest);
     assert!(again.complete && again.body == *data);
     assert_eq!(seen.lock().unwrap().len(), 1);
@@ -327,7 +323,8 @@ fn range_on_a_miss_is_served_from_the_download() {
     assert_eq!(resp.body, &data[300_000..300_100]);
     let whole = get_blob(&proxy, port, &digest);
     assert!(whole.complete && whole.body == *data);
-    assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
 }
 
 /// regproxy killed with SIGKILL in the middle of a download leaves nothing that a restarted
@@ -454,7 +451,8 @@ fn leader_leaving_early_cancels_nothing() {
     for resp in followers {
         assert!(resp.complete && resp.body == *data, "{}", resp.head);
     }
-    assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
 }
 
 /// A tag whose upstream answers 503, 429, or nothing in time is served stale with a Warning.

@@ -407,6 +407,22 @@ impl Store {
         Ok(())
     }
 
+    /// Remembers that `repo` on `host` was served to an anonymous client (it is public), so that
+    /// its cached content may be served while the upstream is down.
+    pub async fn set_public(&self, host: &str, repo: &str) {
+        let key = format!("regproxy:public:{host}/{repo}");
+        let opts = WriteOpts::new().integrity(cacache::Integrity::from(key.as_bytes()));
+        if let Err(e) = cacache::index::insert_async(&self.dir, &key, opts).await {
+            tracing::warn!(error = %e, "cannot record a public repository");
+        }
+    }
+
+    /// Whether `repo` on `host` was recorded public.
+    pub async fn is_public(&self, host: &str, repo: &str) -> bool {
+        let key = format!("regproxy:public:{host}/{repo}");
+        matches!(self.find(&key).await, Ok(Some(_)))
+    }
+
     async fn tag_entry(&self, name: &TagName<'_>) -> Result<TagEntry, StoreError> {
         let found = self.find(&name.key()).await?;
         Ok(found

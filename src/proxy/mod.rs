@@ -3,6 +3,7 @@
 
 mod connect;
 mod forward;
+pub mod gate;
 mod intercept;
 mod tunnel;
 
@@ -146,6 +147,11 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -
             http::HeaderValue::from_static("close"),
         );
         return resp;
+    }
+    if let Err(refusal) = shared.gate.check(peer.ip(), req.headers()) {
+        tracing::warn!(client = %peer, refusal = ?refusal, "client refused");
+        let mirror = req.uri().scheme().is_none() && req.method() != Method::CONNECT;
+        return refusal.response(mirror);
     }
     if req.method() == Method::CONNECT {
         return connect::handle(req, peer, shared).await;

@@ -21,6 +21,10 @@ pub async fn handle(
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Response<Body> {
+    if let Err(refusal) = shared.gate.check(peer.ip(), req.headers()) {
+        tracing::warn!(client = %peer, refusal = ?refusal, "mirror client refused");
+        return refusal.response(true);
+    }
     let (target, uri) = match upstream_of(req.uri(), &shared.config) {
         Ok(t) => t,
         Err((status, reason)) => {

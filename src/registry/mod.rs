@@ -1,6 +1,7 @@
 //! The OCI distribution API as seen inside an intercepted connection: classify, then answer from
 //! the cache or the upstream.
 
+pub mod auth;
 pub mod mirror;
 mod objects;
 mod range;
@@ -81,8 +82,8 @@ pub async fn serve(
     match route {
         Route::Invalid(reason) => (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
         Route::Ping => ping(parts, target, shared).await,
-        Route::Blob { digest, .. } | Route::ManifestByDigest { digest, .. } => {
-            objects::serve(parts, target, digest, shared).await
+        Route::Blob { repo, digest } | Route::ManifestByDigest { repo, digest } => {
+            objects::serve(parts, target, &repo, digest, shared).await
         }
         Route::ManifestByTag { repo, tag } => tags::serve(parts, target, &repo, &tag, shared).await,
         Route::Other => {
@@ -100,12 +101,7 @@ async fn ping(
     shared: &Shared,
 ) -> (Response<Body>, Outcome) {
     let result = match upstream_uri(target, &parts.uri) {
-        Ok(uri) => {
-            shared
-                .upstream
-                .send(upstream_request(parts, uri, body::empty()))
-                .await
-        }
+        Ok(uri) => auth::send(shared, upstream_request(parts, uri, body::empty()), false).await,
         Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
     };
     match result {
@@ -147,11 +143,7 @@ async fn forward(
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
     let req = upstream_request(parts, uri, body);
-    let result = if follow {
-        send_following_redirects(shared, req).await
-    } else {
-        shared.upstream.send(req).await
-    };
+    let result = auth::send(shared, req, follow).await;
     match result {
         Ok(resp) => client_response(resp),
         Err(e) => bad_gateway(target, &e),

@@ -8,7 +8,7 @@ use http::header::{self, HeaderValue};
 use http::{request, Method, Request, Response, StatusCode};
 
 use super::range::{ByteRange, Slice};
-use super::{bad_gateway, fetch_request, forward, send_following_redirects, Outcome};
+use super::{auth, bad_gateway, fetch_request, forward, Outcome};
 use tokio::sync::oneshot;
 
 use crate::body::{self, text, Body};
@@ -21,6 +21,7 @@ use crate::Shared;
 pub(super) async fn serve(
     parts: &request::Parts,
     target: &Target,
+    repo: &str,
     digest: Digest,
     shared: &Arc<Shared>,
 ) -> (Response<Body>, Outcome) {
@@ -28,6 +29,9 @@ pub(super) async fn serve(
     let range = ByteRange::from_headers(&parts.headers);
     let forward = || forward(parts, body::empty(), target, shared, true);
     if let Some((flight, _)) = shared.cache.hit(&digest).await {
+        if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+            return (refused, "FORWARD");
+        }
         return (respond(&flight, &digest, head_only, range), "HIT");
     }
     if head_only {
@@ -47,11 +51,17 @@ pub(super) async fn serve(
             State::Abandoned => {
                 // The leader got no cacheable answer (or found it cached meanwhile).
                 if let Some((flight, _)) = shared.cache.hit(&digest).await {
+                    if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+                        return (refused, "FORWARD");
+                    }
                     return (respond(&flight, &digest, false, range), "HIT");
                 }
                 (forward().await, "FORWARD")
             }
             _ => {
+                if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+                    return (refused, "FORWARD");
+                }
                 shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
                 (respond(&flight, &digest, false, range), "JOINED")
             }
@@ -60,6 +70,9 @@ pub(super) async fn serve(
             // It may have been committed between the lookup above and the join.
             if let Some((flight, _)) = shared.cache.hit(&digest).await {
                 drop(leader);
+                if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+                    return (refused, "FORWARD");
+                }
                 return (respond(&flight, &digest, false, range), "HIT");
             }
             let up = match fetch_request(target, parts, Method::GET) {
@@ -69,7 +82,8 @@ pub(super) async fn serve(
             let flight = leader.flight();
             let (tx, rx) = oneshot::channel();
             // The download runs apart from this client, which may leave without harming it.
-            tokio::spawn(lead(leader, up, target.clone(), shared.clone(), tx));
+            let repo = repo.to_owned();
+            tokio::spawn(lead(leader, up, target.clone(), repo, shared.clone(), tx));
             match flight.started().await {
                 State::Abandoned => match rx.await {
                     Ok(resp) => (resp, "FORWARD"),
@@ -90,10 +104,12 @@ async fn lead(
     leader: Leader,
     up: Request<Body>,
     target: Target,
+    repo: String,
     shared: Arc<Shared>,
     answer: oneshot::Sender<Response<Body>>,
 ) {
-    let resp = match send_following_redirects(&shared, up).await {
+    let sent = up.headers().clone();
+    let resp = match auth::send(&shared, up, true).await {
         Ok(r) => r,
         Err(e) => {
             let _ = answer.send(bad_gateway(&target, &e));
@@ -104,6 +120,8 @@ async fn lead(
         let _ = answer.send(crate::proxy::client_response(resp));
         return;
     }
+    // Before followers are let in: they may then skip asking whether they may read it.
+    auth::served_to(&shared, &sent, &target, &repo).await;
     let head = Head {
         content_type: header_str(resp.headers(), header::CONTENT_TYPE),
         length: header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Limited};
 
 use super::objects::{header_str, insert, respond};
 use super::range::ByteRange;
-use super::{bad_gateway, fetch_request, upstream_is_down, Outcome, DOCKER_CONTENT_DIGEST};
+use super::{auth, bad_gateway, fetch_request, upstream_is_down, Outcome, DOCKER_CONTENT_DIGEST};
 use crate::body::{self, text, Body};
 use crate::cache::{accept_class, Digest, ObjectMeta, TagName, TagRecord};
 use crate::proxy::{client_response, Target};
@@ -53,6 +53,9 @@ pub(super) async fn serve(
     };
     if age < shared.config.tag_ttl_for(&host, repo) {
         if let Some(resp) = cached_response(&record, &ask, shared, false).await {
+            if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+                return (refused, "FORWARD");
+            }
             return (resp, "HIT");
         }
         return fetch(parts, target, &name, &ask, shared).await;
@@ -61,7 +64,7 @@ pub(super) async fn serve(
         // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
         return fetch(parts, target, &name, &ask, shared).await;
     }
-    revalidate(parts, target, &name, record, &ask, shared).await
+    revalidate(parts, target, &name, repo, record, &ask, shared).await
 }
 
 /// A stale tag: one upstream `HEAD` (not counted against Docker Hub's pull limit) decides.
@@ -69,6 +72,7 @@ async fn revalidate(
     parts: &request::Parts,
     target: &Target,
     name: &TagName<'_>,
+    repo: &str,
     record: TagRecord,
     ask: &Ask,
     shared: &Shared,
@@ -77,8 +81,9 @@ async fn revalidate(
         Ok(r) => r,
         Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
     };
-    let cause = match shared.upstream.send(up).await {
+    let cause = match auth::send(shared, up, false).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
+            auth::served(shared, parts, target, repo).await;
             let digest = header_str(resp.headers(), DOCKER_CONTENT_DIGEST);
             if digest == Some(record.digest.to_string()) {
                 save_tag(shared, name, &record).await;
@@ -97,6 +102,9 @@ async fn revalidate(
         Err(e) => e.to_string(),
     };
     tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
+    if let Err(refused) = auth::allowed(shared, parts, target, repo, true).await {
+        return (refused, "FORWARD");
+    }
     match cached_response(&record, ask, shared, true).await {
         Some(resp) => (resp, "STALE"),
         None => (
@@ -126,21 +134,22 @@ async fn fetch(
         Ok(r) => r,
         Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
     };
-    let resp = match shared.upstream.send(up).await {
+    let resp = match auth::send(shared, up, false).await {
         Ok(r) if upstream_is_down(r.status()) => {
             let cause = format!("upstream status {}", r.status());
-            return stale_any(parts, name, ask, shared, cause, client_response(r)).await;
+            return stale_any(parts, target, name, ask, shared, cause, client_response(r)).await;
         }
         Ok(r) => r,
         Err(e) if e.is_unreachable() => {
             let fallback = bad_gateway(target, &e);
-            return stale_any(parts, name, ask, shared, e.to_string(), fallback).await;
+            return stale_any(parts, target, name, ask, shared, e.to_string(), fallback).await;
         }
         Err(e) => return (bad_gateway(target, &e), "FORWARD"),
     };
     if resp.status() != StatusCode::OK {
         return (client_response(resp), "FORWARD");
     }
+    auth::served(shared, parts, target, name.repo).await;
     if ask.head_only {
         if let Some(record) = record_from(resp.headers(), None) {
             save_tag(shared, name, &record).await;
@@ -174,12 +183,16 @@ async fn fetch(
 /// fetched for another class whose media type this client takes, else `fallback`.
 async fn stale_any(
     parts: &request::Parts,
+    target: &Target,
     name: &TagName<'_>,
     ask: &Ask,
     shared: &Shared,
     cause: String,
     fallback: Response<Body>,
 ) -> (Response<Body>, Outcome) {
+    if let Err(refused) = auth::allowed(shared, parts, target, name.repo, true).await {
+        return (refused, "FORWARD");
+    }
     let records = shared
         .cache
         .store

@@ -56,6 +56,15 @@ pub fn parse_challenge(value: &str) -> Result<Challenge, String> {
     })
 }
 
+/// A bearer token and how long it is valid.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// The token itself.
+    pub value: crate::secret::Secret,
+    /// Seconds it is valid (the spec's default is 60 when the server says nothing).
+    pub expires_in: u64,
+}
+
 /// Fetches a token for `scope` from a bearer challenge's realm; `basic` is an
 /// `Authorization: Basic …` value when credentials are known, else the token is anonymous.
 pub async fn fetch_token(
@@ -63,13 +72,14 @@ pub async fn fetch_token(
     challenge: &Challenge,
     scope: &str,
     basic: Option<&str>,
-) -> Result<String, UpstreamError> {
+) -> Result<Token, UpstreamError> {
     let bad = |why: String| UpstreamError::Auth(why);
     let realm = challenge
         .params
         .get("realm")
         .ok_or_else(|| bad("bearer challenge without realm".into()))?;
-    let mut url = format!("{realm}?scope={}", encode(scope));
+    let sep = if realm.contains('?') { '&' } else { '?' };
+    let mut url = format!("{realm}{sep}scope={}", encode(scope));
     if let Some(service) = challenge.params.get("service") {
         url.push_str(&format!("&service={}", encode(service)));
     }
@@ -97,11 +107,19 @@ pub async fn fetch_token(
     }
     let json: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|_| bad("token endpoint answered something that is not JSON".into()))?;
-    json.get("token")
+    let value = json
+        .get("token")
         .or_else(|| json.get("access_token"))
         .and_then(|t| t.as_str())
-        .map(str::to_owned)
-        .ok_or_else(|| bad("token endpoint answer has no token".into()))
+        .ok_or_else(|| bad("token endpoint answer has no token".into()))?;
+    let expires_in = json
+        .get("expires_in")
+        .and_then(|e| e.as_u64())
+        .unwrap_or(60);
+    Ok(Token {
+        value: crate::secret::Secret::new(value),
+        expires_in,
+    })
 }
 
 /// Percent-encodes a query value.

@@ -1485,3 +1485,7 @@ impl Drop for Containerd {
         let _ = self.child.wait();
     }
 }
+
+mod token;
+#[allow(unused_imports)]
+pub use token::*;

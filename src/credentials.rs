@@ -1,0 +1,317 @@
+//! Upstream credentials per registry: from the config file (`[registries."HOST"]`, with the
+//! secret inline, in a file or in an environment variable) and from a docker `config.json`
+//! (`auths`, `credHelpers`, `credsStore`, run as docker runs them).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// One registry's credentials as the config file gives them.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The user (or `oauth2accesstoken`, `AWS`, … as the registry wants).
+    pub username: Option<String>,
+    /// The password or token, inline (prefer a file or an environment variable).
+    pub password: Option<String>,
+    /// A file holding the password or token (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the password or token.
+    pub password_env: Option<String>,
+}
+
+/// A username and its secret, for one registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The user.
+    pub username: String,
+    /// The password or token.
+    pub password: Secret,
+}
+
+/// Why credentials could not be loaded; names the registry, file or helper, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// A `[registries."HOST"]` entry is incomplete or its secret unreadable.
+    #[error("registries.{host:?}: {reason}")]
+    Registry { host: String, reason: String },
+    /// The docker config file cannot be read or parsed.
+    #[error("docker config {path}: {reason}")]
+    DockerConfig { path: PathBuf, reason: String },
+    /// A credential helper failed.
+    #[error("credential helper docker-credential-{helper} for {host}: {reason}")]
+    Helper {
+        helper: String,
+        host: String,
+        reason: String,
+    },
+}
+
+/// Credentials by canonical registry host.
+#[derive(Debug, Clone, Default)]
+pub struct Logins {
+    by_host: BTreeMap<String, Login>,
+}
+
+impl Logins {
+    /// Loads the config file's registries, then fills in what the docker config has for others.
+    pub fn load(
+        registries: &BTreeMap<String, RegistryConfig>,
+        docker_config: Option<&Path>,
+    ) -> Result<Logins, CredentialsError> {
+        let mut logins = Logins::default();
+        if let Some(path) = docker_config {
+            for (host, login) in from_docker_config(path)? {
+                logins.by_host.insert(host, login);
+            }
+        }
+        for (host, entry) in registries {
+            let login = from_entry(host, entry)?;
+            logins.by_host.insert(canonical(host), login);
+        }
+        Ok(logins)
+    }
+
+    /// The credentials for `authority` (`host` or `host:port`), if any.
+    pub fn for_host(&self, authority: &str) -> Option<&Login> {
+        self.by_host.get(&canonical(authority))
+    }
+
+    /// The registries that have credentials.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.by_host.keys().map(String::as_str)
+    }
+}
+
+/// One name per registry: Docker Hub's aliases become `docker.io`, schemes and paths go.
+pub fn canonical(host: &str) -> String {
+    let h = host
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match h.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
+        _ => h,
+    }
+}
+
+fn from_entry(host: &str, e: &RegistryConfig) -> Result<Login, CredentialsError> {
+    let bad = |reason: String| CredentialsError::Registry {
+        host: host.to_owned(),
+        reason,
+    };
+    let username = e
+        .username
+        .clone()
+        .ok_or_else(|| bad("username is missing".into()))?;
+    let sources = [
+        e.password.is_some(),
+        e.password_file.is_some(),
+        e.password_env.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        return Err(bad(
+            "give exactly one of password, password_file, password_env".into(),
+        ));
+    }
+    let password = if let Some(p) = &e.password {
+        p.clone()
+    } else if let Some(path) = &e.password_file {
+        std::fs::read_to_string(path)
+            .map_err(|err| bad(format!("password_file {}: {err}", path.display())))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned()
+    } else {
+        let var = e.password_env.clone().unwrap_or_default();
+        std::env::var(&var).map_err(|_| bad(format!("password_env {var} is not set")))?
+    };
+    Ok(Login {
+        username,
+        password: Secret::new(password),
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuth>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    #[serde(rename = "identitytoken")]
+    identity_token: Option<String>,
+}
+
+fn from_docker_config(path: &Path) -> Result<Vec<(String, Login)>, CredentialsError> {
+    let bad = |reason: String| CredentialsError::DockerConfig {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    // serde_json's message says where, not what: the file's content never reaches the error.
+    let config: DockerConfig =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    let mut out = Vec::new();
+    for (key, auth) in &config.auths {
+        let host = canonical(key);
+        if let Some(helper) = config.cred_helpers.get(key).or(config.creds_store.as_ref()) {
+            if auth.auth.is_none() && auth.username.is_none() {
+                out.push((host.clone(), run_helper(helper, key)?));
+                continue;
+            }
+        }
+        out.push((host, from_auth(auth).map_err(bad)?));
+    }
+    for (key, helper) in &config.cred_helpers {
+        if !config.auths.contains_key(key) {
+            out.push((canonical(key), run_helper(helper, key)?));
+        }
+    }
+    Ok(out)
+}
+
+fn from_auth(auth: &DockerAuth) -> Result<Login, String> {
+    use base64::Engine as _;
+    if let Some(encoded) = &auth.auth {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| "an auths entry's auth is not base64".to_string())?;
+        let raw = String::from_utf8(raw).map_err(|_| "an auths entry's auth is not text")?;
+        let (user, password) = raw
+            .split_once(':')
+            .ok_or("an auths entry's auth is not user:password")?;
+        return Ok(Login {
+            username: user.to_owned(),
+            password: Secret::new(password),
+        });
+    }
+    match (&auth.username, &auth.password, &auth.identity_token) {
+        (Some(u), Some(p), _) => Ok(Login {
+            username: u.clone(),
+            password: Secret::new(p.clone()),
+        }),
+        (_, _, Some(t)) => Ok(Login {
+            username: "<token>".into(),
+            password: Secret::new(t.clone()),
+        }),
+        _ => Err("an auths entry has neither auth nor username and password".into()),
+    }
+}
+
+/// Runs `docker-credential-HELPER get` with the registry on stdin, as docker does.
+fn run_helper(helper: &str, registry: &str) -> Result<Login, CredentialsError> {
+    use std::io::Write;
+    let bad = |reason: String| CredentialsError::Helper {
+        helper: helper.to_owned(),
+        host: registry.to_owned(),
+        reason,
+    };
+    let mut child = Command::new(format!("docker-credential-{helper}"))
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| bad(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(registry.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| bad(e.to_string()))?;
+    if !out.status.success() {
+        // Its output may hold secrets or echo them: only the status is reported.
+        return Err(bad(format!("exited with {}", out.status)));
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let answer: Answer = serde_json::from_slice(&out.stdout)
+        .map_err(|_| bad("answered something that is not its JSON".into()))?;
+    Ok(Login {
+        username: answer.username,
+        password: Secret::new(answer.secret),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_sources_and_docker_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut regs = BTreeMap::new();
+        regs.insert(
+            "ghcr.io".to_string(),
+            RegistryConfig {
+                username: Some("bot".into()),
+                password_file: Some(file),
+                ..Default::default()
+            },
+        );
+        let docker = dir.path().join("config.json");
+        std::fs::write(
+            &docker,
+            r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpodW50ZXIy"}}}"#,
+        )
+        .unwrap();
+        let logins = Logins::load(&regs, Some(&docker)).unwrap();
+        assert_eq!(
+            logins.for_host("ghcr.io").unwrap().password.expose(),
+            "from-file"
+        );
+        let hub = logins.for_host("registry-1.docker.io").unwrap();
+        assert_eq!(
+            (hub.username.as_str(), hub.password.expose()),
+            ("user", "hunter2")
+        );
+
+        std::fs::write(&docker, "{not json").unwrap();
+        let e = Logins::load(&BTreeMap::new(), Some(&docker))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config.json") && !e.contains("not json"), "{e}");
+        let mut only_user = BTreeMap::new();
+        only_user.insert(
+            "quay.io".to_string(),
+            RegistryConfig {
+                username: Some("u".into()),
+                ..Default::default()
+            },
+        );
+        assert!(Logins::load(&only_user, None).is_err());
+    }
+
+    #[test]
+    fn failing_helper_is_named_without_its_output() {
+        let e = run_helper("regproxy-test-missing-helper", "example.test")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("docker-credential-regproxy-test-missing-helper"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! Who may use the proxy: a CIDR allow-list and/or `Proxy-Authorization: Basic` credentials.
+//! On loopback with neither, anyone on the machine may (the default).
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::{text, Body};
+use crate::config::{Cidr, Config};
+use crate::secret::{basic, Secret};
+
+/// The allow-list and the accepted proxy credentials.
+#[derive(Debug, Default)]
+pub struct Gate {
+    allow: Vec<Cidr>,
+    // The full `Basic …` header values accepted, precomputed.
+    accepted: Vec<Secret>,
+}
+
+/// Why a client was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its address is not on the allow-list.
+    NotAllowed,
+    /// It sent no, or wrong, proxy credentials.
+    NeedsCredentials,
+}
+
+impl Gate {
+    /// Builds the gate from the config, reading the proxy credentials file.
+    pub fn new(config: &Config) -> std::io::Result<Gate> {
+        let accepted = match &config.proxy_credentials_file {
+            Some(path) => read_users(path)?,
+            None => Vec::new(),
+        };
+        Ok(Gate {
+            allow: config.allow_cidr.clone(),
+            accepted,
+        })
+    }
+
+    /// Checks a client's address and the request's `Proxy-Authorization`.
+    pub fn check(&self, peer: IpAddr, headers: &HeaderMap) -> Result<(), Refusal> {
+        if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(peer)) {
+            return Err(Refusal::NotAllowed);
+        }
+        if self.accepted.is_empty() {
+            return Ok(());
+        }
+        let sent = headers
+            .get(header::PROXY_AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if self.accepted.iter().any(|a| a.expose() == sent) {
+            Ok(())
+        } else {
+            Err(Refusal::NeedsCredentials)
+        }
+    }
+}
+
+impl Refusal {
+    /// The answer: 403 for an address outside the allow-list; 407 (proxy) or 401 (mirror, where
+    /// there is no proxy hop) asking for credentials.
+    pub fn response(self, mirror: bool) -> Response<Body> {
+        match self {
+            Refusal::NotAllowed => text(
+                StatusCode::FORBIDDEN,
+                "your address is not allowed to use this proxy (allow_cidr)",
+            ),
+            Refusal::NeedsCredentials => {
+                let status = if mirror {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::PROXY_AUTHENTICATION_REQUIRED
+                };
+                let mut resp = text(
+                    status,
+                    "this proxy needs credentials: send Proxy-Authorization: Basic",
+                );
+                let challenge = HeaderValue::from_static("Basic realm=\"regproxy\"");
+                resp.headers_mut()
+                    .insert(header::PROXY_AUTHENTICATE, challenge);
+                resp
+            }
+        }
+    }
+}
+
+/// Reads `user:password` lines (blank lines and `#` comments skipped).
+fn read_users(path: &Path) -> std::io::Result<Vec<Secret>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("proxy_credentials_file {}: {e}", path.display()),
+        )
+    })?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, password) = line.split_once(':').ok_or_else(|| {
+            std::io::Error::other(format!(
+                "proxy_credentials_file {} line {}: expected user:password",
+                path.display(),
+                n + 1
+            ))
+        })?;
+        out.push(basic(user, &Secret::new(password)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_and_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("users");
+        std::fs::write(&file, "# ci runners\nci:s3cret\n").unwrap();
+        let config = Config {
+            allow_cidr: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            proxy_credentials_file: Some(file),
+            ..Config::default()
+        };
+        let gate = Gate::new(&config).unwrap();
+        let mut h = HeaderMap::new();
+        let inside: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(
+            gate.check("192.0.2.1".parse().unwrap(), &h),
+            Err(Refusal::NotAllowed)
+        );
+        assert_eq!(gate.check(inside, &h), Err(Refusal::NeedsCredentials));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            "Basic Y2k6czNjcmV0".parse().unwrap(),
+        );
+        assert_eq!(gate.check(inside, &h), Ok(()));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            "Basic Y2k6d3Jvbmc=".parse().unwrap(),
+        );
+        assert_eq!(gate.check(inside, &h), Err(Refusal::NeedsCredentials));
+    }
+}

@@ -1,0 +1,287 @@
+//! Registry authorization on the proxy's side: injecting the operator's credentials (answering
+//! the upstream's 401 challenges, caching tokens per scope), and making sure cached content of a
+//! private repository reaches only clients the upstream authorizes for it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{request, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::{fetch_request, send_following_redirects, upstream_is_down};
+use crate::body::{text, Body};
+use crate::credentials::{canonical, Login};
+use crate::proxy::{client_response, Target};
+use crate::secret::{basic, Secret};
+use crate::upstream::auth::{fetch_token, parse_challenge};
+use crate::upstream::UpstreamError;
+use crate::Shared;
+
+/// How long a client's authorization for a repository is remembered.
+const ALLOWED_FOR: Duration = Duration::from_secs(300);
+
+/// Tokens obtained with injected credentials, and what the upstream said about clients.
+#[derive(Debug, Default)]
+pub struct AuthState {
+    tokens: Mutex<HashMap<(String, String), (Secret, Instant)>>,
+    allowed: Mutex<HashMap<(String, String, String), Instant>>,
+    public: Mutex<HashMap<(String, String), bool>>,
+    /// Token requests made with injected credentials (for tests and metrics).
+    pub token_fetches: AtomicU64,
+}
+
+/// Sends a request upstream with the operator's credentials for that registry, if any: the
+/// client's `Authorization` is replaced, and a 401 challenge (Bearer or Basic) is answered and
+/// the request repeated (when it has no body to replay). Without credentials it goes as is.
+pub async fn send(
+    shared: &Shared,
+    mut req: Request<Body>,
+    follow: bool,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let Some(login) = shared.logins.for_host(&authority) else {
+        return go(shared, req, follow).await;
+    };
+    let scope = scope_of(req.method(), req.uri().path());
+    let key = (canonical(&authority), scope.clone());
+    req.headers_mut().remove(header::AUTHORIZATION);
+    if let Some(value) = shared.auth.token(&key) {
+        req.headers_mut().insert(header::AUTHORIZATION, value);
+    }
+    let replay = http_body::Body::is_end_stream(req.body()).then(|| head_of(&req));
+    let resp = go(shared, req, follow).await?;
+    let (StatusCode::UNAUTHORIZED, Some(mut again)) = (resp.status(), replay) else {
+        return Ok(resp);
+    };
+    let value = answer_challenge(shared, login, &key, resp.headers()).await?;
+    again.headers_mut().insert(header::AUTHORIZATION, value);
+    go(shared, again, follow).await
+}
+
+async fn go(
+    shared: &Shared,
+    req: Request<Body>,
+    follow: bool,
+) -> Result<Response<Incoming>, UpstreamError> {
+    if follow {
+        send_following_redirects(shared, req).await
+    } else {
+        shared.upstream.send(req).await
+    }
+}
+
+/// A body-less copy of a request's head, to replay it with credentials.
+fn head_of(req: &Request<Body>) -> Request<Body> {
+    let mut again = Request::new(crate::body::empty());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.headers_mut() = req.headers().clone();
+    again
+}
+
+/// `repository:REPO:pull` (or `pull,push` for writes) for a `/v2/REPO/…` path; empty for `/v2/`.
+fn scope_of(method: &Method, path: &str) -> String {
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    let repo = ["/manifests/", "/blobs/", "/tags/"]
+        .iter()
+        .find_map(|m| rest.find(m).map(|at| &rest[..at]))
+        .unwrap_or("");
+    if repo.is_empty() {
+        return String::new();
+    }
+    let actions = if method == Method::GET || method == Method::HEAD {
+        "pull"
+    } else {
+        "pull,push"
+    };
+    format!("repository:{repo}:{actions}")
+}
+
+/// Answers a 401's challenge with `login`: a bearer token (fetched with Basic credentials and
+/// cached until shortly before it expires) or Basic credentials themselves.
+async fn answer_challenge(
+    shared: &Shared,
+    login: &Login,
+    key: &(String, String),
+    headers: &HeaderMap,
+) -> Result<HeaderValue, UpstreamError> {
+    let raw = headers
+        .get(header::WWW_AUTHENTICATE)
+        .ok_or_else(|| UpstreamError::Auth("401 without a WWW-Authenticate challenge".into()))?
+        .to_str()
+        .map_err(|_| UpstreamError::Auth("WWW-Authenticate is not text".into()))?;
+    let challenge = parse_challenge(raw).map_err(UpstreamError::Auth)?;
+    let credentials = basic(&login.username, &login.password);
+    let (value, valid) = match challenge.scheme.as_str() {
+        "basic" => (credentials, Duration::from_secs(3600)),
+        "bearer" => {
+            let scope = challenge
+                .params
+                .get("scope")
+                .cloned()
+                .unwrap_or(key.1.clone());
+            shared.auth.token_fetches.fetch_add(1, Ordering::Relaxed);
+            let token = fetch_token(
+                &shared.upstream,
+                &challenge,
+                &scope,
+                Some(credentials.expose()),
+            )
+            .await?;
+            // Renew a little early, so a token never expires on its way to the upstream.
+            let life = Duration::from_secs(token.expires_in);
+            let margin = (life / 10)
+                .max(Duration::from_secs(5))
+                .min(Duration::from_secs(30));
+            (
+                Secret::new(format!("Bearer {}", token.value.expose())),
+                life.saturating_sub(margin),
+            )
+        }
+        other => {
+            return Err(UpstreamError::Auth(format!(
+                "unsupported WWW-Authenticate scheme {other:?}"
+            )))
+        }
+    };
+    let header = sensitive(&value)?;
+    shared.auth.store(key.clone(), value, valid);
+    Ok(header)
+}
+
+fn sensitive(value: &Secret) -> Result<HeaderValue, UpstreamError> {
+    let mut v = HeaderValue::from_str(value.expose())
+        .map_err(|_| UpstreamError::Auth("credentials are not header text".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+impl AuthState {
+    fn token(&self, key: &(String, String)) -> Option<HeaderValue> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let (value, until) = tokens.get(key)?;
+        (Instant::now() < *until)
+            .then(|| sensitive(value).ok())
+            .flatten()
+    }
+
+    fn store(&self, key: (String, String), value: Secret, valid: Duration) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.insert(key, (value, Instant::now() + valid));
+    }
+
+    fn was_allowed(&self, key: &(String, String, String)) -> bool {
+        let allowed = self.allowed.lock().unwrap_or_else(|p| p.into_inner());
+        allowed
+            .get(key)
+            .is_some_and(|at| at.elapsed() < ALLOWED_FOR)
+    }
+
+    fn allow(&self, key: (String, String, String)) {
+        let mut allowed = self.allowed.lock().unwrap_or_else(|p| p.into_inner());
+        allowed.retain(|_, at| at.elapsed() < ALLOWED_FOR);
+        allowed.insert(key, Instant::now());
+    }
+
+    fn is_public(&self, host: &str, repo: &str) -> Option<bool> {
+        let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        public.get(&(host.to_owned(), repo.to_owned())).copied()
+    }
+
+    fn set_public(&self, host: &str, repo: &str, value: bool) {
+        let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        public.insert((host.to_owned(), repo.to_owned()), value);
+    }
+}
+
+/// Who a client is to the upstream: a hash of its `Authorization` (empty: anonymous).
+fn client_key(headers: &HeaderMap) -> String {
+    use sha2::Digest as _;
+    match headers.get(header::AUTHORIZATION) {
+        None => String::new(),
+        Some(v) => hex::encode(&sha2::Sha256::digest(v.as_bytes())[..16]),
+    }
+}
+
+/// Records that the upstream served `repo` to this client (called when a fetch succeeded with
+/// the client's own headers): an anonymous success makes the repository public.
+pub async fn served(shared: &Shared, parts: &request::Parts, target: &Target, repo: &str) {
+    served_to(shared, &parts.headers, target, repo).await
+}
+
+/// [`served`], from the headers the upstream request carried.
+pub async fn served_to(shared: &Shared, headers: &HeaderMap, target: &Target, repo: &str) {
+    if shared.logins.for_host(&target.authority()).is_some() {
+        return;
+    }
+    let host = target.authority();
+    let who = client_key(headers);
+    if who.is_empty() && shared.auth.is_public(&host, repo) != Some(true) {
+        shared.auth.set_public(&host, repo, true);
+        shared.cache.store.set_public(&host, repo).await;
+    }
+    shared.auth.allow((who, host, repo.to_owned()));
+}
+
+/// Lets a client have cached content of `repo` only if the upstream would give it to that
+/// client: public repositories and injected credentials pass; otherwise one `HEAD` with the
+/// client's own credentials decides (remembered for a few minutes). A refusal is the upstream's
+/// own answer (its 401 challenge included), with none of the cached bytes.
+///
+/// `upstream_down` skips the `HEAD` when the caller already knows it cannot be answered.
+pub async fn allowed(
+    shared: &Shared,
+    parts: &request::Parts,
+    target: &Target,
+    repo: &str,
+    upstream_down: bool,
+) -> Result<(), Response<Body>> {
+    let host = target.authority();
+    if shared.logins.for_host(&host).is_some() {
+        return Ok(()); // the operator chose to share what these credentials can see
+    }
+    if shared.auth.is_public(&host, repo) == Some(true) {
+        return Ok(());
+    }
+    let key = (client_key(&parts.headers), host.clone(), repo.to_owned());
+    if shared.auth.was_allowed(&key) {
+        return Ok(());
+    }
+    let head = fetch_request(target, parts, Method::HEAD)
+        .map_err(|reason| text(StatusCode::BAD_REQUEST, reason))?;
+    let answer = if upstream_down {
+        Err(UpstreamError::Connect("the upstream is down".into()))
+    } else {
+        shared.upstream.send(head).await
+    };
+    match answer {
+        Ok(resp) if resp.status().is_success() => {
+            served(shared, parts, target, repo).await;
+            Ok(())
+        }
+        Ok(resp) if !upstream_is_down(resp.status()) => {
+            tracing::info!(repo, status = %resp.status(), "cached content refused: the upstream does not authorize this client");
+            Err(client_response(resp))
+        }
+        outcome => {
+            // The upstream cannot say: only what is known public may be served.
+            if shared.cache.store.is_public(&host, repo).await {
+                shared.auth.set_public(&host, repo, true);
+                return Ok(());
+            }
+            let cause =
+                outcome.map_or_else(|e| e.to_string(), |r| format!("status {}", r.status()));
+            Err(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot confirm with {host} that you may read {repo}: {cause}"),
+            ))
+        }
+    }
+}
