@@ -38,6 +38,22 @@ enum Command {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Show a registry's pull rate limit (a manifest HEAD, not counted by Docker Hub); exit 0, 1
+    /// (warn), 2 (critical) or 3 (unknown), for monitoring checks
+    Ratelimit {
+        /// Registry host [default: docker.io]
+        #[arg(value_name = "REGISTRY", default_value = "docker.io")]
+        registry: String,
+        /// Image to ask about, REPO:TAG [default: ratelimitpreview/test:latest on Docker Hub]
+        #[arg(long, value_name = "REPO:TAG")]
+        image: Option<String>,
+        /// Exit 1 when remaining pulls are at or below this
+        #[arg(long, value_name = "N")]
+        warn: Option<u64>,
+        /// Exit 2 when remaining pulls are at or below this
+        #[arg(long, value_name = "N")]
+        critical: Option<u64>,
+    },
     /// Print containerd hosts.toml files that use regproxy as a mirror
     ContainerdConfig {
         /// The mirror's URL as containerd reaches it [default: from --mirror-listen or --listen]
@@ -128,6 +144,12 @@ pub fn main() -> anyhow::Result<()> {
         Some(Command::Ca(CaCommand::Install(t))) => ca_trust(&config, &t.root, true),
         Some(Command::Ca(CaCommand::Uninstall(t))) => ca_trust(&config, &t.root, false),
         Some(Command::Cache(c)) => crate::cli_cache::run(&config, c.into()),
+        Some(Command::Ratelimit {
+            registry,
+            image,
+            warn,
+            critical,
+        }) => ratelimit(config, &registry, image, warn, critical),
         Some(Command::ContainerdConfig {
             mirror_url,
             registries,
@@ -220,6 +242,51 @@ impl From<CacheCommand> for crate::cli_cache::Action {
             },
         }
     }
+}
+
+fn ratelimit(
+    config: Config,
+    registry: &str,
+    image: Option<String>,
+    warn: Option<u64>,
+    critical: Option<u64>,
+) -> anyhow::Result<()> {
+    let host = match registry {
+        "docker.io" | "index.docker.io" => "registry-1.docker.io",
+        other => other,
+    };
+    let image = match image {
+        Some(i) => i,
+        None if host == "registry-1.docker.io" => crate::ratelimit::DOCKER_HUB_PROBE.to_owned(),
+        None => anyhow::bail!("name an image on {registry} with --image REPO:TAG"),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let own = config.listen;
+    let shared = crate::Shared::new(config, own)?;
+    let report = runtime.block_on(crate::ratelimit::check(&shared, host, &image));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            println!("UNKNOWN: {registry}: {e}");
+            std::process::exit(3);
+        }
+    };
+    let code = crate::ratelimit::status(&report, warn, critical);
+    let word = ["OK", "WARNING", "CRITICAL", "UNKNOWN"][code as usize];
+    match report.limit {
+        Some(rl) => {
+            let window = rl.window.map_or("unknown".into(), |w| format!("{w}s"));
+            println!(
+                "{word}: {registry}: {} of {} pulls left (window {window})",
+                rl.remaining, rl.limit
+            );
+        }
+        None => println!("{word}: {registry} sent no rate-limit headers"),
+    }
+    if let Some(source) = report.source {
+        println!("source: {source}");
+    }
+    std::process::exit(code);
 }
 
 fn init_logging(format: LogFormat) {

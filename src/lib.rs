@@ -14,6 +14,7 @@ pub mod credentials;
 pub mod metrics;
 pub mod prefetch;
 pub mod proxy;
+pub mod ratelimit;
 pub mod registry;
 pub mod secret;
 pub mod trust;
