@@ -162,6 +162,8 @@ pub fn main() -> anyhow::Result<()> {
         }
         Some(Command::Config(ConfigCommand::Check)) => {
             print!("{}", config.to_toml());
+            config.check_exposure()?;
+            crate::credentials::Logins::load(&config.registries, config.docker_config.as_deref())?;
             Ok(())
         }
     }
