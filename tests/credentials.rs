@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -405,5 +406,79 @@ fn ratelimit_command_exit_codes() {
     assert!(
         seen.lock().unwrap().iter().all(|h| h.starts_with("HEAD ")),
         "only HEADs"
+    );
+}
+
+/// A registry with injected credentials whose challenge is malformed gets a 502 naming the
+/// problem; one whose token endpoint answers garbage has its cached tag served stale.
+#[test]
+fn malformed_challenge_and_garbage_token_endpoint() {
+    let dir = TestDir::new();
+    let (token_port, _) = tiny_https(&dir.join("tok"), &["tok.test", "127.0.0.1"], |_, w| {
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\nConnection: close\r\n\r\n<html>oops");
+    });
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#.to_vec();
+    let digest = sha256_digest(&manifest);
+    // 0: open; 1: a malformed challenge; 2: a challenge whose token endpoint talks nonsense.
+    let mode = Arc::new(AtomicU64::new(0));
+    let (m, d, body) = (mode.clone(), digest.clone(), manifest.clone());
+    let (port, _) = tiny_https(&dir.join("reg"), &["auth-reg.test"], move |head, w| {
+        let challenge = match m.load(Ordering::SeqCst) {
+            1 => Some("Bearer realm=\"https://127.0.0.1/token".to_string()),
+            2 => Some(format!(
+                "Bearer realm=\"https://127.0.0.1:{token_port}/token\",service=\"x\""
+            )),
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            let _ = write!(w, "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {c}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            return;
+        }
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nDocker-Content-Digest: {d}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+        if head.starts_with("GET ") {
+            let _ = w.write_all(&body);
+        }
+    });
+    let host = format!("auth-reg.test:{port}");
+    let proxy = Proxy::start(|c| {
+        c.intercept.push("auth-reg.test".into());
+        c.allow_port.push(port);
+        c.resolve
+            .push((host.clone(), SocketAddr::from(([127, 0, 0, 1], port))));
+        c.upstream_ca.push(dir.join("reg/ca.crt"));
+        c.upstream_ca.push(dir.join("tok/ca.crt"));
+        c.tag_ttl = std::time::Duration::ZERO;
+        inject(c, host.clone());
+    });
+    let get = |path: &str| {
+        let tls = tls_via(proxy.addr(), &host, "auth-reg.test", &proxy.ca_cert_path());
+        request(
+            tls,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert_eq!(get("/v2/x/manifests/v1").status, 200);
+    mode.store(1, Ordering::SeqCst);
+    let resp = get("/v2/x/manifests/other");
+    assert_eq!(resp.status, 502, "{}", resp.head);
+    assert!(
+        String::from_utf8_lossy(&resp.body).contains("unterminated quote"),
+        "{:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    mode.store(2, Ordering::SeqCst);
+    let resp = get("/v2/x/manifests/v1");
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    assert!(
+        resp.header("warning").is_some(),
+        "served stale: {}",
+        resp.head
+    );
+    let resp = get("/v2/x/manifests/uncached");
+    assert_eq!(resp.status, 502, "{}", resp.head);
+    assert!(
+        String::from_utf8_lossy(&resp.body).contains("not JSON"),
+        "{:?}",
+        String::from_utf8_lossy(&resp.body)
     );
 }

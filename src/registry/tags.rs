@@ -98,7 +98,7 @@ async fn revalidate(
             format!("upstream status {}", resp.status())
         }
         Ok(resp) => return (client_response(resp), "FORWARD"),
-        Err(e) if !e.is_unreachable() => return (bad_gateway(target, &e), "FORWARD"),
+        Err(e) if !e.is_outage() => return (bad_gateway(target, &e), "FORWARD"),
         Err(e) => e.to_string(),
     };
     tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
@@ -140,7 +140,7 @@ async fn fetch(
             return stale_any(parts, target, name, ask, shared, cause, client_response(r)).await;
         }
         Ok(r) => r,
-        Err(e) if e.is_unreachable() => {
+        Err(e) if e.is_outage() => {
             let fallback = bad_gateway(target, &e);
             return stale_any(parts, target, name, ask, shared, e.to_string(), fallback).await;
         }

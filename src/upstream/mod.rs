@@ -124,6 +124,12 @@ impl Upstream {
 }
 
 impl UpstreamError {
+    /// Whether a cached tag should be served stale: the upstream (or its token endpoint) is out
+    /// of reach or answering nonsense, as opposed to TLS that does not verify.
+    pub fn is_outage(&self) -> bool {
+        self.is_unreachable() || matches!(self, UpstreamError::Auth(_))
+    }
+
     /// Whether the upstream is out of reach (serve stale), rather than misconfigured or broken.
     pub fn is_unreachable(&self) -> bool {
         matches!(
