@@ -4,8 +4,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use support::*;
 
@@ -127,51 +126,16 @@ fn dockerd_pulls_through_the_proxy() {
     let certs = Path::new("/etc/docker/certs.d").join(registry.host());
     std::fs::create_dir_all(&certs).expect("writing /etc/docker/certs.d needs root");
     std::fs::copy(proxy.ca_cert_path(), certs.join("ca.crt")).unwrap();
-    struct Cleanup(std::path::PathBuf, Option<Child>);
+    // Removes the CA directory again, whatever happens.
+    struct Cleanup(std::path::PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            if let Some(mut c) = self.1.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-    let mut cleanup = Cleanup(certs, None);
-    // Short paths: dockerd's unix sockets live under exec-root and must fit in 108 bytes.
-    let short = tempfile::Builder::new()
-        .prefix("rpd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let sock = short.path().join("d.sock");
-    let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-    let mut cmd = Command::new("dockerd");
-    proxy_env(&mut cmd, &proxy);
-    cmd.args(["--iptables=false", "--bridge=none", "--storage-driver=vfs"])
-        .arg("--data-root")
-        .arg(short.path().join("data"))
-        .arg("--exec-root")
-        .arg(short.path().join("exec"))
-        .arg("--pidfile")
-        .arg(short.path().join("d.pid"))
-        .arg("-H")
-        .arg(format!("unix://{}", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    cleanup.1 = Some(cmd.spawn().expect("starting dockerd"));
-    let docker = |args: &[&str]| {
-        let mut cmd = Command::new("docker");
-        cmd.arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .args(args);
-        run_with_timeout(&mut cmd, CMD_TIMEOUT)
-    };
-    wait_for(
-        Duration::from_secs(60),
-        || docker(&["info"]).status.success().then_some(()),
-        || std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default(),
-    );
+    let _cleanup = Cleanup(certs);
+    let dockerd = Dockerd::start(dir.path(), Some(&proxy), &[]);
+    let docker = |args: &[&str]| dockerd.docker(args);
     let info = String::from_utf8_lossy(&docker(&["info"]).stdout).into_owned();
     assert!(
         info.contains(&format!("HTTPS Proxy: {}", proxy.url())),

@@ -4,8 +4,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use support::*;
 
@@ -178,50 +177,12 @@ fn dockerd_registry_mirror() {
         ));
         c.upstream_ca.push(registry.ca_cert_path());
     });
-    let short = tempfile::Builder::new()
-        .prefix("rpm")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let sock = short.path().join("d.sock");
-    let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-    let mut cmd = Command::new("dockerd");
-    for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
-        cmd.env_remove(var);
-    }
-    cmd.args(["--iptables=false", "--bridge=none", "--storage-driver=vfs"])
-        .arg("--registry-mirror")
-        .arg(format!("http://{}", proxy.addr()))
-        .arg("--data-root")
-        .arg(short.path().join("data"))
-        .arg("--exec-root")
-        .arg(short.path().join("exec"))
-        .arg("--pidfile")
-        .arg(short.path().join("d.pid"))
-        .arg("-H")
-        .arg(format!("unix://{}", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _dockerd = Kill(cmd.spawn().expect("starting dockerd"));
-    let docker = |args: &[&str]| {
-        let mut cmd = Command::new("docker");
-        cmd.arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .args(args);
-        run_with_timeout(&mut cmd, CMD_TIMEOUT)
-    };
-    wait_for(
-        Duration::from_secs(60),
-        || docker(&["info"]).status.success().then_some(()),
-        || std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default(),
-    );
+    let mirror = vec![
+        "--registry-mirror".to_string(),
+        format!("http://{}", proxy.addr()),
+    ];
+    let dockerd = Dockerd::start(dir.path(), None, &mirror);
+    let docker = |args: &[&str]| dockerd.docker(args);
     assert_success(
         &docker(&["pull", "mirrored:latest"]),
         "docker pull via registry-mirrors",

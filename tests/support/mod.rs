@@ -1489,3 +1489,83 @@ impl Drop for Containerd {
 mod token;
 #[allow(unused_imports)]
 pub use token::*;
+
+// ---------------------------------------------------------------------------------------------
+// dockerd
+// ---------------------------------------------------------------------------------------------
+
+/// A private dockerd (own data root, exec root and socket; no iptables, no bridge, vfs) for one
+/// test, with `extra` arguments and `HTTPS_PROXY` set to `proxy` if given. Killed on drop.
+pub struct Dockerd {
+    child: Child,
+    short: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Dockerd {
+    pub fn start(log_dir: &Path, proxy: Option<&Proxy>, extra: &[String]) -> Dockerd {
+        require_tool("dockerd");
+        require_tool("docker");
+        // Short paths: dockerd's unix sockets live under exec-root and must fit in 108 bytes.
+        let short = tempfile::Builder::new()
+            .prefix("rpd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let log = log_dir.join("dockerd.log");
+        let out = fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("dockerd");
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        if let Some(p) = proxy {
+            cmd.env("HTTPS_PROXY", p.url()).env("https_proxy", p.url());
+        }
+        cmd.args(["--iptables=false", "--bridge=none", "--storage-driver=vfs"])
+            .args(extra)
+            .arg("--data-root")
+            .arg(short.path().join("data"))
+            .arg("--exec-root")
+            .arg(short.path().join("exec"))
+            .arg("--pidfile")
+            .arg(short.path().join("d.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", short.path().join("d.sock").display()))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd.spawn().expect("starting dockerd");
+        let dockerd = Dockerd { child, short, log };
+        wait_for(
+            Duration::from_secs(60),
+            || dockerd.docker(&["info"]).status.success().then_some(()),
+            || fs::read_to_string(&dockerd.log).unwrap_or_default(),
+        );
+        dockerd
+    }
+
+    /// Runs `docker ARGS` against this daemon.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!(
+                "unix://{}",
+                self.short.path().join("d.sock").display()
+            ))
+            .args(args);
+        run_with_timeout(&mut cmd, CMD_TIMEOUT)
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
