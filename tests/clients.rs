@@ -8,22 +8,6 @@ use std::process::Command;
 
 use support::*;
 
-/// Proxy variables for a client environment: the proxy only, nothing inherited.
-fn proxy_env(cmd: &mut Command, proxy: &Proxy) {
-    for var in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("HTTPS_PROXY", proxy.url())
-        .env("https_proxy", proxy.url());
-}
-
 /// A registry with a two-layer image and a proxy in front of it.
 fn setup(dir: &TestDir, seed: u64) -> (Registry, Proxy, String) {
     let src = dir.join("src");
@@ -55,7 +39,7 @@ fn podman_pulls_through_the_proxy() {
     let image = format!("{}/test/client:latest", registry.host());
     let podman = |args: &[&str]| {
         let mut cmd = Command::new("podman");
-        proxy_env(&mut cmd, &proxy);
+        proxy_env(&mut cmd, Some(&proxy));
         cmd.env("CONTAINERS_REGISTRIES_CONF", &conf)
             .arg("--root")
             .arg(dir.join("root"))
@@ -94,7 +78,7 @@ fn ctr_pulls_through_the_proxy() {
     .unwrap();
     let image = format!("{}/test/client:latest", registry.host());
     let mut cmd = Command::new("ctr");
-    proxy_env(&mut cmd, &proxy);
+    proxy_env(&mut cmd, Some(&proxy));
     cmd.arg("-a")
         .arg(&containerd.socket)
         .args(["images", "pull", "--hosts-dir"])

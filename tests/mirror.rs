@@ -10,9 +10,7 @@ use support::*;
 
 fn ctr_pull(containerd: &Containerd, hosts: &std::path::Path, image: &str) -> std::process::Output {
     let mut cmd = Command::new("ctr");
-    for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
-        cmd.env_remove(var);
-    }
+    proxy_env(&mut cmd, None);
     cmd.arg("-a")
         .arg(&containerd.socket)
         .args(["images", "pull", "--hosts-dir"])

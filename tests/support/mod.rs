@@ -1126,12 +1126,8 @@ fn skopeo_env_dir() -> &'static Path {
     })
 }
 
-/// A `skopeo --insecure-policy` command with a hermetic environment, talking through `proxy`
-/// (`HTTPS_PROXY`/`https_proxy` set to its URL, `NO_PROXY` cleared) or with no proxy at all.
-pub fn skopeo_command(proxy: Option<&Proxy>) -> Command {
-    require_tool("skopeo");
-    let env = skopeo_env_dir();
-    let mut cmd = Command::new("skopeo");
+/// Sets a client's proxy variables: `HTTPS_PROXY` to `proxy` (if any), nothing inherited.
+pub fn proxy_env(cmd: &mut Command, proxy: Option<&Proxy>) {
     for var in [
         "HTTPS_PROXY",
         "https_proxy",
@@ -1147,6 +1143,15 @@ pub fn skopeo_command(proxy: Option<&Proxy>) -> Command {
     if let Some(p) = proxy {
         cmd.env("HTTPS_PROXY", p.url()).env("https_proxy", p.url());
     }
+}
+
+/// A `skopeo --insecure-policy` command with a hermetic environment, talking through `proxy`
+/// (`HTTPS_PROXY`/`https_proxy` set to its URL, `NO_PROXY` cleared) or with no proxy at all.
+pub fn skopeo_command(proxy: Option<&Proxy>) -> Command {
+    require_tool("skopeo");
+    let env = skopeo_env_dir();
+    let mut cmd = Command::new("skopeo");
+    proxy_env(&mut cmd, proxy);
     cmd.env("CONTAINERS_REGISTRIES_CONF", env.join("registries.conf"))
         .env("REGISTRY_AUTH_FILE", env.join("auth.json"))
         .arg("--insecure-policy");
@@ -1514,19 +1519,7 @@ impl Dockerd {
         let log = log_dir.join("dockerd.log");
         let out = fs::File::create(&log).unwrap();
         let mut cmd = Command::new("dockerd");
-        for var in [
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-            "NO_PROXY",
-            "no_proxy",
-        ] {
-            cmd.env_remove(var);
-        }
-        if let Some(p) = proxy {
-            cmd.env("HTTPS_PROXY", p.url()).env("https_proxy", p.url());
-        }
+        proxy_env(&mut cmd, proxy);
         cmd.args(["--iptables=false", "--bridge=none", "--storage-driver=vfs"])
             .args(extra)
             .arg("--data-root")
