@@ -17,7 +17,7 @@ pub struct RegistryConfig {
     /// The user (or `oauth2accesstoken`, `AWS`, … as the registry wants).
     pub username: Option<String>,
     /// The password or token, inline (prefer a file or an environment variable).
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// A file holding the password or token (trailing newline ignored).
     pub password_file: Option<PathBuf>,
     /// The name of an environment variable holding the password or token.
@@ -124,7 +124,7 @@ fn from_entry(host: &str, e: &RegistryConfig) -> Result<Login, CredentialsError>
         ));
     }
     let password = if let Some(p) = &e.password {
-        p.clone()
+        p.expose().to_owned()
     } else if let Some(path) = &e.password_file {
         std::fs::read_to_string(path)
             .map_err(|err| bad(format!("password_file {}: {err}", path.display())))?
@@ -259,6 +259,9 @@ mod tests {
 
     #[test]
     fn config_sources_and_docker_config() {
+        let inline: RegistryConfig =
+            toml::from_str("username = \"u\"\npassword = \"inline-secret\"").unwrap();
+        assert!(!format!("{inline:?}").contains("inline-secret"));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pw");
         std::fs::write(&file, "from-file\n").unwrap();

@@ -3,7 +3,8 @@
 use std::fmt;
 
 /// A secret value; read it only with [`Secret::expose`], where it is put on the wire.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {

@@ -43,7 +43,7 @@ fn inject(config: &mut regproxy::Config, host: String) {
         host,
         RegistryConfig {
             username: Some(USER.into()),
-            password: Some(PASSWORD.into()),
+            password: Some(regproxy::secret::Secret::new(PASSWORD)),
             ..Default::default()
         },
     );
