@@ -392,9 +392,16 @@ impl Settings {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
+        toml::from_str(&text).map_err(|e| {
+            // Not e.to_string(): it quotes the offending line, which may hold a password.
+            let at = e.span().map(|s| {
+                let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            });
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{}{}", e.message(), at.unwrap_or_default()),
+            }
         })
     }
 
@@ -868,7 +875,17 @@ mod tests {
         let p = dir.path().join("r.toml");
         std::fs::write(&p, "listen = \"127.0.0.1:1\"\nlisten_addr = 3\n").unwrap();
         let e = Settings::from_file(&p).unwrap_err().to_string();
-        assert!(e.contains("listen_addr") && e.contains("r.toml"), "{e}");
+        assert!(
+            e.contains("listen_addr") && e.contains("r.toml") && e.contains("line 2"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "[registries.\"x\"]\nusername = \"u\"\npasword = \"hunter2\"\n",
+        )
+        .unwrap();
+        let e = Settings::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("pasword") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]

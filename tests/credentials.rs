@@ -177,6 +177,35 @@ fn cached_private_content_only_reaches_authorized_clients() {
         "cached bytes reached an unauthorized client"
     );
 
+    // Under another repository's name (a public one, or one that does not exist), a digest
+    // cached from the private repository is not served: the exact URL is asked upstream.
+    for path in [
+        format!("/v2/public/other/blobs/{}", layers[0]),
+        format!("/v2/test/private-not/manifests/{}", s.digest),
+    ] {
+        let tls = tls_via(
+            proxy.addr(),
+            &s.registry.host(),
+            "registry.test",
+            &proxy.ca_cert_path(),
+        );
+        let resp = request(
+            tls,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                s.registry.host()
+            ),
+        );
+        assert!(
+            matches!(resp.status, 401 | 403 | 404),
+            "{path}: {}",
+            resp.head
+        );
+        assert!(
+            !resp.body.windows(32).any(|w| w == &blob[..32]),
+            "{path} leaked cached bytes"
+        );
+    }
     assert_success(
         &copy(&proxy, &image, &s.dir.join("b3"), Some(&own)),
         "B with valid credentials",

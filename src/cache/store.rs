@@ -417,6 +417,42 @@ impl Store {
         }
     }
 
+    /// Forgets that `repo` on `host` is public.
+    pub async fn clear_public(&self, host: &str, repo: &str) {
+        let key = format!("regproxy:public:{host}/{repo}");
+        let _ = cacache::index::delete_async(&self.dir, &key).await;
+    }
+
+    /// Records that `digest` was served by the upstream from `host/repo`.
+    pub async fn add_source(&self, digest: &Digest, host: &str, repo: &str) {
+        let key = format!("regproxy:from:{digest}");
+        let name = format!("{host}/{repo}");
+        let mut sources: Vec<String> = match self.find(&key).await {
+            Ok(Some(found)) => serde_json::from_value(found.metadata).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if sources.contains(&name) {
+            return;
+        }
+        sources.push(name);
+        let opts = WriteOpts::new()
+            .integrity(digest.integrity())
+            .metadata(serde_json::Value::from(sources));
+        if let Err(e) = cacache::index::insert_async(&self.dir, &key, opts).await {
+            tracing::warn!(error = %e, "cannot record where an object came from");
+        }
+    }
+
+    /// Whether `digest` is known to have been served from `host/repo`.
+    pub async fn comes_from(&self, digest: &Digest, host: &str, repo: &str) -> bool {
+        let key = format!("regproxy:from:{digest}");
+        let Ok(Some(found)) = self.find(&key).await else {
+            return false;
+        };
+        let sources: Vec<String> = serde_json::from_value(found.metadata).unwrap_or_default();
+        sources.contains(&format!("{host}/{repo}"))
+    }
+
     /// Whether `repo` on `host` was recorded public.
     pub async fn is_public(&self, host: &str, repo: &str) -> bool {
         let key = format!("regproxy:public:{host}/{repo}");

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 
 use super::{fetch_request, send_following_redirects, upstream_is_down};
 use crate::body::{text, Body};
+use crate::cache::Digest;
 use crate::credentials::{canonical, Login};
 use crate::proxy::{client_response, Target};
 use crate::secret::{basic, Secret};
@@ -28,7 +29,7 @@ const ALLOWED_FOR: Duration = Duration::from_secs(300);
 pub struct AuthState {
     tokens: Mutex<HashMap<(String, String), (Secret, Instant)>>,
     allowed: Mutex<HashMap<(String, String, String), Instant>>,
-    public: Mutex<HashMap<(String, String), bool>>,
+    public: Mutex<HashMap<(String, String), (bool, Instant)>>,
     /// Token requests made with injected credentials (for tests and metrics).
     pub token_fetches: AtomicU64,
 }
@@ -89,19 +90,15 @@ fn head_of(req: &Request<Body>) -> Request<Body> {
 /// `repository:REPO:pull` (or `pull,push` for writes) for a `/v2/REPO/…` path; empty for `/v2/`.
 fn scope_of(method: &Method, path: &str) -> String {
     let rest = path.strip_prefix("/v2/").unwrap_or("");
-    let repo = ["/manifests/", "/blobs/", "/tags/"]
+    let repo = ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
         .iter()
         .find_map(|m| rest.find(m).map(|at| &rest[..at]))
         .unwrap_or("");
     if repo.is_empty() {
         return String::new();
     }
-    let actions = if method == Method::GET || method == Method::HEAD {
-        "pull"
-    } else {
-        "pull,push"
-    };
-    format!("repository:{repo}:{actions}")
+    let _ = method; // only reads are sent with injected credentials
+    format!("repository:{repo}:pull")
 }
 
 /// Answers a 401's challenge with `login`: a bearer token (fetched with Basic credentials and
@@ -190,14 +187,16 @@ impl AuthState {
         allowed.insert(key, Instant::now());
     }
 
+    /// What was last found about the repository, if recently (a repository can go private).
     fn is_public(&self, host: &str, repo: &str) -> Option<bool> {
         let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-        public.get(&(host.to_owned(), repo.to_owned())).copied()
+        let (value, at) = public.get(&(host.to_owned(), repo.to_owned()))?;
+        (at.elapsed() < ALLOWED_FOR).then_some(*value)
     }
 
     fn set_public(&self, host: &str, repo: &str, value: bool) {
         let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-        public.insert((host.to_owned(), repo.to_owned()), value);
+        public.insert((host.to_owned(), repo.to_owned()), (value, Instant::now()));
     }
 }
 
@@ -230,10 +229,12 @@ pub async fn served_to(shared: &Shared, headers: &HeaderMap, target: &Target, re
     shared.auth.allow((who, host, repo.to_owned()));
 }
 
-/// Lets a client have cached content of `repo` only if the upstream would give it to that
-/// client: public repositories and injected credentials pass; otherwise one `HEAD` with the
-/// client's own credentials decides (remembered for a few minutes). A refusal is the upstream's
-/// own answer (its 401 challenge included), with none of the cached bytes.
+/// Lets a client have cached content of `repo` (object `digest`, when it is one) only if the
+/// upstream would give it to that client. Shortcuts (injected credentials, a public repository,
+/// this client allowed recently) hold only when the object is known to come from this very
+/// repository: a digest cached from a private repository is not served under another's name.
+/// Otherwise one `HEAD` of the exact URL decides. A refusal is the upstream's own answer (its
+/// 401 challenge included), with none of the cached bytes.
 ///
 /// `upstream_down` skips the `HEAD` when the caller already knows it cannot be answered.
 pub async fn allowed(
@@ -241,39 +242,51 @@ pub async fn allowed(
     parts: &request::Parts,
     target: &Target,
     repo: &str,
+    digest: Option<&Digest>,
     upstream_down: bool,
 ) -> Result<(), Response<Body>> {
     let host = target.authority();
-    if shared.logins.for_host(&host).is_some() {
-        return Ok(()); // the operator chose to share what these credentials can see
-    }
-    if shared.auth.is_public(&host, repo) == Some(true) {
-        return Ok(());
-    }
+    let bound = match digest {
+        None => true,
+        Some(d) => shared.cache.store.comes_from(d, &host, repo).await,
+    };
+    let injected = shared.logins.for_host(&host).is_some();
     let key = (client_key(&parts.headers), host.clone(), repo.to_owned());
-    if shared.auth.was_allowed(&key) {
+    if bound
+        && (injected
+            || shared.auth.is_public(&host, repo) == Some(true)
+            || shared.auth.was_allowed(&key))
+    {
         return Ok(());
     }
-    let head = fetch_request(target, parts, Method::HEAD)
-        .map_err(|reason| text(StatusCode::BAD_REQUEST, reason))?;
     let answer = if upstream_down {
         Err(UpstreamError::Connect("the upstream is down".into()))
     } else {
-        shared.upstream.send(head).await
+        let head = fetch_request(target, parts, Method::HEAD)
+            .map_err(|reason| text(StatusCode::BAD_REQUEST, reason))?;
+        send(shared, head, false).await
     };
     match answer {
-        Ok(resp) if resp.status().is_success() => {
+        // A redirect to a CDN comes only after the registry authorized the request.
+        Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
+            if let Some(d) = digest {
+                shared.cache.store.add_source(d, &host, repo).await;
+            }
             served(shared, parts, target, repo).await;
             Ok(())
         }
         Ok(resp) if !upstream_is_down(resp.status()) => {
+            if key.0.is_empty() {
+                // Refused to an anonymous client: not (or no longer) public.
+                shared.auth.set_public(&host, repo, false);
+                shared.cache.store.clear_public(&host, repo).await;
+            }
             tracing::info!(repo, status = %resp.status(), "cached content refused: the upstream does not authorize this client");
             Err(client_response(resp))
         }
         outcome => {
-            // The upstream cannot say: only what is known public may be served.
-            if shared.cache.store.is_public(&host, repo).await {
-                shared.auth.set_public(&host, repo, true);
+            // The upstream cannot say: only what is known public (or injected) may be served.
+            if bound && (injected || shared.cache.store.is_public(&host, repo).await) {
                 return Ok(());
             }
             let cause =
@@ -283,5 +296,53 @@ pub async fn allowed(
                 format!("cannot confirm with {host} that you may read {repo}: {cause}"),
             ))
         }
+    }
+}
+
+/// Finds out whether anonymous clients may pull `repo` (registries like Docker Hub want an
+/// anonymous token even then), so that its cached content can be served while the upstream is
+/// down. Done once per repository every few minutes, after a client with credentials was served.
+pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &str) {
+    let host = target.authority();
+    if shared.logins.for_host(&host).is_some() || shared.auth.is_public(&host, repo).is_some() {
+        return;
+    }
+    let head = |auth: Option<String>| {
+        let mut req = Request::head(format!("https://{host}{path}"))
+            .body(crate::body::empty())
+            .ok()?;
+        if let Some(a) = auth {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, HeaderValue::from_str(&a).ok()?);
+        }
+        Some(req)
+    };
+    let Some(req) = head(None) else { return };
+    let mut public = false;
+    if let Ok(resp) = shared.upstream.send(req).await {
+        public = resp.status().is_success() || resp.status().is_redirection();
+        let challenge = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_challenge(v).ok())
+            .filter(|c| c.scheme == "bearer");
+        if let (false, Some(challenge)) = (public, challenge) {
+            let scope = format!("repository:{repo}:pull");
+            if let Ok(token) = fetch_token(&shared.upstream, &challenge, &scope, None).await {
+                let bearer = format!("Bearer {}", token.value.expose());
+                if let Some(req) = head(Some(bearer)) {
+                    public = shared
+                        .upstream
+                        .send(req)
+                        .await
+                        .is_ok_and(|r| r.status().is_success() || r.status().is_redirection());
+                }
+            }
+        }
+    }
+    shared.auth.set_public(&host, repo, public);
+    if public {
+        shared.cache.store.set_public(&host, repo).await;
     }
 }

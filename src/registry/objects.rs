@@ -29,7 +29,8 @@ pub(super) async fn serve(
     let range = ByteRange::from_headers(&parts.headers);
     let forward = || forward(parts, body::empty(), target, shared, true);
     if let Some((flight, _)) = shared.cache.hit(&digest).await {
-        if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+        if let Err(refused) = auth::allowed(shared, parts, target, repo, Some(&digest), false).await
+        {
             return (refused, "FORWARD");
         }
         return (respond(&flight, &digest, head_only, range), "HIT");
@@ -42,6 +43,11 @@ pub(super) async fn serve(
             .get(&digest)
             .filter(|f| f.head().is_some())
         {
+            if let Err(refused) =
+                auth::allowed(shared, parts, target, repo, Some(&digest), false).await
+            {
+                return (refused, "FORWARD");
+            }
             return (respond(&flight, &digest, true, range), "JOINED");
         }
         return (forward().await, "FORWARD");
@@ -51,7 +57,9 @@ pub(super) async fn serve(
             State::Abandoned => {
                 // The leader got no cacheable answer (or found it cached meanwhile).
                 if let Some((flight, _)) = shared.cache.hit(&digest).await {
-                    if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+                    if let Err(refused) =
+                        auth::allowed(shared, parts, target, repo, Some(&digest), false).await
+                    {
                         return (refused, "FORWARD");
                     }
                     return (respond(&flight, &digest, false, range), "HIT");
@@ -59,7 +67,9 @@ pub(super) async fn serve(
                 (forward().await, "FORWARD")
             }
             _ => {
-                if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+                if let Err(refused) =
+                    auth::allowed(shared, parts, target, repo, Some(&digest), false).await
+                {
                     return (refused, "FORWARD");
                 }
                 shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
@@ -70,7 +80,9 @@ pub(super) async fn serve(
             // It may have been committed between the lookup above and the join.
             if let Some((flight, _)) = shared.cache.hit(&digest).await {
                 drop(leader);
-                if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+                if let Err(refused) =
+                    auth::allowed(shared, parts, target, repo, Some(&digest), false).await
+                {
                     return (refused, "FORWARD");
                 }
                 return (respond(&flight, &digest, false, range), "HIT");
@@ -82,8 +94,8 @@ pub(super) async fn serve(
             let flight = leader.flight();
             let (tx, rx) = oneshot::channel();
             // The download runs apart from this client, which may leave without harming it.
-            let repo = repo.to_owned();
-            tokio::spawn(lead(leader, up, target.clone(), repo, shared.clone(), tx));
+            let source = (target.clone(), repo.to_owned(), digest.clone());
+            tokio::spawn(lead(leader, up, source, shared.clone(), tx));
             match flight.started().await {
                 State::Abandoned => match rx.await {
                     Ok(resp) => (resp, "FORWARD"),
@@ -103,8 +115,7 @@ pub(super) async fn serve(
 async fn lead(
     leader: Leader,
     up: Request<Body>,
-    target: Target,
-    repo: String,
+    (target, repo, digest): (Target, String, Digest),
     shared: Arc<Shared>,
     answer: oneshot::Sender<Response<Body>>,
 ) {
@@ -121,6 +132,11 @@ async fn lead(
         return;
     }
     // Before followers are let in: they may then skip asking whether they may read it.
+    shared
+        .cache
+        .store
+        .add_source(&digest, &target.authority(), &repo)
+        .await;
     auth::served_to(&shared, &sent, &target, &repo).await;
     let head = Head {
         content_type: header_str(resp.headers(), header::CONTENT_TYPE),
@@ -138,6 +154,12 @@ async fn lead(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot create a cache file: {e}"),
         ));
+        return;
+    }
+    if sent.contains_key(header::AUTHORIZATION) {
+        // Off the client's path: may anonymous clients pull this too (for serving it offline)?
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        auth::probe_public(&shared, &target, &path, &repo).await;
     }
 }
 

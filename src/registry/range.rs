@@ -60,7 +60,9 @@ impl ByteRange {
                 Some(e) => Slice::Part(start, e),
                 None => Slice::Whole,
             },
-            (ByteRange::Suffix(n), Some(t)) if n > 0 => Slice::Part(t.saturating_sub(n), t),
+            (ByteRange::Suffix(n), Some(t)) if n > 0 && t > 0 => {
+                Slice::Part(t.saturating_sub(n), t)
+            }
             (ByteRange::Suffix(_), Some(_)) => Slice::Unsatisfiable,
             // Without a known size, an open range is served whole.
             _ => Slice::Whole,
@@ -105,6 +107,10 @@ mod tests {
         let huge = format!("bytes=5-{}", u64::MAX);
         assert_eq!(range(&huge).unwrap().slice(Some(100)), Slice::Part(5, 100));
         assert_eq!(range(&huge).unwrap().slice(None), Slice::Whole);
+        assert_eq!(
+            range("bytes=-5").unwrap().slice(Some(0)),
+            Slice::Unsatisfiable
+        );
         assert_eq!(range("bytes=9-1"), None);
         assert_eq!(range("items=0-1"), None);
     }

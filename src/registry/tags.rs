@@ -53,7 +53,7 @@ pub(super) async fn serve(
     };
     if age < shared.config.tag_ttl_for(&host, repo) {
         if let Some(resp) = cached_response(&record, &ask, shared, false).await {
-            if let Err(refused) = auth::allowed(shared, parts, target, repo, false).await {
+            if let Err(refused) = auth::allowed(shared, parts, target, repo, None, false).await {
                 return (refused, "FORWARD");
             }
             return (resp, "HIT");
@@ -102,7 +102,7 @@ async fn revalidate(
         Err(e) => e.to_string(),
     };
     tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
-    if let Err(refused) = auth::allowed(shared, parts, target, repo, true).await {
+    if let Err(refused) = auth::allowed(shared, parts, target, repo, None, true).await {
         return (refused, "FORWARD");
     }
     match cached_response(&record, ask, shared, true).await {
@@ -175,6 +175,12 @@ async fn fetch(
         return (text(StatusCode::BAD_GATEWAY, reason), "FORWARD");
     };
     store_manifest(shared, &record, &data).await;
+    let host = target.authority();
+    shared
+        .cache
+        .store
+        .add_source(&record.digest, &host, name.repo)
+        .await;
     save_tag(shared, name, &record).await;
     (manifest_response(&record, data), "MISS")
 }
@@ -190,7 +196,7 @@ async fn stale_any(
     cause: String,
     fallback: Response<Body>,
 ) -> (Response<Body>, Outcome) {
-    if let Err(refused) = auth::allowed(shared, parts, target, name.repo, true).await {
+    if let Err(refused) = auth::allowed(shared, parts, target, name.repo, None, true).await {
         return (refused, "FORWARD");
     }
     let records = shared

@@ -86,6 +86,11 @@ pub async fn fetch_token(
     let uri: Uri = url
         .parse()
         .map_err(|e| bad(format!("token realm {realm:?} is not a URL: {e}")))?;
+    if basic.is_some() && uri.scheme_str() != Some("https") {
+        return Err(bad(format!(
+            "refusing to send credentials to a non-https token realm {realm:?}"
+        )));
+    }
     let mut req = Request::get(uri)
         .body(body::empty())
         .map_err(|e| bad(e.to_string()))?;
