@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
@@ -20,10 +20,15 @@ use crate::body::{channel, Body, BoxError};
 
 /// Bytes read from disk per chunk sent to a client.
 const CHUNK: usize = 128 * 1024;
+/// Upstream frames that are ready together are handed to the writer in batches of about this.
+const BATCH: usize = 256 * 1024;
 /// Chunks buffered per client, and frames buffered between the network and the disk writer.
 const QUEUE: usize = 4;
 /// Readers are woken when at least this much more has landed (and at the first and last byte).
 const PUBLISH_EVERY: u64 = 64 * 1024;
+/// The most recently written bytes of a download kept in memory, so that readers that keep up
+/// are fed from there rather than by reading the file back.
+const RECENT: u64 = 2 * 1024 * 1024;
 /// A download that delivers nothing for this long is given up.
 const STALL: Duration = Duration::from_secs(60);
 
@@ -56,6 +61,7 @@ pub struct Flight {
     state: watch::Sender<State>,
     head: OnceLock<Head>,
     file: OnceLock<Arc<std::fs::File>>,
+    recent: Mutex<Recent>,
     // Held while any reader of a cached file lives, so that eviction passes it by.
     _pin: Option<Pin>,
 }
@@ -66,6 +72,7 @@ impl Flight {
             state: watch::Sender::new(State::Pending),
             head: OnceLock::new(),
             file: OnceLock::new(),
+            recent: Mutex::default(),
             _pin: None,
         }
     }
@@ -76,6 +83,7 @@ impl Flight {
             state: watch::Sender::new(State::Done(size)),
             head: OnceLock::from(head),
             file: OnceLock::from(Arc::new(file)),
+            recent: Mutex::default(),
             _pin: Some(pin),
         };
         Arc::new(flight)
@@ -101,6 +109,46 @@ impl Flight {
         let (tx, body) = channel(QUEUE, end.map(|e| e.saturating_sub(start)));
         tokio::spawn(pump(self.clone(), start, end, tx));
         body
+    }
+}
+
+/// The tail of what the writer has written: `chunks` hold bytes `start..start + len`.
+#[derive(Default)]
+struct Recent {
+    start: u64,
+    len: u64,
+    chunks: std::collections::VecDeque<Bytes>,
+}
+
+impl Flight {
+    /// Keeps `data`, written at the end of the file, for readers; forgets the oldest beyond RECENT.
+    fn remember(&self, data: Bytes) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.len += data.len() as u64;
+        r.chunks.push_back(data);
+        while r.len > RECENT && r.chunks.len() > 1 {
+            let old = r.chunks.pop_front().map_or(0, |c| c.len() as u64);
+            r.start += old;
+            r.len -= old;
+        }
+    }
+
+    /// Up to `n` bytes from `pos`, if they are still in memory.
+    fn recent_at(&self, pos: u64, n: usize) -> Option<Bytes> {
+        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if pos < r.start || pos >= r.start + r.len {
+            return None;
+        }
+        let mut at = r.start;
+        for c in &r.chunks {
+            let end = at + c.len() as u64;
+            if pos < end {
+                let off = (pos - at) as usize;
+                return Some(c.slice(off..c.len().min(off + n)));
+            }
+            at = end;
+        }
+        None
     }
 }
 
@@ -256,17 +304,16 @@ impl Fill {
         let (flight, digest) = (self.flight.clone(), self.digest.clone());
         let writer = tokio::task::spawn_blocking(move || write_all(file, rx, &flight, &digest));
         let mut failure = None;
+        let mut batch = BytesMut::new();
         loop {
-            match tokio::time::timeout(STALL, body.frame()).await {
+            match tokio::time::timeout(STALL, next_batch(&mut body, &mut batch)).await {
                 Err(_) => failure = Some(format!("upstream sent nothing for {STALL:?}")),
-                Ok(None) => {}
-                Ok(Some(Err(e))) => failure = Some(format!("upstream body broke off: {e}")),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        if tx.send(data).await.is_ok() {
-                            continue;
-                        }
-                    } else {
+                Ok(Err(e)) => failure = Some(format!("upstream body broke off: {e}")),
+                Ok(Ok(more)) => {
+                    if !batch.is_empty() && tx.send(batch.split().freeze()).await.is_err() {
+                        break;
+                    }
+                    if more {
                         continue;
                     }
                 }
@@ -297,6 +344,32 @@ impl Fill {
     }
 }
 
+/// Waits for at least one data frame, then takes whatever further frames are ready at once, up
+/// to [`BATCH`] bytes, into `batch`: fewer, larger hand-offs to the writer and the readers than
+/// one per (often 16 KiB) h2 frame. `Ok(false)` at the end of the body.
+async fn next_batch(body: &mut Incoming, batch: &mut BytesMut) -> Result<bool, hyper::Error> {
+    std::future::poll_fn(|cx| loop {
+        match std::pin::Pin::new(&mut *body).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if batch.capacity() - batch.len() < data.len() {
+                        batch.reserve(BATCH.max(data.len()));
+                    }
+                    batch.extend_from_slice(&data);
+                    if batch.len() >= BATCH {
+                        return std::task::Poll::Ready(Ok(true));
+                    }
+                }
+            }
+            std::task::Poll::Ready(Some(Err(e))) => return std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(Ok(false)),
+            std::task::Poll::Pending if batch.is_empty() => return std::task::Poll::Pending,
+            std::task::Poll::Pending => return std::task::Poll::Ready(Ok(true)),
+        }
+    })
+    .await
+}
+
 /// The writer thread: disk, hash and progress for each frame; `(size, digest matches)` at the end.
 fn write_all(
     mut file: std::fs::File,
@@ -310,6 +383,7 @@ fn write_all(
         file.write_all(&data)?;
         hasher.update(&data);
         written += data.len() as u64;
+        flight.remember(data);
         if published == 0 || written - published >= PUBLISH_EVERY {
             flight.state.send_replace(State::Filling(written));
             published = written;
@@ -351,8 +425,12 @@ async fn pump(
         };
         let limit = end.map_or(available, |e| e.min(available));
         while pos < limit {
-            let n = CHUNK.min((limit - pos) as usize);
-            let chunk = match read_at(file.clone(), pos, n).await {
+            let left = (limit - pos) as usize;
+            let chunk = match flight.recent_at(pos, left) {
+                Some(c) => Ok(c),
+                None => read_at(file.clone(), pos, CHUNK.min(left)).await,
+            };
+            let chunk = match chunk {
                 Ok(c) if !c.is_empty() => c,
                 Ok(_) => {
                     let _ = tx
