@@ -72,6 +72,8 @@ pub struct Store {
     pins: Arc<Mutex<HashMap<PathBuf, usize>>>,
     // Woken on each commit, so that eviction looks at the bounds when the cache grew.
     committed: Arc<tokio::sync::Notify>,
+    // Where objects came from, as learnt by this process (the index has it too, a bit later).
+    sources: Arc<Mutex<HashMap<String, Vec<String>>>>,
     // This process's directory for partial downloads, and the lock that marks it alive.
     run_dir: PathBuf,
     _run_lock: Arc<std::fs::File>,
@@ -121,6 +123,7 @@ impl Store {
             metrics,
             pins: Arc::default(),
             committed: Arc::default(),
+            sources: Arc::default(),
             run_dir,
             _run_lock: Arc::new(run_lock),
         };
@@ -423,8 +426,20 @@ impl Store {
         let _ = cacache::index::delete_async(&self.dir, &key).await;
     }
 
-    /// Records that `digest` was served by the upstream from `host/repo`.
+    /// Notes in memory, at once, that `digest` was served from `host/repo` (see [`Store::add_source`]).
+    pub fn note_source(&self, digest: &Digest, host: &str, repo: &str) {
+        let name = format!("{host}/{repo}");
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let known = sources.entry(digest.to_string()).or_default();
+        if !known.contains(&name) {
+            known.push(name);
+        }
+    }
+
+    /// Records that `digest` was served by the upstream from `host/repo`, in memory and in the
+    /// index (which outlives the process).
     pub async fn add_source(&self, digest: &Digest, host: &str, repo: &str) {
+        self.note_source(digest, host, repo);
         let key = format!("regproxy:from:{digest}");
         let name = format!("{host}/{repo}");
         let mut sources: Vec<String> = match self.find(&key).await {
@@ -445,6 +460,16 @@ impl Store {
 
     /// Whether `digest` is known to have been served from `host/repo`.
     pub async fn comes_from(&self, digest: &Digest, host: &str, repo: &str) -> bool {
+        let name = format!("{host}/{repo}");
+        {
+            let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            if sources
+                .get(&digest.to_string())
+                .is_some_and(|s| s.contains(&name))
+            {
+                return true;
+            }
+        }
         let key = format!("regproxy:from:{digest}");
         let Ok(Some(found)) = self.find(&key).await else {
             return false;

@@ -209,7 +209,7 @@ pub async fn send_following_redirects(
     let mut headers = parts.headers.clone();
     let mut resp = shared
         .upstream
-        .send_bulk(Request::from_parts(parts.clone(), body))
+        .send(Request::from_parts(parts.clone(), body))
         .await?;
     for _ in 0..MAX_REDIRECTS {
         let Some(next) = redirect_target(&resp, &current) else {
@@ -222,7 +222,7 @@ pub async fn send_following_redirects(
         tracing::debug!(to = %next.host().unwrap_or(""), "following redirect upstream-side");
         resp = shared
             .upstream
-            .send_bulk(request_to(&parts.method, &next, &headers))
+            .send(request_to(&parts.method, &next, &headers))
             .await?;
         current = next;
     }

@@ -135,8 +135,7 @@ async fn lead(
     shared
         .cache
         .store
-        .add_source(&digest, &target.authority(), &repo)
-        .await;
+        .note_source(&digest, &target.authority(), &repo);
     auth::served_to(&shared, &sent, &target, &repo).await;
     let head = Head {
         content_type: header_str(resp.headers(), header::CONTENT_TYPE),
@@ -156,6 +155,12 @@ async fn lead(
         ));
         return;
     }
+    // Off the first byte's path: a follower that joins before this is recorded asks upstream.
+    shared
+        .cache
+        .store
+        .add_source(&digest, &target.authority(), &repo)
+        .await;
     if sent.contains_key(header::AUTHORIZATION) {
         // Off the client's path: may anonymous clients pull this too (for serving it offline)?
         let path = format!("/v2/{repo}/blobs/{digest}");
