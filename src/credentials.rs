@@ -80,11 +80,6 @@ impl Logins {
     pub fn for_host(&self, authority: &str) -> Option<&Login> {
         self.by_host.get(&canonical(authority))
     }
-
-    /// The registries that have credentials.
-    pub fn hosts(&self) -> impl Iterator<Item = &str> {
-        self.by_host.keys().map(String::as_str)
-    }
 }
 
 /// One name per registry: Docker Hub's aliases become `docker.io`, schemes and paths go.

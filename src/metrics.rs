@@ -75,15 +75,6 @@ impl Metrics {
         map.get(registry).copied()
     }
 
-    /// How many requests ended with `outcome`, over all registries.
-    pub fn outcome_count(&self, outcome: &str) -> u64 {
-        let map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
-            .filter(|((_, o), _)| *o == outcome)
-            .map(|(_, n)| n)
-            .sum()
-    }
-
     /// The Prometheus text exposition; `leaves` is the CA's issuance count.
     pub fn render(&self, leaves: u64) -> String {
         let mut out = String::new();

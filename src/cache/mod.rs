@@ -35,36 +35,18 @@ impl Cache {
 
     /// A cached object as a complete flight, ready to be read, if it is on disk.
     pub async fn hit(&self, digest: &Digest) -> Option<(Arc<Flight>, Entry)> {
-        let entry = match self.store.object(digest).await {
-            Ok(e) => e?,
+        let (file, entry) = match self.store.object(digest).await {
+            Ok(found) => found?,
             Err(e) => {
                 tracing::warn!(digest = %digest, error = %e, "cache lookup failed; treating as a miss");
                 return None;
             }
         };
         let pin = self.store.pin(&entry.path);
-        let file = tokio::fs::File::open(&entry.path)
-            .await
-            .ok()?
-            .into_std()
-            .await;
-        touch(&file);
         let head = Head {
             content_type: entry.meta.content_type.clone(),
             length: Some(entry.meta.size),
         };
         Some((Flight::complete(file, head, entry.meta.size, pin), entry))
-    }
-}
-
-/// Records an access in the file's mtime (what LRU eviction sorts by), at most once a minute.
-fn touch(file: &std::fs::File) {
-    let now = std::time::SystemTime::now();
-    let recent = file
-        .metadata()
-        .and_then(|m| m.modified())
-        .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age.as_secs() < 60));
-    if !recent {
-        let _ = file.set_modified(now);
     }
 }

@@ -275,11 +275,6 @@ impl Store {
         &self.dir
     }
 
-    /// Where partial downloads live until they verify.
-    pub fn tmp_dir(&self) -> PathBuf {
-        self.dir.join("tmp")
-    }
-
     /// The content file of `digest` in cacache's layout (`content-v2/<alg>/<xx>/<yy>/<rest>`).
     pub fn content_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
@@ -292,7 +287,13 @@ impl Store {
     }
 
     /// The verified object `digest`, if cached and its file is still there.
-    pub async fn object(&self, digest: &Digest) -> Result<Option<Entry>, StoreError> {
+    ///
+    /// The file comes open, checked against the recorded size, and its access time refreshed:
+    /// one trip to the blocking pool per hit.
+    pub async fn object(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(std::fs::File, Entry)>, StoreError> {
         let Some(found) = self.find(&object_key(digest)).await? else {
             return Ok(None);
         };
@@ -300,11 +301,19 @@ impl Store {
             return Ok(None);
         };
         let path = self.content_path(digest);
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.len() == meta.size => Ok(Some(Entry { path, meta })),
-            // Index without content (removed by hand, or the file does not match): a miss.
-            _ => Ok(None),
-        }
+        let (p, size) = (path.clone(), meta.size);
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&p).ok()?;
+            // Index without content (removed by hand) or a file of the wrong size: a miss.
+            (file.metadata().ok()?.len() == size).then(|| {
+                touch(&file);
+                file
+            })
+        })
+        .await
+        .ok()
+        .flatten();
+        Ok(opened.map(|file| (file, Entry { path, meta })))
     }
 
     /// Moves the verified file `tmp` into place as `digest` and records it in the index.
@@ -576,6 +585,18 @@ fn object_key(digest: &Digest) -> String {
     format!("regproxy:object:{digest}")
 }
 
+/// Records an access in the file's mtime (what LRU eviction sorts by), at most once a minute.
+fn touch(file: &std::fs::File) {
+    let now = SystemTime::now();
+    let recent = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age.as_secs() < 60));
+    if !recent {
+        let _ = file.set_modified(now);
+    }
+}
+
 /// Removes the partial downloads of processes that are gone: their run directory's lock is free.
 /// Partials of a live process (a second proxy or a `cache` command on the same directory) stay.
 fn remove_dead_partials(tmp: &Path) -> Result<(), StoreError> {
@@ -649,7 +670,7 @@ mod tests {
                 .unwrap(),
             other
         );
-        let entry = store.object(&d2).await.unwrap().unwrap();
+        let (_, entry) = store.object(&d2).await.unwrap().unwrap();
         assert_eq!(entry.meta, meta);
     }
 
