@@ -1272,6 +1272,11 @@ pub fn read_head(s: &mut impl Read) -> (u16, String) {
 pub fn raw(proxy: SocketAddr, request: &[u8]) -> (u16, String) {
     let mut s = dial(proxy);
     s.write_all(request).unwrap();
+    read_response(s)
+}
+
+/// Reads a whole response to the end of the stream: its status and its text.
+pub fn read_response(mut s: impl Read) -> (u16, String) {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -1332,15 +1337,7 @@ pub fn https_get(mut tls: impl Read + Write, host: &str, path: &str) -> (u16, St
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    (status, text)
+    read_response(tls)
 }
 
 /// A one-request-per-connection HTTPS server on 127.0.0.1 for `names`, with a certificate from
