@@ -17,6 +17,46 @@ use crate::cache::{Digest, Flight, Head, Join, State};
 use crate::proxy::Target;
 use crate::Shared;
 
+/// One request for an object, with what answering it from the cache needs.
+struct Ask<'a> {
+    parts: &'a request::Parts,
+    target: &'a Target,
+    repo: &'a str,
+    digest: &'a Digest,
+    shared: &'a Arc<Shared>,
+    range: Option<ByteRange>,
+}
+
+impl Ask<'_> {
+    /// Answers from a cached or in-flight object, if the upstream would give it to this client.
+    async fn cached(
+        &self,
+        flight: &Arc<Flight>,
+        head_only: bool,
+        outcome: Outcome,
+    ) -> (Response<Body>, Outcome) {
+        let digest = Some(self.digest);
+        if let Err(refused) = auth::allowed(
+            self.shared,
+            self.parts,
+            self.target,
+            self.repo,
+            digest,
+            false,
+        )
+        .await
+        {
+            return (refused, "FORWARD");
+        }
+        (respond(flight, self.digest, head_only, self.range), outcome)
+    }
+
+    async fn forward(&self) -> (Response<Body>, Outcome) {
+        let resp = forward(self.parts, body::empty(), self.target, self.shared, true).await;
+        (resp, "FORWARD")
+    }
+}
+
 /// Answers a GET or HEAD of an object by digest.
 pub(super) async fn serve(
     parts: &request::Parts,
@@ -26,66 +66,46 @@ pub(super) async fn serve(
     shared: &Arc<Shared>,
 ) -> (Response<Body>, Outcome) {
     let head_only = parts.method == Method::HEAD;
-    let range = ByteRange::from_headers(&parts.headers);
-    let forward = || forward(parts, body::empty(), target, shared, true);
+    let ask = Ask {
+        parts,
+        target,
+        repo,
+        digest: &digest,
+        shared,
+        range: ByteRange::from_headers(&parts.headers),
+    };
     if let Some((flight, _)) = shared.cache.hit(&digest).await {
-        if let Err(refused) = auth::allowed(shared, parts, target, repo, Some(&digest), false).await
-        {
-            return (refused, "FORWARD");
-        }
-        return (respond(&flight, &digest, head_only, range), "HIT");
+        return ask.cached(&flight, head_only, "HIT").await;
     }
     if head_only {
         // A HEAD is cheap upstream and says nothing worth caching, unless a download already knows.
-        if let Some(flight) = shared
+        let known = shared
             .cache
             .flights
             .get(&digest)
-            .filter(|f| f.head().is_some())
-        {
-            if let Err(refused) =
-                auth::allowed(shared, parts, target, repo, Some(&digest), false).await
-            {
-                return (refused, "FORWARD");
-            }
-            return (respond(&flight, &digest, true, range), "JOINED");
-        }
-        return (forward().await, "FORWARD");
+            .filter(|f| f.head().is_some());
+        return match known {
+            Some(flight) => ask.cached(&flight, true, "JOINED").await,
+            None => ask.forward().await,
+        };
     }
     match shared.cache.flights.join(&digest) {
         Join::Follower(flight) => match flight.started().await {
-            State::Abandoned => {
-                // The leader got no cacheable answer (or found it cached meanwhile).
-                if let Some((flight, _)) = shared.cache.hit(&digest).await {
-                    if let Err(refused) =
-                        auth::allowed(shared, parts, target, repo, Some(&digest), false).await
-                    {
-                        return (refused, "FORWARD");
-                    }
-                    return (respond(&flight, &digest, false, range), "HIT");
-                }
-                (forward().await, "FORWARD")
-            }
+            // The leader got no cacheable answer (or found it cached meanwhile).
+            State::Abandoned => match shared.cache.hit(&digest).await {
+                Some((flight, _)) => ask.cached(&flight, false, "HIT").await,
+                None => ask.forward().await,
+            },
             _ => {
-                if let Err(refused) =
-                    auth::allowed(shared, parts, target, repo, Some(&digest), false).await
-                {
-                    return (refused, "FORWARD");
-                }
                 shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
-                (respond(&flight, &digest, false, range), "JOINED")
+                ask.cached(&flight, false, "JOINED").await
             }
         },
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.
             if let Some((flight, _)) = shared.cache.hit(&digest).await {
                 drop(leader);
-                if let Err(refused) =
-                    auth::allowed(shared, parts, target, repo, Some(&digest), false).await
-                {
-                    return (refused, "FORWARD");
-                }
-                return (respond(&flight, &digest, false, range), "HIT");
+                return ask.cached(&flight, false, "HIT").await;
             }
             let up = match fetch_request(target, parts, Method::GET) {
                 Ok(r) => r,
@@ -104,7 +124,7 @@ pub(super) async fn serve(
                         "FORWARD",
                     ),
                 },
-                _ => (respond(&flight, &digest, false, range), "MISS"),
+                _ => (respond(&flight, &digest, false, ask.range), "MISS"),
             }
         }
     }
