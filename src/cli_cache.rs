@@ -187,9 +187,13 @@ fn prefetch(
     };
     let mut failed = 0;
     for image in images {
-        match runtime.block_on(crate::prefetch::prefetch(
-            &shared, image, platforms, &events,
-        )) {
+        let fetched = runtime.block_on(async {
+            let fetched = crate::prefetch::prefetch(&shared, image, platforms, &events).await;
+            // Readers finish before the last file is flushed and committed; wait for that.
+            shared.cache.flights.settled().await;
+            fetched
+        });
+        match fetched {
             Ok(objects) => println!("{image}: {} object(s) cached", objects.len()),
             Err(e) => {
                 eprintln!("{image}: {e}");

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
 use super::digest::Digest;
-use super::store::{ObjectMeta, Pin, Store};
+use super::store::{ObjectMeta, Pin, Store, StoreError};
 use crate::body::{channel, Body, BoxError};
 
 /// Bytes read from disk per chunk sent to a client.
@@ -39,7 +39,7 @@ pub enum State {
     Pending,
     /// This many bytes are on disk.
     Filling(u64),
-    /// Complete and verified (and committed, unless the disk refused).
+    /// Complete and verified (being committed, or committed unless the disk refused).
     Done(u64),
     /// Broken: truncated, wrong digest, upstream error. Readers must abort their connection.
     Failed(Arc<str>),
@@ -156,6 +156,8 @@ impl Flight {
 #[derive(Default)]
 pub struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
+    // The download tasks: each ends after its file is committed, which can be after its readers.
+    fills: tokio_util::task::TaskTracker,
 }
 
 /// The outcome of asking to download a digest.
@@ -187,6 +189,13 @@ impl Flights {
     pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(digest).cloned()
+    }
+
+    /// Waits until every download started so far has ended and its file is committed.
+    pub async fn settled(&self) {
+        self.fills.close();
+        self.fills.wait().await;
+        self.fills.reopen();
     }
 
     fn remove(&self, digest: &Digest) {
@@ -231,7 +240,7 @@ impl Leader {
             tmp,
             finished: false,
         };
-        tokio::spawn(fill.run(body, writer));
+        self.flights.fills.spawn(fill.run(body, writer));
         Ok(self.flight.clone())
     }
 }
@@ -269,37 +278,58 @@ impl Drop for Fill {
 
 impl Fill {
     async fn run(mut self, body: Incoming, file: std::fs::File) {
-        let result = self.download(body, file).await;
-        let state = match result {
-            Ok(size) => {
+        match self.download(body, file).await {
+            Ok((size, file)) => {
                 self.store
                     .metrics()
                     .bytes_from_upstream
                     .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                let meta = ObjectMeta {
-                    content_type: self.flight.head().and_then(|h| h.content_type.clone()),
-                    size,
-                };
-                if let Err(e) = self.store.commit(&self.tmp, &self.digest, &meta).await {
-                    // The bytes verified, so readers may finish; only caching them failed.
-                    tracing::warn!(digest = %self.digest, error = %e, "cannot commit to the cache");
-                    let _ = tokio::fs::remove_file(&self.tmp).await;
-                }
-                State::Done(size)
+                // The bytes verified: readers get the last byte now, not after the disk flush.
+                // The flight stays joinable (reading the temporary file) until it is committed.
+                self.flight.state.send_replace(State::Done(size));
+                self.commit(file, size).await;
             }
             Err(reason) => {
                 tracing::warn!(digest = %self.digest, reason = %reason, "download failed; nothing cached");
                 let _ = tokio::fs::remove_file(&self.tmp).await;
-                State::Failed(reason.into())
+                self.flight.state.send_replace(State::Failed(reason.into()));
             }
-        };
-        self.flight.state.send_replace(state);
+        }
         self.flights.remove(&self.digest);
         self.finished = true;
     }
 
-    /// Streams `body` to disk through a writer thread; returns the verified size.
-    async fn download(&self, mut body: Incoming, file: std::fs::File) -> Result<u64, String> {
+    /// Flushes the verified file to disk, then moves it into the store: a crash never leaves a
+    /// named entry whose bytes are not on disk.
+    async fn commit(&self, file: std::fs::File, size: u64) {
+        let meta = ObjectMeta {
+            content_type: self.flight.head().and_then(|h| h.content_type.clone()),
+            size,
+        };
+        let synced = tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let committed = match synced {
+            Ok(()) => self.store.commit(&self.tmp, &self.digest, &meta).await,
+            Err(source) => Err(StoreError::Io {
+                what: "flush",
+                path: self.tmp.clone(),
+                source,
+            }),
+        };
+        if let Err(e) = committed {
+            // The bytes verified, so readers finished; only caching them failed.
+            tracing::warn!(digest = %self.digest, error = %e, "cannot commit to the cache");
+            let _ = tokio::fs::remove_file(&self.tmp).await;
+        }
+    }
+
+    /// Streams `body` to disk through a writer thread; returns the verified size and the file.
+    async fn download(
+        &self,
+        mut body: Incoming,
+        file: std::fs::File,
+    ) -> Result<(u64, std::fs::File), String> {
         let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
         let (flight, digest) = (self.flight.clone(), self.digest.clone());
         let writer = tokio::task::spawn_blocking(move || write_all(file, rx, &flight, &digest));
@@ -328,7 +358,7 @@ impl Fill {
         if let Some(f) = failure {
             return Err(f);
         }
-        let (size, matches) = written;
+        let (size, matches, file) = written;
         if let Some(want) = self.flight.head().and_then(|h| h.length) {
             if want != size {
                 return Err(format!("upstream sent {size} of {want} bytes"));
@@ -340,7 +370,7 @@ impl Fill {
                 self.digest
             ));
         }
-        Ok(size)
+        Ok((size, file))
     }
 }
 
@@ -370,13 +400,14 @@ async fn next_batch(body: &mut Incoming, batch: &mut BytesMut) -> Result<bool, h
     .await
 }
 
-/// The writer thread: disk, hash and progress for each frame; `(size, digest matches)` at the end.
+/// The writer thread: disk, hash and progress for each frame; `(size, digest matches, file)` at
+/// the end (not yet flushed to disk).
 fn write_all(
     mut file: std::fs::File,
     mut rx: mpsc::Receiver<Bytes>,
     flight: &Flight,
     digest: &Digest,
-) -> std::io::Result<(u64, bool)> {
+) -> std::io::Result<(u64, bool, std::fs::File)> {
     let mut hasher = digest.hasher();
     let (mut written, mut published) = (0u64, 0u64);
     while let Some(data) = rx.blocking_recv() {
@@ -390,8 +421,7 @@ fn write_all(
         }
     }
     flight.state.send_replace(State::Filling(written));
-    file.sync_all()?;
-    Ok((written, hasher.matches(digest)))
+    Ok((written, hasher.matches(digest), file))
 }
 
 /// Sends `start..end` of the flight's file to a client, waiting for bytes that have not landed.

@@ -56,10 +56,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     tracing::info!(in_flight = shared.tasks.len(), grace = ?grace, "shutting down");
     shared.shutdown.cancel();
     shared.tasks.close();
-    if tokio::time::timeout(grace, shared.tasks.wait())
-        .await
-        .is_err()
-    {
+    let drained = async {
+        shared.tasks.wait().await;
+        // Downloads whose clients are gone still finish and commit, within the same grace.
+        shared.cache.flights.settled().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             cut = shared.tasks.len(),
             "grace time over; closing remaining transfers"
