@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ const STALL: Duration = Duration::from_secs(60);
 pub enum State {
     /// Waiting for the upstream's response head.
     Pending,
-    /// This many bytes are on disk.
+    /// This many bytes have arrived (readers get them from memory or from the file).
     Filling(u64),
     /// Complete and verified (being committed, or committed unless the disk refused).
     Done(u64),
@@ -62,6 +63,8 @@ pub struct Flight {
     head: OnceLock<Head>,
     file: OnceLock<Arc<std::fs::File>>,
     recent: Mutex<Recent>,
+    // Bytes the writer has put in the file; readers behind the in-memory tail read up to here.
+    on_disk: AtomicU64,
     // Held while any reader of a cached file lives, so that eviction passes it by.
     _pin: Option<Pin>,
 }
@@ -73,6 +76,7 @@ impl Flight {
             head: OnceLock::new(),
             file: OnceLock::new(),
             recent: Mutex::default(),
+            on_disk: AtomicU64::new(0),
             _pin: None,
         }
     }
@@ -84,6 +88,7 @@ impl Flight {
             head: OnceLock::from(head),
             file: OnceLock::from(Arc::new(file)),
             recent: Mutex::default(),
+            on_disk: AtomicU64::new(size),
             _pin: Some(pin),
         };
         Arc::new(flight)
@@ -112,7 +117,7 @@ impl Flight {
     }
 }
 
-/// The tail of what the writer has written: `chunks` hold bytes `start..start + len`.
+/// The tail of what has been received: `chunks` hold bytes `start..start + len`.
 #[derive(Default)]
 struct Recent {
     start: u64,
@@ -121,12 +126,19 @@ struct Recent {
 }
 
 impl Flight {
-    /// Keeps `data`, written at the end of the file, for readers; forgets the oldest beyond RECENT.
+    /// Keeps `data`, received after everything before, for readers; forgets the oldest beyond
+    /// RECENT once the writer has put it in the file, so that what is not here can be read there.
     fn remember(&self, data: Bytes) {
         let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         r.len += data.len() as u64;
         r.chunks.push_back(data);
-        while r.len > RECENT && r.chunks.len() > 1 {
+        let on_disk = self.on_disk.load(Ordering::Acquire);
+        while r.len > RECENT
+            && r.chunks.len() > 1
+            && r.chunks
+                .front()
+                .is_some_and(|c| r.start + c.len() as u64 <= on_disk)
+        {
             let old = r.chunks.pop_front().map_or(0, |c| c.len() as u64);
             r.start += old;
             r.len -= old;
@@ -283,7 +295,7 @@ impl Fill {
                 self.store
                     .metrics()
                     .bytes_from_upstream
-                    .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(size, Ordering::Relaxed);
                 // The bytes verified: readers get the last byte now, not after the disk flush.
                 // The flight stays joinable (reading the temporary file) until it is committed.
                 self.flight.state.send_replace(State::Done(size));
@@ -324,7 +336,8 @@ impl Fill {
         }
     }
 
-    /// Streams `body` to disk through a writer thread; returns the verified size and the file.
+    /// Hands `body` to readers as it arrives and to a writer thread that writes and hashes it;
+    /// returns the verified size and the file.
     async fn download(
         &self,
         mut body: Incoming,
@@ -335,13 +348,23 @@ impl Fill {
         let writer = tokio::task::spawn_blocking(move || write_all(file, rx, &flight, &digest));
         let mut failure = None;
         let mut batch = BytesMut::new();
+        let (mut received, mut published) = (0u64, 0u64);
         loop {
             match tokio::time::timeout(STALL, next_batch(&mut body, &mut batch)).await {
                 Err(_) => failure = Some(format!("upstream sent nothing for {STALL:?}")),
                 Ok(Err(e)) => failure = Some(format!("upstream body broke off: {e}")),
                 Ok(Ok(more)) => {
-                    if !batch.is_empty() && tx.send(batch.split().freeze()).await.is_err() {
-                        break;
+                    if !batch.is_empty() {
+                        let data = batch.split().freeze();
+                        received += data.len() as u64;
+                        self.flight.remember(data.clone());
+                        if published == 0 || received - published >= PUBLISH_EVERY || !more {
+                            self.flight.state.send_replace(State::Filling(received));
+                            published = received;
+                        }
+                        if tx.send(data).await.is_err() {
+                            break;
+                        }
                     }
                     if more {
                         continue;
@@ -349,6 +372,9 @@ impl Fill {
                 }
             }
             break;
+        }
+        if published != received {
+            self.flight.state.send_replace(State::Filling(received));
         }
         drop(tx);
         let written = writer
@@ -400,8 +426,8 @@ async fn next_batch(body: &mut Incoming, batch: &mut BytesMut) -> Result<bool, h
     .await
 }
 
-/// The writer thread: disk, hash and progress for each frame; `(size, digest matches, file)` at
-/// the end (not yet flushed to disk).
+/// The writer thread: disk and hash for each batch; `(size, digest matches, file)` at the end
+/// (not yet flushed to disk).
 fn write_all(
     mut file: std::fs::File,
     mut rx: mpsc::Receiver<Bytes>,
@@ -409,18 +435,13 @@ fn write_all(
     digest: &Digest,
 ) -> std::io::Result<(u64, bool, std::fs::File)> {
     let mut hasher = digest.hasher();
-    let (mut written, mut published) = (0u64, 0u64);
+    let mut written = 0u64;
     while let Some(data) = rx.blocking_recv() {
         file.write_all(&data)?;
         hasher.update(&data);
         written += data.len() as u64;
-        flight.remember(data);
-        if published == 0 || written - published >= PUBLISH_EVERY {
-            flight.state.send_replace(State::Filling(written));
-            published = written;
-        }
+        flight.on_disk.store(written, Ordering::Release);
     }
-    flight.state.send_replace(State::Filling(written));
     Ok((written, hasher.matches(digest), file))
 }
 
@@ -497,4 +518,34 @@ async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Resul
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes leave the in-memory tail only once they are in the file, so a reader that falls
+    /// behind the tail always finds them there.
+    #[test]
+    fn the_recent_tail_keeps_what_the_writer_has_not_written() {
+        let flight = Flight::pending();
+        let chunk = Bytes::from(vec![7u8; 512 * 1024]);
+        for _ in 0..8 {
+            flight.remember(chunk.clone()); // 4 MiB received, nothing written yet
+        }
+        assert_eq!(flight.recent_at(0, 10).as_deref(), Some(&[7u8; 10][..]));
+        flight.on_disk.store(3 * 512 * 1024, Ordering::Release);
+        flight.remember(chunk.clone()); // 4.5 MiB received, 1.5 MiB written
+        assert!(flight.recent_at(0, 10).is_none());
+        assert!(flight.recent_at(3 * 512 * 1024 - 1, 1).is_none());
+        assert!(flight.recent_at(3 * 512 * 1024, 1).is_some());
+        flight.on_disk.store(9 * 512 * 1024, Ordering::Release);
+        flight.remember(chunk);
+        let r = flight.recent.lock().unwrap();
+        assert!(
+            r.len <= RECENT,
+            "the tail shrinks back to {RECENT} once written"
+        );
+        assert_eq!(r.start + r.len, 10 * 512 * 1024);
+    }
 }
