@@ -11,7 +11,7 @@ mode, an nginx MITM cache like rpardini/docker-registry-proxy, mitmproxy. Every 
 skopeo. Everything listens on 127.0.0.1; every process started is killed and the temp dir removed at
 the end. Writes bench/RESULTS.md (median, min, max of the rounds; ratios to direct and tunnel).
 """
-import argparse, datetime, http.client, json, os, platform, re, shutil, signal, socket, ssl
+import argparse, datetime, http.client, json, os, platform, re, resource, shutil, signal, socket, ssl
 import statistics, subprocess, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,6 +119,25 @@ def tree_hwm_mib(pid):
     return sum(vm_hwm_kib(p) for p in tree_pids(pid)) / 1024
 
 
+def cpu_s(pids):
+    """User + system CPU seconds used so far by the live processes `pids` and their descendants."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in {q for p in pids if p for q in tree_pids(p)}:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / tick
+
+
+def children_cpu_s():
+    """CPU seconds of this process's finished, waited-for children (the skopeo clients)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def certdir_with(work, name, ca_file):
     d = os.path.join(work, "certdirs", name)
     os.makedirs(d, exist_ok=True)
@@ -222,6 +241,8 @@ class Peer:
         raise NotImplementedError
     def rss_pid(self):
         return None
+    def cpu_pids(self):  # processes (with their descendants) whose CPU time is the proxy's
+        return [self.rss_pid()]
 
 
 class Direct(Peer):
@@ -466,6 +487,8 @@ class Nginx(ViaProxy):
         self.start()
     def rss_pid(self):
         return self.proc.pid
+    def cpu_pids(self):
+        return [self.proc.pid, self.front.pid]
     def cache_statuses(self):
         counts = {}
         try:
@@ -768,6 +791,23 @@ def main():
         C_RSSH = f"Peak RSS of the proxy, {CONC} concurrent cold pulls of 1 × {huge_label}"
         C_TP = f"Throughput of one connection, GET of the {huge_label} blob, warm"
         C_LEAF = "Leaf issuance: TLS handshake, new host name minus cached name"
+        NCPU = os.cpu_count() or 1
+        C_CPUP, C_CPUC = "CPU time of the proxy, one cold pull of 1 × 200 MiB", "CPU time of the client (skopeo), one cold pull of 1 × 200 MiB"
+        C_CPUA = f"CPU time of client + origin + proxy ÷ {NCPU} CPUs, one cold pull of 1 × 200 MiB"
+        C_CPU8C = f"CPU time of the {CONC} clients (skopeo), {CONC} concurrent cold pulls of 1 × 200 MiB"
+        C_CPU8A = f"CPU time of clients + origin + proxy ÷ {NCPU} CPUs, {CONC} concurrent cold pulls of 1 × 200 MiB"
+
+        def accounted(p, image, n=1, cases=()):
+            """Wall time of the pull(s); CPU seconds of client, proxy, and all ÷ CPUs go to `cases`."""
+            pids, opid = p.cpu_pids(), [origin.proc.pid]
+            c0, o0, p0 = children_cpu_s(), cpu_s(opid), cpu_s(pids)
+            wall = clients.pull(p, image, n)
+            c, o, q = children_cpu_s() - c0, cpu_s(opid) - o0, cpu_s(pids) - p0
+            for case, v in zip(cases, (c, q, (c + o + q) / NCPU)):
+                if case:
+                    res.add(case, p.name, v)
+            return wall
+
         res.case(C_BIG, "s")
         res.case(C_BIGW, "s", "direct and tunnel: with the origin up (their only mode); caching peers: origin stopped.")
         res.case(C_MANY, "s")
@@ -780,6 +820,13 @@ def main():
                                   "distribution: the mirror registry; tunnel: the Python tunnel).")
         res.case(C_RSSH, "MiB", "regproxy only (fresh process).")
         res.case(C_TP, "MiB/s", "curl -o /dev/null, one connection, cache warm (non-caching peers: pass-through); higher is better.")
+        res.case(C_CPUP, "s", "utime + stime of the proxy's processes (nginx: master, workers and its CONNECT front; "
+                              "distribution: the mirror registry) over the pull; direct has none.")
+        res.case(C_CPUC, "s", "utime + stime of the skopeo process.")
+        res.case(C_CPUA, "s", "The shortest wall time the machine's CPUs allow for the pull; compare with the wall "
+                              "times above.")
+        res.case(C_CPU8C, "s")
+        res.case(C_CPU8A, "s")
         res.case(C_LEAF, "ms", f"Median of 200 handshakes through CONNECT to `hN.bench.test:443` (never seen before) minus the median of 200 "
                                f"to one already-seen name; Python ssl client, P-256 leaf. nginx serves one static leaf (n/a).")
 
@@ -790,7 +837,7 @@ def main():
             # cold pulls, peers interleaved
             for p in peers:
                 try:
-                    res.add(C_BIG, p.name, clients.pull(p, "big"))
+                    res.add(C_BIG, p.name, accounted(p, "big", cases=(C_CPUC, C_CPUP, C_CPUA)))
                     res.add(C_MANY, p.name, clients.pull(p, "many"))
                 except Exception as e:  # noqa: BLE001
                     failures.append(f"round {r + 1}, {p.name}, cold: {e}")
@@ -824,7 +871,7 @@ def main():
                     p.start()
                 off = origin.log_size()
                 try:
-                    wall = clients.pull(p, "big", CONC)
+                    wall = accounted(p, "big", CONC, cases=(C_CPU8C, None, C_CPU8A))
                     res.add(C_CONC, p.name, wall)
                     one = res.data.get((C_BIG, p.name), [None])[-1]
                     if one:
@@ -886,7 +933,8 @@ def main():
         elapsed = time.monotonic() - started
         write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics,
                      {"C_BIG": C_BIG, "C_BIGW": C_BIGW, "C_MANY": C_MANY, "C_CONC": C_CONC, "C_CONCR": C_CONCR,
-                      "C_GETS": C_GETS, "C_RSS200": C_RSS200, "C_RSSH": C_RSSH, "C_LEAF": C_LEAF})
+                      "C_GETS": C_GETS, "C_RSS200": C_RSS200, "C_RSSH": C_RSSH, "C_LEAF": C_LEAF,
+                      "C_CPUP": C_CPUP, "C_CPUC": C_CPUC, "C_CPUA": C_CPUA, "C_CPU8C": C_CPU8C, "C_CPU8A": C_CPU8A})
         log(f"wrote {a.out} after {elapsed:.0f} s")
     finally:
         for p in peers:
@@ -936,6 +984,19 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
     v = m("C_LEAF", "regproxy")
     goal("leaf issuance after warm-up < 1 ms", v, v is not None and v < 1, fmt(v, "ms"))
 
+    why = []
+    if m("C_CPUP", "regproxy") is not None and m("C_CPUP", "tunnel") is not None:
+        why.append(f"- Cold 200 MiB: regproxy used {fmt(m('C_CPUP', 'regproxy'), 's')} of CPU (decrypt, SHA-256, "
+                   f"disk, encrypt), the blind tunnel {fmt(m('C_CPUP', 'tunnel'), 's')}, skopeo itself "
+                   f"{fmt(m('C_CPUC', 'regproxy'), 's')}. All processes' CPU ÷ CPUs: "
+                   f"{fmt(m('C_CPUA', 'regproxy'), 's')} through regproxy, {fmt(m('C_CPUA', 'tunnel'), 's')} through "
+                   f"the tunnel (wall {fmt(m('C_BIG', 'regproxy'), 's')} and {fmt(m('C_BIG', 'tunnel'), 's')}).")
+    if m("C_CPU8C", "regproxy") is not None:
+        why.append(f"- {CONC} concurrent cold pulls: the {CONC} skopeo clients alone used "
+                   f"{fmt(m('C_CPU8C', 'regproxy'), 's')} of CPU, against {fmt(m('C_CPUC', 'regproxy'), 's')} for one "
+                   f"pull; all processes ÷ CPUs {fmt(m('C_CPU8A', 'regproxy'), 's')}, so wall ÷ one pull cannot fall "
+                   f"near 1.3 on this machine whatever the proxy does (direct: {fmt(m('C_CONCR', 'direct'), 'x')}).")
+
     try:
         commit = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%H %s"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"],
@@ -956,6 +1017,8 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
          "## Machine", ""]
     L += [f"- **{k}**: {v}" for k, v in mach.items()]
     L += ["", "## Goals (medians of this run)", "", "| goal | measured | result |", "|---|---|---|"] + goals
+    if why:
+        L += ["", "Where the time goes (CPU accounting of the same runs):", ""] + why
     L += ["", "## Setup", "",
           "- **origin**: Debian's docker-registry (distribution 2.8) over TLS on 127.0.0.1, named `registry.test` "
           "(test CA; leaf with DNS:registry.test and IP:127.0.0.1). Images generated by `tests/support/mkimage.py` "
