@@ -186,8 +186,17 @@ fn slow_blob_upstream(
 }
 
 fn blob_proxy(port: u16, dir: &Path) -> Proxy {
+    Proxy::start(blob_config(port, dir))
+}
+
+/// [`blob_proxy`] keeping its CA and cache in `state`, so that a restart finds them.
+fn blob_proxy_in(state: &Path, port: u16, dir: &Path) -> Proxy {
+    Proxy::start_in(state, blob_config(port, dir))
+}
+
+fn blob_config(port: u16, dir: &Path) -> impl FnOnce(&mut Config) {
     let ca = dir.join("ca.crt");
-    Proxy::start(move |c| {
+    move |c| {
         c.intercept.push("blobs.test".into());
         c.allow_port.push(port);
         c.resolve.push((
@@ -195,7 +204,7 @@ fn blob_proxy(port: u16, dir: &Path) -> Proxy {
             SocketAddr::from(([127, 0, 0, 1], port)),
         ));
         c.upstream_ca.push(ca);
-    })
+    }
 }
 
 fn get_blob(proxy: &Proxy, port: u16, digest: &str) -> RawResponse {
@@ -453,6 +462,46 @@ fn leader_leaving_early_cancels_nothing() {
     }
     let heads = seen.lock().unwrap().clone();
     assert_eq!(heads.len(), 1, "{heads:?}");
+}
+
+/// Shutdown lets a download whose client has left finish and be committed: after a restart the
+/// blob is served from the cache without asking the upstream again.
+#[test]
+fn shutdown_commits_a_download_whose_client_left() {
+    let dir = TestDir::new();
+    let data: Arc<Vec<u8>> = Arc::new((0..400_000u32).map(|i| (i % 241) as u8).collect());
+    let digest = sha256_digest(&data);
+    let body = data.clone();
+    let (port, seen) = tiny_https(&dir.join("up"), &["blobs.test"], move |_, w| {
+        thread::sleep(Duration::from_millis(600));
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = w.write_all(&body);
+    });
+    let state = dir.join("state");
+    let mut proxy = blob_proxy_in(&state, port, &dir.join("up"));
+    let target = format!("blobs.test:{port}");
+    let mut client = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
+    write!(
+        client,
+        "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    client.flush().unwrap();
+    thread::sleep(Duration::from_millis(150));
+    drop(client);
+    proxy.stop();
+
+    let proxy = blob_proxy_in(&state, port, &dir.join("up"));
+    let resp = get_blob(&proxy, port, &digest);
+    assert!(resp.complete && resp.body == *data, "{}", resp.head);
+    // (A HEAD may check that the repository lets anonymous clients have it; no second GET.)
+    let heads = seen.lock().unwrap().clone();
+    let gets = heads.iter().filter(|h| h.starts_with("GET ")).count();
+    assert_eq!(gets, 1, "downloaded again: {heads:?}");
 }
 
 /// A tag whose upstream answers 503, 429, or nothing in time is served stale with a Warning.

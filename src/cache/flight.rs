@@ -168,8 +168,9 @@ impl Flight {
 #[derive(Default)]
 pub struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
-    // The download tasks: each ends after its file is committed, which can be after its readers.
-    fills: tokio_util::task::TaskTracker,
+    // The download tasks (asking upstream, then filling): each ends after its file is committed,
+    // which can be after its readers have finished or left.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// The outcome of asking to download a digest.
@@ -203,11 +204,20 @@ impl Flights {
         map.get(digest).cloned()
     }
 
+    /// Runs a leader's download task (the upstream request that leads to [`Leader::start`]) so
+    /// that [`Flights::settled`] waits for it.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
     /// Waits until every download started so far has ended and its file is committed.
     pub async fn settled(&self) {
-        self.fills.close();
-        self.fills.wait().await;
-        self.fills.reopen();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.tasks.reopen();
     }
 
     fn remove(&self, digest: &Digest) {
@@ -252,7 +262,7 @@ impl Leader {
             tmp,
             finished: false,
         };
-        self.flights.fills.spawn(fill.run(body, writer));
+        self.flights.tasks.spawn(fill.run(body, writer));
         Ok(self.flight.clone())
     }
 }

@@ -115,7 +115,8 @@ pub(super) async fn serve(
             let (tx, rx) = oneshot::channel();
             // The download runs apart from this client, which may leave without harming it.
             let source = (target.clone(), repo.to_owned(), digest.clone());
-            tokio::spawn(lead(leader, up, source, shared.clone(), tx));
+            let task = lead(leader, up, source, shared.clone(), tx);
+            shared.cache.flights.spawn(task);
             match flight.started().await {
                 State::Abandoned => match rx.await {
                     Ok(resp) => (resp, "FORWARD"),
