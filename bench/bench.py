@@ -8,8 +8,8 @@ Origin: Debian's docker-registry over TLS on 127.0.0.1 (as registry.test), holdi
 images: big (1 layer of 200 MiB), many (100 layers of 64 KiB), huge (1 layer of 1 GiB; 256 MiB in
 --quick). Peers: direct access, a blind CONNECT tunnel, regproxy, distribution in proxy (pull-through)
 mode, an nginx MITM cache like rpardini/docker-registry-proxy, mitmproxy. Every pull is timed with
-skopeo. Everything listens on 127.0.0.1; every process started is killed and the temp dir removed at
-the end. Writes bench/RESULTS.md (median, min, max of the rounds; ratios to direct and tunnel).
+skopeo; the 200 MiB image also with containerd's ctr. Everything listens on 127.0.0.1; every
+process started is killed and the temp dir removed at the end. Writes bench/RESULTS.md (median, min, max of the rounds; ratios to direct and tunnel).
 """
 import argparse, datetime, http.client, json, os, platform, re, resource, shutil, signal, socket, ssl
 import statistics, subprocess, sys, tempfile, time
@@ -581,6 +581,54 @@ class Clients:
         return int(size) / MiB / float(t), int(size)
 
 
+class Ctr:
+    """containerd's client as a second puller: a private containerd whose namespaces do not share
+    content, and `ctr content fetch` (every blob of the image, through the peer, not unpacked)
+    in a new namespace per pull, so that each pull downloads everything."""
+    def __init__(self, work):
+        self.dir = os.path.join(work, "containerd")
+        os.makedirs(self.dir, exist_ok=True)
+        self.sock = os.path.join(self.dir, "containerd.sock")
+        self.conf = os.path.join(self.dir, "config.toml")
+        with open(self.conf, "w") as f:
+            f.write(f'version = 2\nroot = "{self.dir}/root"\nstate = "{self.dir}/state"\n'
+                    f'[grpc]\n  address = "{self.sock}"\n[ttrpc]\n  address = "{self.dir}/ttrpc.sock"\n'
+                    '[plugins."io.containerd.metadata.v1.bolt"]\n  content_sharing_policy = "isolated"\n')
+        self.proc, self.n = None, 0
+
+    def start(self):
+        self.proc = spawn(["containerd", "--config", self.conf], os.path.join(self.dir, "containerd.log"))
+        end = time.monotonic() + 30
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("containerd did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        kill(self.proc)
+
+    def pull(self, clients, peer, image):
+        """Wall time of one `ctr content fetch` of image through peer."""
+        ref, proxy, certdir = peer.pull(image)
+        host = ref.split("/", 1)[0]
+        hosts = os.path.join(self.dir, "hosts", peer.name)
+        os.makedirs(os.path.join(hosts, host), exist_ok=True)
+        with open(os.path.join(hosts, host, "hosts.toml"), "w") as f:
+            f.write(f'server = "https://{host}"\n[host."https://{host}"]\n  ca = "{certdir}/ca.crt"\n')
+        self.n += 1
+        ctr = ["ctr", "-a", self.sock, "-n", f"pull{self.n}"]
+        t0 = time.monotonic()
+        r = subprocess.run(ctr + ["content", "fetch", "--hosts-dir", hosts, ref], env=clients.env(proxy),
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        dt = time.monotonic() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"ctr content fetch of {image} via {peer.name} failed: {(r.stdout + r.stderr)[-400:]}")
+        digests = subprocess.run(ctr + ["content", "ls", "-q"], capture_output=True, text=True).stdout.split()
+        if digests:
+            subprocess.run(ctr + ["content", "rm"] + digests, capture_output=True)
+        return dt
+
+
 def push(origin, clients, layout, image):
     run(["skopeo", "copy", "-q", "--preserve-digests", "--dest-cert-dir", origin.certdir,
          f"oci:{layout}:latest", f"docker://127.0.0.1:{origin.port}/test/{image}:latest"], env=clients.env(None))
@@ -599,6 +647,32 @@ def image_layout(cache_root, name, layers, size, seed):
     with open(os.path.join(d, "blobs", "sha256", top.split(":")[1])) as f:
         m = json.load(f)
     return d, [l["digest"] for l in m["layers"]], m["config"]["digest"]
+
+
+def ctr_round(ctr, clients, origin, peers, res, cases, failures, r):
+    """One round of ctr pulls: cold for every peer, then warm with the origin stopped."""
+    cold, warm = cases
+    for p in peers:
+        try:
+            if p.caching:
+                p.fresh()
+            res.add(cold, p.name, ctr.pull(clients, p, "big"))
+            if not p.caching:
+                res.add(warm, p.name, res.data[(cold, p.name)][-1])
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"round {r + 1}, {p.name}, ctr cold: {e}")
+            log(failures[-1])
+    origin.stop()
+    try:
+        for p in peers:
+            if p.caching:
+                try:
+                    res.add(warm, p.name, ctr.pull(clients, p, "big"))
+                except Exception as e:  # noqa: BLE001
+                    failures.append(f"round {r + 1}, {p.name}, ctr warm (origin stopped): {e}")
+                    log(failures[-1])
+    finally:
+        origin.start()
 
 
 # ---------------------------------------------------------------- leaf issuance
@@ -753,6 +827,7 @@ def main():
     work = tempfile.mkdtemp(prefix="regproxy-bench-")
     res = Results()
     peers = []
+    ctr = None
     origin = None
     failures = []
     try:
@@ -791,6 +866,7 @@ def main():
         C_RSSH = f"Peak RSS of the proxy, {CONC} concurrent cold pulls of 1 × {huge_label}"
         C_TP = f"Throughput of one connection, GET of the {huge_label} blob, warm"
         C_LEAF = "Leaf issuance: TLS handshake, new host name minus cached name"
+        C_CTR, C_CTRW = "ctr: fetch 1 × 200 MiB, cold", "ctr: fetch 1 × 200 MiB, warm, origin stopped"
         NCPU = os.cpu_count() or 1
         C_CPUP, C_CPUC = "CPU time of the proxy, one cold pull of 1 × 200 MiB", "CPU time of the client (skopeo), one cold pull of 1 × 200 MiB"
         C_CPUA = f"CPU time of client + origin + proxy ÷ {NCPU} CPUs, one cold pull of 1 × 200 MiB"
@@ -808,10 +884,19 @@ def main():
                     res.add(case, p.name, v)
             return wall
 
+        if shutil.which("containerd") and shutil.which("ctr"):
+            ctr = Ctr(work)
+            ctr.start()
+        else:
+            res.notes.append("ctr: containerd not installed, ctr cases skipped.")
+
         res.case(C_BIG, "s")
         res.case(C_BIGW, "s", "direct and tunnel: with the origin up (their only mode); caching peers: origin stopped.")
         res.case(C_MANY, "s")
         res.case(C_MANYW, "s", "direct and tunnel: with the origin up; caching peers: origin stopped.")
+        res.case(C_CTR, "s", "`ctr content fetch` into a private containerd (a new namespace per pull, content not "
+                             "shared between namespaces): containerd's resolver and fetcher, as Kubernetes nodes pull.")
+        res.case(C_CTRW, "s", "direct and tunnel: with the origin up; caching peers: origin stopped.")
         res.case(C_CONC, "s")
         res.case(C_CONCR, "x")
         res.case(C_GETS, "n", "Successful GETs of the layer blob in the origin's access log; the most of any blob of the image "
@@ -862,6 +947,8 @@ def main():
                 origin.start()
             if "nginx" in by:
                 log(f"nginx blob cache statuses after warm: {by['nginx'].cache_statuses()}")
+            if ctr:
+                ctr_round(ctr, clients, origin, peers, res, (C_CTR, C_CTRW), failures, r)
             # concurrent cold pulls
             for p in peers:
                 if p.caching:
@@ -937,6 +1024,8 @@ def main():
                       "C_CPUP": C_CPUP, "C_CPUC": C_CPUC, "C_CPUA": C_CPUA, "C_CPU8C": C_CPU8C, "C_CPU8A": C_CPU8A})
         log(f"wrote {a.out} after {elapsed:.0f} s")
     finally:
+        if ctr:
+            ctr.stop()
         for p in peers:
             try:
                 (p.stop_all if hasattr(p, "stop_all") else p.stop)()
@@ -1025,7 +1114,9 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
           "(incompressible, gzip level 0): `big` 1 × 200 MiB, `many` 100 × 64 KiB, "
           f"`huge` 1 × {huge_label}.",
           "- **client**: `skopeo copy docker://… oci:DIR` (DIR removed after each pull), empty registries.conf and "
-          "auth file; `--src-cert-dir` with the CA the client must trust. Times are wall clock around the skopeo process(es).",
+          "auth file; `--src-cert-dir` with the CA the client must trust. Times are wall clock around the skopeo process(es). "
+          "**ctr**: a private containerd (namespaces do not share content), `ctr content fetch --hosts-dir` with the "
+          "peer's CA in hosts.toml, a new namespace per pull; wall clock around ctr.",
           "- **direct**: skopeo to `127.0.0.1:PORT` (no proxy).",
           "- **tunnel**: `bench/tunnel.py`, a blind CONNECT proxy (Python asyncio), `HTTPS_PROXY`.",
           "- **regproxy**: `--intercept registry.test --resolve … --upstream-ca … --allow-port …`, fresh cache dir "
