@@ -125,6 +125,23 @@ struct Recent {
     chunks: std::collections::VecDeque<Bytes>,
 }
 
+impl Recent {
+    /// Drops the oldest chunks beyond [`RECENT`] that end at or before `on_disk`.
+    fn forget_written(&mut self, on_disk: u64) {
+        while self.len > RECENT
+            && self.chunks.len() > 1
+            && self
+                .chunks
+                .front()
+                .is_some_and(|c| self.start + c.len() as u64 <= on_disk)
+        {
+            let old = self.chunks.pop_front().map_or(0, |c| c.len() as u64);
+            self.start += old;
+            self.len -= old;
+        }
+    }
+}
+
 impl Flight {
     /// Keeps `data`, received after everything before, for readers; forgets the oldest beyond
     /// RECENT once the writer has put it in the file, so that what is not here can be read there.
@@ -132,17 +149,13 @@ impl Flight {
         let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         r.len += data.len() as u64;
         r.chunks.push_back(data);
-        let on_disk = self.on_disk.load(Ordering::Acquire);
-        while r.len > RECENT
-            && r.chunks.len() > 1
-            && r.chunks
-                .front()
-                .is_some_and(|c| r.start + c.len() as u64 <= on_disk)
-        {
-            let old = r.chunks.pop_front().map_or(0, |c| c.len() as u64);
-            r.start += old;
-            r.len -= old;
-        }
+        r.forget_written(self.on_disk.load(Ordering::Acquire));
+    }
+
+    /// Forgets what [`Flight::remember`] would, now that the writer may have caught up.
+    fn trim(&self) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.forget_written(self.on_disk.load(Ordering::Acquire));
     }
 
     /// Up to `n` bytes from `pos`, if they are still in memory.
@@ -171,6 +184,7 @@ pub struct Flights {
     // The download tasks (asking upstream, then filling): each ends after its file is committed,
     // which can be after its readers have finished or left.
     tasks: tokio_util::task::TaskTracker,
+    settling: tokio::sync::Mutex<()>,
 }
 
 /// The outcome of asking to download a digest.
@@ -213,8 +227,12 @@ impl Flights {
         self.tasks.spawn(task);
     }
 
-    /// Waits until every download started so far has ended and its file is committed.
+    /// Waits until no download is running (those that start meanwhile included) and every file
+    /// is committed.
     pub async fn settled(&self) {
+        // One waiter at a time: another's reopen() between our close() and wait() would leave
+        // us waiting for a close that never comes.
+        let _one = self.settling.lock().await;
         self.tasks.close();
         self.tasks.wait().await;
         self.tasks.reopen();
@@ -288,10 +306,15 @@ struct Fill {
 impl Drop for Fill {
     fn drop(&mut self) {
         // The task panicked or was cancelled: release the readers and let the next request retry.
+        // Bytes already verified stay `Done` for readers; only the commit is lost.
         if !self.finished {
-            self.flight
-                .state
-                .send_replace(State::Failed("download task ended".into()));
+            self.flight.state.send_if_modified(|s| {
+                let verified = matches!(s, State::Done(_));
+                if !verified {
+                    *s = State::Failed("download task ended".into());
+                }
+                !verified
+            });
             self.flights.remove(&self.digest);
             let _ = std::fs::remove_file(&self.tmp);
         }
@@ -391,6 +414,8 @@ impl Fill {
             .await
             .map_err(|e| format!("disk writer failed: {e}"))?
             .map_err(|e| format!("writing the cache file: {e}"))?;
+        // Everything is in the file now: the tail shrinks back to its bound.
+        self.flight.trim();
         if let Some(f) = failure {
             return Err(f);
         }
@@ -489,7 +514,14 @@ async fn pump(
             let left = (limit - pos) as usize;
             let chunk = match flight.recent_at(pos, left) {
                 Some(c) => Ok(c),
-                None => read_at(file.clone(), pos, CHUNK.min(left)).await,
+                None => {
+                    // Below the in-memory tail everything is on disk; never read past it.
+                    let written = flight.on_disk.load(Ordering::Acquire).saturating_sub(pos);
+                    let n = CHUNK
+                        .min(left)
+                        .min(usize::try_from(written).unwrap_or(usize::MAX));
+                    read_at(file.clone(), pos, n).await
+                }
             };
             let chunk = match chunk {
                 Ok(c) if !c.is_empty() => c,
@@ -551,11 +583,33 @@ mod tests {
         assert!(flight.recent_at(3 * 512 * 1024, 1).is_some());
         flight.on_disk.store(9 * 512 * 1024, Ordering::Release);
         flight.remember(chunk);
-        let r = flight.recent.lock().unwrap();
-        assert!(
-            r.len <= RECENT,
-            "the tail shrinks back to {RECENT} once written"
-        );
-        assert_eq!(r.start + r.len, 10 * 512 * 1024);
+        {
+            let r = flight.recent.lock().unwrap();
+            assert!(r.len <= RECENT, "the tail shrinks back once written");
+            assert_eq!(r.start + r.len, 10 * 512 * 1024);
+        }
+        // A tail left long by a writer that lagged at the last batch shrinks once it is written.
+        flight.remember(Bytes::from(vec![7u8; 4 * 1024 * 1024]));
+        flight.remember(Bytes::from(vec![7u8; 512 * 1024]));
+        flight.on_disk.store(u64::MAX, Ordering::Release);
+        flight.trim();
+        assert!(flight.recent.lock().unwrap().len <= RECENT);
+    }
+
+    /// Two callers waiting for the downloads to settle at once both return.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_settled_calls_both_return() {
+        let flights = Arc::new(Flights::default());
+        for i in 0..20_000 {
+            let (a, b) = (flights.clone(), flights.clone());
+            let both = async {
+                tokio::join!(
+                    tokio::spawn(async move { a.settled().await }),
+                    tokio::spawn(async move { b.settled().await })
+                )
+            };
+            let done = tokio::time::timeout(Duration::from_secs(2), both).await;
+            assert!(done.is_ok(), "a settled() call hung at round {i}");
+        }
     }
 }
