@@ -191,10 +191,23 @@ fn prefetch(
             let fetched = crate::prefetch::prefetch(&shared, image, platforms, &events).await;
             // Readers finish before the last file is flushed and committed; wait for that.
             shared.cache.flights.settled().await;
-            fetched
+            let objects = fetched?;
+            let mut missing = 0;
+            for object in &objects {
+                let stored = match crate::cache::Digest::parse(object) {
+                    Ok(d) => shared.cache.hit(&d).await.is_some(),
+                    Err(_) => false,
+                };
+                missing += usize::from(!stored);
+            }
+            Ok::<_, crate::prefetch::PrefetchError>((objects.len(), missing))
         });
         match fetched {
-            Ok(objects) => println!("{image}: {} object(s) cached", objects.len()),
+            Ok((n, 0)) => println!("{image}: {n} object(s) cached"),
+            Ok((n, missing)) => {
+                eprintln!("{image}: {missing} of {n} object(s) fetched but not stored in the cache (see the log)");
+                failed += 1;
+            }
             Err(e) => {
                 eprintln!("{image}: {e}");
                 failed += 1;

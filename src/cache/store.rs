@@ -333,6 +333,26 @@ impl Store {
         tokio::fs::rename(tmp, &path)
             .await
             .map_err(io_err("commit", &path))?;
+        let json = serde_json::to_value(meta).map_err(|e| StoreError::Index(e.to_string()));
+        let indexed = match json {
+            Ok(json) => {
+                let opts = WriteOpts::new()
+                    .integrity(digest.integrity())
+                    .size(meta.size as usize)
+                    .metadata(json);
+                cacache::index::insert_async(&self.dir, &object_key(digest), opts)
+                    .await
+                    .map_err(|e| StoreError::Index(e.to_string()))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = indexed {
+            // Without its index entry the file would be neither served nor counted nor evicted.
+            if !existed {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+            return Err(e);
+        }
         if !existed {
             self.metrics.cache_entries.fetch_add(1, Ordering::Relaxed);
             self.metrics
@@ -340,14 +360,6 @@ impl Store {
                 .fetch_add(meta.size, Ordering::Relaxed);
             self.committed.notify_one();
         }
-        let json = serde_json::to_value(meta).map_err(|e| StoreError::Index(e.to_string()))?;
-        let opts = WriteOpts::new()
-            .integrity(digest.integrity())
-            .size(meta.size as usize)
-            .metadata(json);
-        cacache::index::insert_async(&self.dir, &object_key(digest), opts)
-            .await
-            .map_err(|e| StoreError::Index(e.to_string()))?;
         Ok(())
     }
 
@@ -672,6 +684,28 @@ mod tests {
         );
         let (_, entry) = store.object(&d2).await.unwrap().unwrap();
         assert_eq!(entry.meta, meta);
+    }
+
+    /// An object whose index entry cannot be written is not left on disk or counted: it could
+    /// never be served, evicted or listed.
+    #[tokio::test]
+    async fn a_commit_whose_index_write_fails_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let store = Store::open(dir.path(), metrics.clone()).unwrap();
+        let index = dir.path().join("index-v5");
+        let _ = std::fs::remove_dir_all(&index);
+        std::fs::write(&index, b"not a directory").unwrap();
+        let data = b"never indexed".to_vec();
+        let digest = Digest::sha256_of(&data);
+        let meta = ObjectMeta {
+            content_type: None,
+            size: data.len() as u64,
+        };
+        assert!(store.put(&digest, &data, &meta).await.is_err());
+        assert!(!store.content_path(&digest).exists());
+        assert_eq!(metrics.cache_entries.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.cache_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
