@@ -207,6 +207,32 @@ fn blob_config(port: u16, dir: &Path) -> impl FnOnce(&mut Config) {
     }
 }
 
+/// An upstream for `blobs.test` that sends its response head only after 600 ms, then `data`.
+fn late_blob_upstream(dir: &Path, data: Arc<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    tiny_https(dir, &["blobs.test"], move |_, w| {
+        thread::sleep(Duration::from_millis(600));
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            data.len()
+        );
+        let _ = w.write_all(&data);
+    })
+}
+
+/// Asks the proxy for a blob and hangs up 150 ms later, before a late upstream has answered.
+fn ask_and_leave(proxy: &Proxy, port: u16, digest: &str) {
+    let target = format!("blobs.test:{port}");
+    let mut client = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
+    write!(
+        client,
+        "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    client.flush().unwrap();
+    thread::sleep(Duration::from_millis(150));
+}
+
 fn get_blob(proxy: &Proxy, port: u16, digest: &str) -> RawResponse {
     let target = format!("blobs.test:{port}");
     let tls = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
@@ -430,27 +456,9 @@ fn leader_leaving_early_cancels_nothing() {
     let dir = TestDir::new();
     let data: Arc<Vec<u8>> = Arc::new((0..400_000u32).map(|i| (i % 233) as u8).collect());
     let digest = sha256_digest(&data);
-    let body = data.clone();
-    let (port, seen) = tiny_https(&dir.join("up"), &["blobs.test"], move |_, w| {
-        thread::sleep(Duration::from_millis(600)); // the head comes late
-        let _ = write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = w.write_all(&body);
-    });
+    let (port, seen) = late_blob_upstream(&dir.join("up"), data.clone());
     let proxy = blob_proxy(port, &dir.join("up"));
-    let target = format!("blobs.test:{port}");
-    let mut leader = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
-    write!(
-        leader,
-        "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    leader.flush().unwrap();
-    thread::sleep(Duration::from_millis(150));
-    drop(leader);
+    ask_and_leave(&proxy, port, &digest);
     let followers: Vec<RawResponse> = thread::scope(|s| {
         let hs: Vec<_> = (0..2)
             .map(|_| s.spawn(|| get_blob(&proxy, port, &digest)))
@@ -471,28 +479,10 @@ fn shutdown_commits_a_download_whose_client_left() {
     let dir = TestDir::new();
     let data: Arc<Vec<u8>> = Arc::new((0..400_000u32).map(|i| (i % 241) as u8).collect());
     let digest = sha256_digest(&data);
-    let body = data.clone();
-    let (port, seen) = tiny_https(&dir.join("up"), &["blobs.test"], move |_, w| {
-        thread::sleep(Duration::from_millis(600));
-        let _ = write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = w.write_all(&body);
-    });
+    let (port, seen) = late_blob_upstream(&dir.join("up"), data.clone());
     let state = dir.join("state");
     let mut proxy = blob_proxy_in(&state, port, &dir.join("up"));
-    let target = format!("blobs.test:{port}");
-    let mut client = tls_via(proxy.addr(), &target, "blobs.test", &proxy.ca_cert_path());
-    write!(
-        client,
-        "GET /v2/x/blobs/{digest} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    client.flush().unwrap();
-    thread::sleep(Duration::from_millis(150));
-    drop(client);
+    ask_and_leave(&proxy, port, &digest);
     proxy.stop();
 
     let proxy = blob_proxy_in(&state, port, &dir.join("up"));
