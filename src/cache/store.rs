@@ -333,20 +333,7 @@ impl Store {
         tokio::fs::rename(tmp, &path)
             .await
             .map_err(io_err("commit", &path))?;
-        let json = serde_json::to_value(meta).map_err(|e| StoreError::Index(e.to_string()));
-        let indexed = match json {
-            Ok(json) => {
-                let opts = WriteOpts::new()
-                    .integrity(digest.integrity())
-                    .size(meta.size as usize)
-                    .metadata(json);
-                cacache::index::insert_async(&self.dir, &object_key(digest), opts)
-                    .await
-                    .map_err(|e| StoreError::Index(e.to_string()))
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = indexed {
+        if let Err(e) = self.index_object(digest, meta).await {
             // Without its index entry the file would be neither served nor counted nor evicted.
             if !existed {
                 let _ = tokio::fs::remove_file(&path).await;
@@ -360,6 +347,19 @@ impl Store {
                 .fetch_add(meta.size, Ordering::Relaxed);
             self.committed.notify_one();
         }
+        Ok(())
+    }
+
+    /// Appends the index entry that makes a content file an object of the store.
+    async fn index_object(&self, digest: &Digest, meta: &ObjectMeta) -> Result<(), StoreError> {
+        let json = serde_json::to_value(meta).map_err(|e| StoreError::Index(e.to_string()))?;
+        let opts = WriteOpts::new()
+            .integrity(digest.integrity())
+            .size(meta.size as usize)
+            .metadata(json);
+        cacache::index::insert_async(&self.dir, &object_key(digest), opts)
+            .await
+            .map_err(|e| StoreError::Index(e.to_string()))?;
         Ok(())
     }
 
