@@ -2,6 +2,7 @@
 //! that is written when a response body finishes.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use http::{header, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A boxed error for body streams.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -167,13 +169,105 @@ where
 pub fn metered(resp: Response<Body>, mut log: AccessLog) -> Response<Body> {
     log.status = resp.status().as_u16();
     let empty_body = resp.body().is_end_stream();
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    let bodiless = parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    if log.method != "HEAD" && !bodiless {
+        // A Content-Length that the body will not match (an upstream HEAD's, say) is a protocol
+        // error for h2 clients: the body's own length wins.
+        if let Some(n) = body.size_hint().exact() {
+            if parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .map(|v| v.as_bytes())
+                != Some(n.to_string().as_bytes())
+            {
+                parts.headers.insert(header::CONTENT_LENGTH, n.into());
+            }
+        }
+    }
     let mut m = Metered::new(body, log);
     if empty_body {
         // hyper never polls an empty body, so the line is written now with complete = true.
         m.finish(true);
     }
     Response::from_parts(parts, m.boxed_unsync())
+}
+
+/// Bytes of cached objects that one client connection may have queued in the proxy, not yet
+/// written to its socket: a client that never reads holds this much and no more.
+pub const PER_CONNECTION: usize = 8 << 20;
+/// The same across every connection of the process.
+pub const PER_PROCESS: usize = 256 << 20;
+
+static PROCESS: std::sync::LazyLock<Arc<Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(Semaphore::new(PER_PROCESS)));
+
+/// The caps on queued bytes that a response body draws from: its connection's and the
+/// process's. Requests carry their connection's in their extensions.
+#[derive(Clone)]
+pub struct Budget {
+    connection: Arc<Semaphore>,
+}
+
+impl Budget {
+    /// A new connection's budget.
+    pub fn for_connection() -> Budget {
+        Budget {
+            connection: Arc::new(Semaphore::new(PER_CONNECTION)),
+        }
+    }
+
+    /// The budget of the connection a request came on (a fresh one for requests made inside the
+    /// proxy, which have no connection).
+    pub fn of(extensions: &http::Extensions) -> Budget {
+        extensions
+            .get::<Budget>()
+            .cloned()
+            .unwrap_or_else(Budget::for_connection)
+    }
+
+    /// Takes `n` bytes of both caps, waiting while either is spent; `None` if `n` is beyond
+    /// what a cap can ever give.
+    pub async fn reserve(&self, n: usize) -> Option<Reserved> {
+        let n = u32::try_from(n).ok()?;
+        let connection = self.connection.clone().acquire_many_owned(n).await.ok()?;
+        let process = PROCESS.clone().acquire_many_owned(n).await.ok()?;
+        Some(Reserved {
+            _connection: connection,
+            _process: process,
+        })
+    }
+}
+
+/// Bytes of both caps, taken for data about to be queued for a client; given back on drop.
+pub struct Reserved {
+    _connection: OwnedSemaphorePermit,
+    _process: OwnedSemaphorePermit,
+}
+
+impl Reserved {
+    /// `data` holding the reservation until every copy of it is dropped, which is once it has
+    /// been written out to the client.
+    pub fn attach(self, data: Bytes) -> Bytes {
+        Bytes::from_owner(Charged {
+            data,
+            _reserved: self,
+        })
+    }
+}
+
+/// Bytes that hold their share of the caps.
+struct Charged {
+    data: Bytes,
+    _reserved: Reserved,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 /// A body fed by a task through a bounded channel; an `Err` item aborts the client's response.
@@ -218,6 +312,130 @@ impl HttpBody for ChannelBody {
     fn size_hint(&self) -> SizeHint {
         match self.remaining {
             Some(r) => SizeHint::with_exact(r),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// An upstream object's body that is hashed as it streams, with its last chunk held back until
+/// the size and digest check out: a mismatch ends the stream with an error, never cleanly.
+pub struct Verified {
+    inner: hyper::body::Incoming,
+    digest: crate::cache::Digest,
+    hasher: Option<crate::cache::digest::Hasher>,
+    want: Option<u64>,
+    seen: u64,
+    held: Option<Bytes>,
+    on_verified: Option<Box<dyn FnOnce() + Send>>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// Wraps `inner`, which must be the whole object `digest` (`length` bytes when announced);
+/// `on_verified` runs once the bytes proved to be it.
+pub fn verified(
+    inner: hyper::body::Incoming,
+    digest: crate::cache::Digest,
+    length: Option<u64>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    on_verified: impl FnOnce() + Send + 'static,
+) -> Body {
+    Verified {
+        hasher: Some(digest.hasher()),
+        inner,
+        digest,
+        want: length,
+        seen: 0,
+        held: None,
+        on_verified: Some(Box::new(on_verified)),
+        metrics,
+    }
+    .boxed_unsync()
+}
+
+impl Verified {
+    /// At the end of the upstream body: `Ok` when the bytes are the object.
+    fn check(&mut self) -> Result<(), BoxError> {
+        let Some(hasher) = self.hasher.take() else {
+            return Ok(());
+        };
+        if self.want.is_some_and(|w| w != self.seen) {
+            let want = self.want.unwrap_or_default();
+            return Err(format!("upstream sent {} of {want} bytes", self.seen).into());
+        }
+        if !hasher.matches(&self.digest) {
+            let reason = format!(
+                "the {} bytes received do not hash to {}",
+                self.seen, self.digest
+            );
+            tracing::warn!(digest = %self.digest, "{reason}");
+            return Err(reason.into());
+        }
+        if let Some(f) = self.on_verified.take() {
+            f();
+        }
+        Ok(())
+    }
+}
+
+impl HttpBody for Verified {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.hasher.is_none() {
+                // Verified: only the held chunk is left.
+                return Poll::Ready(this.held.take().map(|d| Ok(Frame::data(d))));
+            }
+            let polled = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+            match polled {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if let Some(h) = this.hasher.as_mut() {
+                        h.update(&data);
+                    }
+                    let n = data.len() as u64;
+                    this.seen += n;
+                    this.metrics
+                        .bytes_from_upstream
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(previous) = this.held.replace(data) {
+                        return Poll::Ready(Some(Ok(Frame::data(previous))));
+                    }
+                }
+                Some(Err(e)) => {
+                    this.hasher = None;
+                    this.held = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                None => {
+                    if let Err(e) = this.check() {
+                        this.held = None;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.hasher.is_none() && self.held.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.want {
+            Some(w) => SizeHint::with_exact(
+                w.saturating_sub(self.seen) + self.held.as_ref().map_or(0, |h| h.len() as u64),
+            ),
             None => SizeHint::default(),
         }
     }

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub joins: AtomicU64,
     /// Objects removed to keep the cache within its bounds.
     pub evictions: AtomicU64,
+    /// Objects streamed past the cache (verified, not stored) because the disk had no room.
+    pub passthrough: AtomicU64,
     /// Bytes of verified objects on disk.
     pub cache_bytes: AtomicU64,
     /// Number of verified objects on disk.
@@ -149,7 +151,7 @@ impl Metrics {
             );
         }
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let scalars: [(&str, &str, &str, i64); 9] = [
+        let scalars: [(&str, &str, &str, i64); 10] = [
             (
                 "regproxy_bytes_from_cache_total",
                 "counter",
@@ -173,6 +175,12 @@ impl Metrics {
                 "counter",
                 "Objects evicted to keep the cache within bounds.",
                 load(&self.evictions) as i64,
+            ),
+            (
+                "regproxy_passthrough_total",
+                "counter",
+                "Objects streamed past the cache, verified but not stored, for want of disk room.",
+                load(&self.passthrough) as i64,
             ),
             (
                 "regproxy_cache_bytes",

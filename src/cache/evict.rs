@@ -87,6 +87,44 @@ pub fn evict(store: &Store, bounds: &Bounds) -> Result<Report, StoreError> {
     Ok(report)
 }
 
+/// Removes least recently used objects (never those being served) until the cache's file system
+/// has `want` bytes free (blocking I/O); nothing, if even all of them would not free enough. A
+/// full disk then costs cached objects, not pulls, and an object that can never fit costs none.
+pub fn make_room(store: &Store, want: u64) -> Report {
+    let mut report = Report::default();
+    let Some(free) = free_space(store.dir()) else {
+        return report;
+    };
+    if free >= want {
+        return report;
+    }
+    let mut objects: Vec<_> = store
+        .objects_on_disk()
+        .into_iter()
+        .filter(|o| !store.is_pinned(&o.path))
+        .collect();
+    if free + objects.iter().map(|o| o.size).sum::<u64>() < want {
+        return report;
+    }
+    objects.sort_by_key(|o| o.accessed);
+    for object in objects {
+        if free_space(store.dir()).map_or(true, |free| free >= want) {
+            break;
+        }
+        if store.is_pinned(&object.path) || store.remove_object(&object).is_err() {
+            continue;
+        }
+        tracing::info!(digest = %object.digest, bytes = object.size, "evicted to make room");
+        report.removed += 1;
+        report.freed += object.size;
+    }
+    store
+        .metrics()
+        .evictions
+        .fetch_add(report.removed, Ordering::Relaxed);
+    report
+}
+
 /// Runs eviction whenever a commit may have crossed a bound and every [`CHECK_EVERY`], and
 /// compacts the index every [`COMPACT_EVERY`] even without bounds (revalidated tags append).
 pub async fn keep_within(

@@ -3,7 +3,7 @@
 //! at its own pace. A client that leaves cancels nothing.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
 use super::digest::Digest;
-use super::store::{ObjectMeta, Pin, Store, StoreError};
-use crate::body::{channel, Body, BoxError};
+use super::store::{ObjectMeta, Origin, Pin, Store, StoreError};
+use crate::body::{channel, Body, BoxError, Budget};
 
 /// Bytes read from disk per chunk sent to a client.
 const CHUNK: usize = 128 * 1024;
@@ -30,6 +30,8 @@ const PUBLISH_EVERY: u64 = 64 * 1024;
 /// The most recently written bytes of a download kept in memory, so that readers that keep up
 /// are fed from there rather than by reading the file back.
 const RECENT: u64 = 2 * 1024 * 1024;
+/// Free space asked for beyond a download's own size before it is cached.
+pub const ROOM_MARGIN: u64 = 8 * 1024 * 1024;
 /// A download that delivers nothing for this long is given up.
 const STALL: Duration = Duration::from_secs(60);
 
@@ -65,6 +67,9 @@ pub struct Flight {
     recent: Mutex<Recent>,
     // Bytes the writer has put in the file; readers behind the in-memory tail read up to here.
     on_disk: AtomicU64,
+    // The upstream a download reads from: only its clients may read the bytes before they are
+    // cached and their sources recorded.
+    origin: OnceLock<Origin>,
     // Held while any reader of a cached file lives, so that eviction passes it by.
     _pin: Option<Pin>,
 }
@@ -77,6 +82,7 @@ impl Flight {
             file: OnceLock::new(),
             recent: Mutex::default(),
             on_disk: AtomicU64::new(0),
+            origin: OnceLock::new(),
             _pin: None,
         }
     }
@@ -89,6 +95,7 @@ impl Flight {
             file: OnceLock::from(Arc::new(file)),
             recent: Mutex::default(),
             on_disk: AtomicU64::new(size),
+            origin: OnceLock::new(),
             _pin: Some(pin),
         };
         Arc::new(flight)
@@ -97,6 +104,11 @@ impl Flight {
     /// The head, once the upstream answered.
     pub fn head(&self) -> Option<&Head> {
         self.head.get()
+    }
+
+    /// The upstream a download reads from (`None` for a cached file, whose sources the store has).
+    pub fn origin(&self) -> Option<&Origin> {
+        self.origin.get()
     }
 
     /// Waits until the upstream answered; returns the state then (never `Pending`).
@@ -109,10 +121,11 @@ impl Flight {
         }
     }
 
-    /// A body streaming bytes `start..end` (end exclusive; `None` for to the end) as they land.
-    pub fn reader(self: &Arc<Self>, start: u64, end: Option<u64>) -> Body {
+    /// A body streaming bytes `start..end` (end exclusive; `None` for to the end) as they land,
+    /// queued within `budget`.
+    pub fn reader(self: &Arc<Self>, start: u64, end: Option<u64>, budget: Budget) -> Body {
         let (tx, body) = channel(QUEUE, end.map(|e| e.saturating_sub(start)));
-        tokio::spawn(pump(self.clone(), start, end, tx));
+        tokio::spawn(pump(self.clone(), start, end, tx, budget));
         body
     }
 }
@@ -258,18 +271,21 @@ impl Leader {
         self.flight.clone()
     }
 
-    /// Starts filling from the upstream `body` in the background; returns the flight to read.
+    /// Starts filling from the upstream `body` of `origin` in the background; returns the
+    /// flight to read.
     pub fn start(
         mut self,
         store: &Store,
         head: Head,
         body: Incoming,
+        origin: Origin,
     ) -> std::io::Result<Arc<Flight>> {
         let tmp = store.new_tmp_path();
         let writer = std::fs::File::create(&tmp)?;
         let reader = std::fs::File::open(&tmp)?;
         let _ = self.flight.file.set(Arc::new(reader));
         let _ = self.flight.head.set(head);
+        let _ = self.flight.origin.set(origin);
         self.flight.state.send_replace(State::Filling(0));
         self.started = true;
         let fill = Fill {
@@ -354,6 +370,10 @@ impl Fill {
         let synced = tokio::task::spawn_blocking(move || file.sync_all())
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        // Before the object can be found: a hit without its source would be foreign bytes.
+        if let (Ok(()), Some(origin)) = (&synced, self.flight.origin()) {
+            self.store.add_source(&self.digest, origin).await;
+        }
         let committed = match synced {
             Ok(()) => self.store.commit(&self.tmp, &self.digest, &meta).await,
             Err(source) => Err(StoreError::Io {
@@ -378,7 +398,9 @@ impl Fill {
     ) -> Result<(u64, std::fs::File), String> {
         let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
         let (flight, digest) = (self.flight.clone(), self.digest.clone());
-        let writer = tokio::task::spawn_blocking(move || write_all(file, rx, &flight, &digest));
+        let store = self.store.clone();
+        let writer =
+            tokio::task::spawn_blocking(move || write_all(file, rx, &flight, &digest, &store));
         let mut failure = None;
         let mut batch = BytesMut::new();
         let (mut received, mut published) = (0u64, 0u64);
@@ -468,11 +490,24 @@ fn write_all(
     mut rx: mpsc::Receiver<Bytes>,
     flight: &Flight,
     digest: &Digest,
+    store: &Store,
 ) -> std::io::Result<(u64, bool, std::fs::File)> {
     let mut hasher = digest.hasher();
     let mut written = 0u64;
     while let Some(data) = rx.blocking_recv() {
-        file.write_all(&data)?;
+        if let Err(e) = file.write_all(&data) {
+            if !is_disk_full(&e) {
+                return Err(e);
+            }
+            // A full disk: older objects make way, once; a failure after that fails the fill,
+            // and the next request finds no room up front and streams past the cache.
+            let want = flight.head().and_then(|h| h.length).unwrap_or(0);
+            let want = want.saturating_sub(written).max(ROOM_MARGIN);
+            super::evict::make_room(store, want);
+            let at = file.stream_position()?;
+            let done = at.saturating_sub(written) as usize;
+            file.write_all(&data[done.min(data.len())..])?;
+        }
         hasher.update(&data);
         written += data.len() as u64;
         flight.on_disk.store(written, Ordering::Release);
@@ -486,6 +521,7 @@ async fn pump(
     mut pos: u64,
     end: Option<u64>,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    budget: Budget,
 ) {
     let mut rx = flight.state.subscribe();
     let total = flight.head().and_then(|h| h.length);
@@ -497,9 +533,7 @@ async fn pump(
         let state = rx.borrow_and_update().clone();
         let (available, done) = match state {
             State::Done(n) => (n, true),
-            // The last byte waits for verification: a client never sees a complete corrupt blob.
-            State::Filling(n) if total.is_some_and(|t| n < t) => (n, false),
-            State::Filling(n) => (n.saturating_sub(1), false),
+            State::Filling(n) => (n, false),
             State::Failed(reason) => {
                 let _ = tx.send(Err(reason.to_string().into())).await;
                 return;
@@ -509,9 +543,24 @@ async fn pump(
                 return;
             }
         };
-        let limit = end.map_or(available, |e| e.min(available));
+        let mut limit = end.map_or(available, |e| e.min(available));
+        if !done {
+            // The last byte of this response (a range's too) waits for verification: no client
+            // sees a clean end of bytes that may turn out corrupt.
+            let last = end.or(total).unwrap_or(available);
+            limit = limit.min(last.saturating_sub(1));
+        }
         while pos < limit {
-            let left = (limit - pos) as usize;
+            let left = usize::try_from(limit - pos)
+                .unwrap_or(usize::MAX)
+                .min(CHUNK);
+            // Room in the client's budget first, then the bytes: a reader held up by a client that
+            // does not read holds no chunk of its own.
+            let reserved = tokio::select! {
+                r = budget.reserve(left) => r,
+                _ = tx.closed() => return,
+            };
+            let Some(reserved) = reserved else { return };
             let chunk = match flight.recent_at(pos, left) {
                 Some(c) => Ok(c),
                 None => {
@@ -537,7 +586,7 @@ async fn pump(
                 }
             };
             pos += chunk.len() as u64;
-            if tx.send(Ok(chunk)).await.is_err() {
+            if tx.send(Ok(reserved.attach(chunk))).await.is_err() {
                 return; // the client left; the download goes on without it
             }
         }
@@ -549,6 +598,11 @@ async fn pump(
             return;
         }
     }
+}
+
+/// Whether a write failed because the file system is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
 async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Result<Bytes> {

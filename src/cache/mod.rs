@@ -3,6 +3,7 @@
 pub mod digest;
 pub mod evict;
 pub mod flight;
+pub mod herd;
 pub mod ops;
 pub mod store;
 
@@ -11,7 +12,9 @@ use std::sync::Arc;
 
 pub use digest::Digest;
 pub use flight::{Flight, Flights, Head, Join, State};
-pub use store::{accept_class, Entry, ObjectMeta, OnDisk, Store, StoreError, TagName, TagRecord};
+pub use store::{
+    accept_class, Entry, ObjectMeta, OnDisk, Origin, Store, StoreError, TagName, TagRecord,
+};
 
 use crate::metrics::Metrics;
 
@@ -22,6 +25,8 @@ pub struct Cache {
     pub store: Store,
     /// Downloads in progress, one per digest.
     pub flights: Arc<Flights>,
+    /// Tag requests to the upstream in progress, one per tag and Accept list.
+    pub tags: Arc<herd::Herd>,
 }
 
 impl Cache {
@@ -30,6 +35,7 @@ impl Cache {
         Ok(Cache {
             store: Store::open(dir, metrics)?,
             flights: Arc::new(Flights::default()),
+            tags: Arc::default(),
         })
     }
 

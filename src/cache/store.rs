@@ -43,6 +43,37 @@ pub struct ObjectMeta {
     pub size: u64,
 }
 
+/// A registry host (with its port when not 443) and a repository on it: where bytes came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// Registry host, as in [`TagName::host`].
+    pub host: String,
+    /// Repository path.
+    pub repo: String,
+}
+
+impl Origin {
+    /// The origin `host/repo`.
+    pub fn new(host: impl Into<String>, repo: impl Into<String>) -> Origin {
+        Origin {
+            host: host.into(),
+            repo: repo.into(),
+        }
+    }
+
+    /// Parses `host/repo` as written by [`Origin`]'s `Display`.
+    fn parse(name: &str) -> Option<Origin> {
+        let (host, repo) = name.split_once('/')?;
+        (!host.is_empty() && !repo.is_empty()).then(|| Origin::new(host, repo))
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.host, self.repo)
+    }
+}
+
 /// A verified object on disk.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -72,8 +103,8 @@ pub struct Store {
     pins: Arc<Mutex<HashMap<PathBuf, usize>>>,
     // Woken on each commit, so that eviction looks at the bounds when the cache grew.
     committed: Arc<tokio::sync::Notify>,
-    // Where objects came from, as learnt by this process (the index has it too, a bit later).
-    sources: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    // Where objects came from, as read from or written to the index by this process.
+    sources: Arc<Mutex<HashMap<Digest, Vec<Origin>>>>,
     // This process's directory for partial downloads, and the lock that marks it alive.
     run_dir: PathBuf,
     _run_lock: Arc<std::fs::File>,
@@ -447,56 +478,43 @@ impl Store {
         let _ = cacache::index::delete_async(&self.dir, &key).await;
     }
 
-    /// Notes in memory, at once, that `digest` was served from `host/repo` (see [`Store::add_source`]).
-    pub fn note_source(&self, digest: &Digest, host: &str, repo: &str) {
-        let name = format!("{host}/{repo}");
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        let known = sources.entry(digest.to_string()).or_default();
-        if !known.contains(&name) {
-            known.push(name);
-        }
-    }
-
-    /// Records that `digest` was served by the upstream from `host/repo`, in memory and in the
-    /// index (which outlives the process).
-    pub async fn add_source(&self, digest: &Digest, host: &str, repo: &str) {
-        self.note_source(digest, host, repo);
-        let key = format!("regproxy:from:{digest}");
-        let name = format!("{host}/{repo}");
-        let mut sources: Vec<String> = match self.find(&key).await {
-            Ok(Some(found)) => serde_json::from_value(found.metadata).unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        if sources.contains(&name) {
+    /// Records that the upstream `origin` served `digest` and the bytes verified, in memory and
+    /// in the index (which outlives the process). Call it only after verification: a source is
+    /// what lets that origin's clients have the cached bytes.
+    pub async fn add_source(&self, digest: &Digest, origin: &Origin) {
+        let mut sources = self.sources(digest).await;
+        if sources.contains(origin) {
             return;
         }
-        sources.push(name);
+        sources.push(origin.clone());
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.clone(), sources.clone());
+        let names: Vec<String> = sources.iter().map(Origin::to_string).collect();
         let opts = WriteOpts::new()
             .integrity(digest.integrity())
-            .metadata(serde_json::Value::from(sources));
-        if let Err(e) = cacache::index::insert_async(&self.dir, &key, opts).await {
+            .metadata(serde_json::Value::from(names));
+        if let Err(e) = cacache::index::insert_async(&self.dir, &source_key(digest), opts).await {
             tracing::warn!(error = %e, "cannot record where an object came from");
         }
     }
 
-    /// Whether `digest` is known to have been served from `host/repo`.
-    pub async fn comes_from(&self, digest: &Digest, host: &str, repo: &str) -> bool {
-        let name = format!("{host}/{repo}");
+    /// The origins known to have served `digest` (verified).
+    pub async fn sources(&self, digest: &Digest) -> Vec<Origin> {
+        if let Some(known) = self
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
         {
-            let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-            if sources
-                .get(&digest.to_string())
-                .is_some_and(|s| s.contains(&name))
-            {
-                return true;
-            }
+            return known.clone();
         }
-        let key = format!("regproxy:from:{digest}");
-        let Ok(Some(found)) = self.find(&key).await else {
-            return false;
+        let Ok(Some(found)) = self.find(&source_key(digest)).await else {
+            return Vec::new();
         };
-        let sources: Vec<String> = serde_json::from_value(found.metadata).unwrap_or_default();
-        sources.contains(&format!("{host}/{repo}"))
+        let names: Vec<String> = serde_json::from_value(found.metadata).unwrap_or_default();
+        names.iter().filter_map(|n| Origin::parse(n)).collect()
     }
 
     /// Whether `repo` on `host` was recorded public.
@@ -591,6 +609,10 @@ pub fn accept_class(headers: &http::HeaderMap) -> String {
     } else {
         types.join(",")
     }
+}
+
+fn source_key(digest: &Digest) -> String {
+    format!("regproxy:from:{digest}")
 }
 
 fn object_key(digest: &Digest) -> String {

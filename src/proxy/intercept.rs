@@ -15,6 +15,12 @@ use super::connect::Target;
 use crate::registry;
 use crate::Shared;
 
+/// Concurrent h2 streams per client connection (clients pull 3 to 6 blobs at a time).
+const MAX_STREAMS: u32 = 100;
+/// Bytes h2 buffers per stream ahead of the client's reading.
+const MAX_SEND_BUF: usize = 256 * 1024;
+/// Largest h2 header list accepted, as for HTTP/1.1 heads.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// A client that has not finished its TLS handshake within this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -82,8 +88,10 @@ pub(super) async fn serve_http<I>(
 {
     let target = target.map(Arc::new);
     let svc_shared = shared.clone();
-    let svc = service_fn(move |req| {
+    let budget = crate::body::Budget::for_connection();
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let (target, shared) = (target.clone(), svc_shared.clone());
+        req.extensions_mut().insert(budget.clone());
         async move {
             let resp = match &target {
                 Some(t) => registry::handle(req, t, peer, &shared).await,
@@ -97,11 +105,15 @@ pub(super) async fn serve_http<I>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(60));
+    // Bounded per connection: streams, the bytes h2 buffers per stream for bodies that are not
+    // charged to the connection's budget (forwarded answers), and header lists.
     builder
         .http2()
         .timer(TokioTimer::new())
         .adaptive_window(true)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buf_size(MAX_SEND_BUF)
+        .max_header_list_size(MAX_HEADER_LIST);
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let result = tokio::select! {

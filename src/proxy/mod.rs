@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 pub use connect::Target;
-pub use forward::{client_response, upstream_request};
+pub use forward::{client_response, strip_hop_by_hop, upstream_request};
 
 use crate::body::{text, Body};
 use crate::Shared;

@@ -11,11 +11,11 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{request, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{fetch_request, send_following_redirects, upstream_is_down};
+use super::{fetch_request, head_answer, send_following_redirects, upstream_is_down};
 use crate::body::{text, Body};
-use crate::cache::Digest;
+use crate::cache::{Digest, Origin};
 use crate::credentials::{canonical, Login};
-use crate::proxy::{client_response, Target};
+use crate::proxy::Target;
 use crate::secret::{basic, Secret};
 use crate::upstream::auth::{fetch_token, parse_challenge};
 use crate::upstream::UpstreamError;
@@ -229,12 +229,74 @@ pub async fn served_to(shared: &Shared, headers: &HeaderMap, target: &Target, re
     shared.auth.allow((who, host, repo.to_owned()));
 }
 
-/// Lets a client have cached content of `repo` (object `digest`, when it is one) only if the
-/// upstream would give it to that client. Shortcuts (injected credentials, a public repository,
-/// this client allowed recently) hold only when the object is known to come from this very
-/// repository: a digest cached from a private repository is not served under another's name.
-/// Otherwise one `HEAD` of the exact URL decides. A refusal is the upstream's own answer (its
-/// 401 challenge included), with none of the cached bytes.
+/// What may be done with cached (or downloading) bytes for one client.
+pub enum Access {
+    /// Serve them.
+    Serve,
+    /// Answer this instead: the upstream's refusal, or why it could not be asked.
+    Refuse(Response<Body>),
+    /// The origin asked never served these bytes, which are not public: it must serve its own
+    /// (verified as they stream), or nothing.
+    Miss,
+}
+
+/// What is known of where an object's bytes came from, as it concerns the origin a client asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Provenance {
+    /// That origin served these very bytes (or the answer holds nothing but its own claims).
+    pub bound: bool,
+    /// When not bound: some origin serves them to anonymous clients, so they are no secret.
+    pub public: bool,
+}
+
+impl Provenance {
+    /// For an answer made only of the asked origin's own claims, such as a tag's record.
+    pub const OWN: Provenance = Provenance {
+        bound: true,
+        public: false,
+    };
+
+    /// The provenance of `digest` (cached, or downloading from `in_flight`) for `asked`.
+    pub async fn of(
+        shared: &Shared,
+        digest: &Digest,
+        in_flight: Option<&Origin>,
+        asked: &Origin,
+    ) -> Provenance {
+        let mut sources = shared.cache.store.sources(digest).await;
+        sources.extend(in_flight.cloned());
+        if sources.contains(asked) {
+            return Provenance::OWN;
+        }
+        let mut public = false;
+        for source in &sources {
+            public = match shared.auth.is_public(&source.host, &source.repo) {
+                Some(known) => known,
+                None => {
+                    let store = &shared.cache.store;
+                    store.is_public(&source.host, &source.repo).await
+                }
+            };
+            if public {
+                break;
+            }
+        }
+        Provenance {
+            bound: false,
+            public,
+        }
+    }
+}
+
+/// Decides whether a client may have cached bytes of `repo` on the target, given where the bytes
+/// came from (`prov`).
+///
+/// Bytes that this origin never served are a [`Access::Miss`] unless they are public: another
+/// upstream's headers never unlock private bytes. Bytes it served go to clients it authorizes:
+/// shortcuts (injected credentials, a public repository, this client allowed recently), else one
+/// `HEAD` of the exact URL with the client's own credentials, whose redirects are followed and
+/// whose final answer must be a 2xx (a redirect is not an authorization). A refusal is the
+/// upstream's own answer (its 401 challenge included), with none of the cached bytes.
 ///
 /// `upstream_down` skips the `HEAD` when the caller already knows it cannot be answered.
 pub async fn allowed(
@@ -242,39 +304,40 @@ pub async fn allowed(
     parts: &request::Parts,
     target: &Target,
     repo: &str,
-    digest: Option<&Digest>,
+    prov: Provenance,
     upstream_down: bool,
-) -> Result<(), Response<Body>> {
+) -> Access {
+    if !prov.bound && !prov.public {
+        return Access::Miss;
+    }
     let host = target.authority();
-    let bound = match digest {
-        None => true,
-        Some(d) => shared.cache.store.comes_from(d, &host, repo).await,
-    };
     let injected = shared.logins.for_host(&host).is_some();
     let key = (client_key(&parts.headers), host.clone(), repo.to_owned());
-    if bound
-        && (injected
-            || shared.auth.is_public(&host, repo) == Some(true)
-            || shared.auth.was_allowed(&key))
-    {
-        return Ok(());
+    let public_repo = shared.auth.is_public(&host, repo) == Some(true);
+    if (prov.bound && (injected || public_repo)) || shared.auth.was_allowed(&key) {
+        return Access::Serve;
     }
     let answer = if upstream_down {
         Err(UpstreamError::Connect("the upstream is down".into()))
     } else {
-        let head = fetch_request(target, parts, Method::HEAD)
-            .map_err(|reason| text(StatusCode::BAD_REQUEST, reason))?;
-        send(shared, head, false).await
+        match fetch_request(target, parts, Method::HEAD) {
+            Ok(head) => send(shared, head, true).await,
+            Err(reason) => return Access::Refuse(text(StatusCode::BAD_REQUEST, reason)),
+        }
     };
     match answer {
-        // A redirect to a CDN comes only after the registry authorized the request.
-        Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
-            if let Some(d) = digest {
-                shared.cache.store.add_source(d, &host, repo).await;
-            }
+        Ok(resp) if resp.status().is_success() => {
             served(shared, parts, target, repo).await;
-            Ok(())
+            Access::Serve
         }
+        Ok(resp) if resp.status().is_redirection() => Access::Refuse(text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "{host} answered {} to the authorization check for {repo}, and a redirect is \
+                 not an authorization",
+                resp.status()
+            ),
+        )),
         Ok(resp) if !upstream_is_down(resp.status()) => {
             if key.0.is_empty() {
                 // Refused to an anonymous client: not (or no longer) public.
@@ -282,16 +345,16 @@ pub async fn allowed(
                 shared.cache.store.clear_public(&host, repo).await;
             }
             tracing::info!(repo, status = %resp.status(), "cached content refused: the upstream does not authorize this client");
-            Err(client_response(resp))
+            Access::Refuse(head_answer(resp, &parts.method, &host))
         }
         outcome => {
             // The upstream cannot say: only what is known public (or injected) may be served.
-            if bound && (injected || shared.cache.store.is_public(&host, repo).await) {
-                return Ok(());
+            if prov.bound && (injected || shared.cache.store.is_public(&host, repo).await) {
+                return Access::Serve;
             }
             let cause =
                 outcome.map_or_else(|e| e.to_string(), |r| format!("status {}", r.status()));
-            Err(text(
+            Access::Refuse(text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cannot confirm with {host} that you may read {repo}: {cause}"),
             ))

@@ -150,6 +150,44 @@ async fn forward(
     }
 }
 
+/// The upstream's answer to a `HEAD` the proxy sent, as the answer to the client's own request.
+///
+/// For a `GET` the status and headers (an auth challenge above all) stay, and an OCI error body
+/// replaces the body that a `HEAD` never has: its `Content-Length` described bytes that will not
+/// come, which an h2 client takes as a protocol error.
+pub(crate) fn head_answer(resp: Response<Incoming>, client: &Method, host: &str) -> Response<Body> {
+    if client == Method::HEAD {
+        return client_response(resp);
+    }
+    let (mut parts, _) = resp.into_parts();
+    crate::proxy::strip_hop_by_hop(&mut parts.headers);
+    for h in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONTENT_RANGE,
+        header::ETAG,
+        DOCKER_CONTENT_DIGEST,
+    ] {
+        parts.headers.remove(h);
+    }
+    let code = match parts.status.as_u16() {
+        401 => "UNAUTHORIZED",
+        403 => "DENIED",
+        404 => "NAME_UNKNOWN",
+        429 => "TOOMANYREQUESTS",
+        _ => "UNKNOWN",
+    };
+    let message = format!("{host} answered {}", parts.status);
+    let json = serde_json::json!({ "errors": [{ "code": code, "message": message }] });
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(parts, body::full(json.to_string()))
+}
+
 /// A `502` naming the upstream and the cause.
 fn bad_gateway(target: &Target, e: &UpstreamError) -> Response<Body> {
     tracing::warn!(error = %e, "upstream failed");

@@ -7,13 +7,15 @@ use std::sync::Arc;
 use http::header::{self, HeaderValue};
 use http::{request, Method, Request, Response, StatusCode};
 
-use super::range::{ByteRange, Slice};
-use super::{auth, bad_gateway, fetch_request, forward, Outcome};
+use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
+use super::auth::{self, Access, Provenance};
+use super::range::{ByteRange, Slice};
+use super::{bad_gateway, fetch_request, forward, Outcome};
 use crate::body::{self, text, Body};
-use crate::cache::flight::Leader;
-use crate::cache::{Digest, Flight, Head, Join, State};
+use crate::cache::flight::{Leader, ROOM_MARGIN};
+use crate::cache::{evict, Digest, Flight, Head, Join, Origin, State};
 use crate::proxy::Target;
 use crate::Shared;
 
@@ -28,32 +30,90 @@ struct Ask<'a> {
 }
 
 impl Ask<'_> {
-    /// Answers from a cached or in-flight object, if the upstream would give it to this client.
-    async fn cached(
-        &self,
-        flight: &Arc<Flight>,
-        head_only: bool,
-        outcome: Outcome,
-    ) -> (Response<Body>, Outcome) {
-        let digest = Some(self.digest);
-        if let Err(refused) = auth::allowed(
-            self.shared,
-            self.parts,
-            self.target,
-            self.repo,
-            digest,
-            false,
-        )
-        .await
-        {
-            return (refused, "FORWARD");
-        }
-        (respond(flight, self.digest, head_only, self.range), outcome)
+    fn origin(&self) -> Origin {
+        Origin::new(self.target.authority(), self.repo)
     }
 
+    /// Answers from a cached or in-flight object, if the upstream would give it to this client;
+    /// bytes this origin never served come from it anew.
+    async fn cached(&self, flight: &Arc<Flight>, outcome: Outcome) -> (Response<Body>, Outcome) {
+        let shared = self.shared;
+        let prov = Provenance::of(shared, self.digest, flight.origin(), &self.origin()).await;
+        match auth::allowed(shared, self.parts, self.target, self.repo, prov, false).await {
+            Access::Serve => (
+                respond(flight, self.digest, self.parts, self.range),
+                outcome,
+            ),
+            Access::Refuse(answer) => (answer, "FORWARD"),
+            Access::Miss if self.parts.method == Method::HEAD => self.forward().await,
+            Access::Miss => self.passthrough(None).await,
+        }
+    }
+
+    /// A `HEAD` as the upstream answers it: no bytes, nothing to verify.
     async fn forward(&self) -> (Response<Body>, Outcome) {
         let resp = forward(self.parts, body::empty(), self.target, self.shared, true).await;
         (resp, "FORWARD")
+    }
+
+    /// Streams the object from the upstream without caching it, verified on the way: the last
+    /// byte goes out only once the digest checks out. For bytes another origin served (this
+    /// one must show its own) and for a disk that has no room. `resp` is the upstream's answer
+    /// when the caller already has it.
+    async fn passthrough(&self, resp: Option<Response<Incoming>>) -> (Response<Body>, Outcome) {
+        let shared = self.shared;
+        let (resp, sent) = match resp {
+            Some(resp) => (resp, None),
+            None => {
+                let up = match fetch_request(self.target, self.parts, Method::GET) {
+                    Ok(r) => r,
+                    Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+                };
+                let sent = up.headers().clone();
+                match auth::send(shared, up, true).await {
+                    Ok(r) => (r, Some(sent)),
+                    Err(e) => return (bad_gateway(self.target, &e), "FORWARD"),
+                }
+            }
+        };
+        if resp.status() != StatusCode::OK {
+            return (crate::proxy::client_response(resp), "FORWARD");
+        }
+        if resp.headers().contains_key(header::CONTENT_ENCODING) {
+            let reason = "upstream sent an encoded blob although asked for identity";
+            return (text(StatusCode::BAD_GATEWAY, reason), "FORWARD");
+        }
+        if let Some(sent) = sent {
+            auth::served_to(shared, &sent, self.target, self.repo).await;
+        }
+        let length =
+            header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+        let content_type = header_str(resp.headers(), header::CONTENT_TYPE);
+        let (store, digest, origin) = (
+            shared.cache.store.clone(),
+            self.digest.clone(),
+            self.origin(),
+        );
+        let on_verified = move || {
+            // The origin has shown it holds these bytes: its clients may have the cached copy.
+            tokio::spawn(async move { store.add_source(&digest, &origin).await });
+        };
+        let metrics = shared.metrics.clone();
+        let verified = body::verified(
+            resp.into_body(),
+            self.digest.clone(),
+            length,
+            metrics,
+            on_verified,
+        );
+        let flightless = Head {
+            content_type,
+            length,
+        };
+        (
+            passthrough_response(verified, self.digest, &flightless),
+            "MISS",
+        )
     }
 }
 
@@ -75,7 +135,7 @@ pub(super) async fn serve(
         range: ByteRange::from_headers(&parts.headers),
     };
     if let Some((flight, _)) = shared.cache.hit(&digest).await {
-        return ask.cached(&flight, head_only, "HIT").await;
+        return ask.cached(&flight, "HIT").await;
     }
     if head_only {
         // A HEAD is cheap upstream and says nothing worth caching, unless a download already knows.
@@ -85,27 +145,27 @@ pub(super) async fn serve(
             .get(&digest)
             .filter(|f| f.head().is_some());
         return match known {
-            Some(flight) => ask.cached(&flight, true, "JOINED").await,
+            Some(flight) => ask.cached(&flight, "JOINED").await,
             None => ask.forward().await,
         };
     }
     match shared.cache.flights.join(&digest) {
         Join::Follower(flight) => match flight.started().await {
-            // The leader got no cacheable answer (or found it cached meanwhile).
+            // The leader got no cacheable answer (or found it cached meanwhile, or no room).
             State::Abandoned => match shared.cache.hit(&digest).await {
-                Some((flight, _)) => ask.cached(&flight, false, "HIT").await,
-                None => ask.forward().await,
+                Some((flight, _)) => ask.cached(&flight, "HIT").await,
+                None => ask.passthrough(None).await,
             },
             _ => {
                 shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
-                ask.cached(&flight, false, "JOINED").await
+                ask.cached(&flight, "JOINED").await
             }
         },
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.
             if let Some((flight, _)) = shared.cache.hit(&digest).await {
                 drop(leader);
-                return ask.cached(&flight, false, "HIT").await;
+                return ask.cached(&flight, "HIT").await;
             }
             let up = match fetch_request(target, parts, Method::GET) {
                 Ok(r) => r,
@@ -119,16 +179,25 @@ pub(super) async fn serve(
             shared.cache.flights.spawn(task);
             match flight.started().await {
                 State::Abandoned => match rx.await {
-                    Ok(resp) => (resp, "FORWARD"),
+                    Ok(Answer::Upstream(resp)) => (resp, "FORWARD"),
+                    Ok(Answer::NoRoom(resp)) => ask.passthrough(Some(resp)).await,
                     Err(_) => (
                         text(StatusCode::BAD_GATEWAY, "the download was abandoned"),
                         "FORWARD",
                     ),
                 },
-                _ => (respond(&flight, &digest, false, ask.range), "MISS"),
+                _ => (respond(&flight, &digest, parts, ask.range), "MISS"),
             }
         }
     }
+}
+
+/// What a leader hands its client when no fill started.
+enum Answer {
+    /// The upstream's (or the proxy's) answer as it stands: 401, 404, 502, …
+    Upstream(Response<Body>),
+    /// A 200 whose object the disk has no room for: stream it past the cache.
+    NoRoom(Response<Incoming>),
 }
 
 /// The leader's side: ask upstream; start the fill on a 200, else hand the answer (401, 404,
@@ -138,50 +207,46 @@ async fn lead(
     up: Request<Body>,
     (target, repo, digest): (Target, String, Digest),
     shared: Arc<Shared>,
-    answer: oneshot::Sender<Response<Body>>,
+    answer: oneshot::Sender<Answer>,
 ) {
     let sent = up.headers().clone();
     let resp = match auth::send(&shared, up, true).await {
         Ok(r) => r,
         Err(e) => {
-            let _ = answer.send(bad_gateway(&target, &e));
+            let _ = answer.send(Answer::Upstream(bad_gateway(&target, &e)));
             return;
         }
     };
     if resp.status() != StatusCode::OK {
-        let _ = answer.send(crate::proxy::client_response(resp));
+        let _ = answer.send(Answer::Upstream(crate::proxy::client_response(resp)));
         return;
     }
-    // Before followers are let in: they may then skip asking whether they may read it.
-    shared
-        .cache
-        .store
-        .note_source(&digest, &target.authority(), &repo);
     auth::served_to(&shared, &sent, &target, &repo).await;
     let head = Head {
         content_type: header_str(resp.headers(), header::CONTENT_TYPE),
         length: header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
     };
     if resp.headers().contains_key(header::CONTENT_ENCODING) {
-        let _ = answer.send(text(
+        let _ = answer.send(Answer::Upstream(text(
             StatusCode::BAD_GATEWAY,
             "upstream sent an encoded blob although asked for identity",
-        ));
+        )));
         return;
     }
-    if let Err(e) = leader.start(&shared.cache.store, head, resp.into_body()) {
-        let _ = answer.send(text(
+    if !room_for(&shared, head.length).await {
+        shared.metrics.passthrough.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%digest, bytes = head.length, "no room in the cache even after eviction; streaming past it");
+        let _ = answer.send(Answer::NoRoom(resp));
+        return;
+    }
+    let origin = Origin::new(target.authority(), repo.as_str());
+    if let Err(e) = leader.start(&shared.cache.store, head, resp.into_body(), origin) {
+        let _ = answer.send(Answer::Upstream(text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot create a cache file: {e}"),
-        ));
+        )));
         return;
     }
-    // Off the first byte's path: a follower that joins before this is recorded asks upstream.
-    shared
-        .cache
-        .store
-        .add_source(&digest, &target.authority(), &repo)
-        .await;
     if sent.contains_key(header::AUTHORIZATION) {
         // Off the client's path: may anonymous clients pull this too (for serving it offline)?
         let path = format!("/v2/{repo}/blobs/{digest}");
@@ -189,13 +254,44 @@ async fn lead(
     }
 }
 
+/// Whether the cache's disk has room for an object of `length` bytes, evicting least recently
+/// used objects to make it; an unknown length is given its chance (a full disk then fails the
+/// fill, and the client's retry streams past the cache).
+async fn room_for(shared: &Shared, length: Option<u64>) -> bool {
+    let Some(length) = length else { return true };
+    let want = length.saturating_add(ROOM_MARGIN);
+    let store = shared.cache.store.clone();
+    let room = tokio::task::spawn_blocking(move || {
+        evict::make_room(&store, want);
+        evict::free_space(store.dir()).map_or(true, |free| free >= want)
+    });
+    room.await.unwrap_or(true)
+}
+
+/// The headers of an object's answer, for a body that is the whole object.
+fn passthrough_response(body: Body, digest: &Digest, head: &Head) -> Response<Body> {
+    let mut resp = Response::new(body);
+    let content_type = head
+        .content_type
+        .clone()
+        .unwrap_or_else(|| "application/octet-stream".into());
+    insert(&mut resp, header::CONTENT_TYPE, content_type);
+    insert(&mut resp, super::DOCKER_CONTENT_DIGEST, digest.to_string());
+    insert(&mut resp, header::ETAG, format!("\"{digest}\""));
+    if let Some(len) = head.length {
+        insert(&mut resp, header::CONTENT_LENGTH, len.to_string());
+    }
+    resp
+}
+
 /// The response for a flight (complete or growing): whole, one range, or 416.
 pub(super) fn respond(
     flight: &Arc<Flight>,
     digest: &Digest,
-    head_only: bool,
+    parts: &request::Parts,
     range: Option<ByteRange>,
 ) -> Response<Body> {
+    let head_only = parts.method == Method::HEAD;
     let total = flight.head().and_then(|h| h.length);
     let slice = range.map_or(Slice::Whole, |r| r.slice(total));
     let (status, start, end) = match slice {
@@ -212,7 +308,7 @@ pub(super) fn respond(
     let body = if head_only {
         body::empty()
     } else {
-        flight.reader(start, end)
+        flight.reader(start, end, body::Budget::of(&parts.extensions))
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

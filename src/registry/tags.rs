@@ -7,11 +7,14 @@ use http::header::{self, HeaderMap};
 use http::{request, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
+use super::auth::{self, Access, Provenance};
 use super::objects::{header_str, insert, respond};
 use super::range::ByteRange;
-use super::{auth, bad_gateway, fetch_request, upstream_is_down, Outcome, DOCKER_CONTENT_DIGEST};
+use super::DOCKER_CONTENT_DIGEST;
+use super::{bad_gateway, fetch_request, head_answer, upstream_is_down, Outcome};
 use crate::body::{self, text, Body};
-use crate::cache::{accept_class, Digest, ObjectMeta, TagName, TagRecord};
+use crate::cache::herd::Turn;
+use crate::cache::{accept_class, Digest, ObjectMeta, Origin, TagName, TagRecord};
 use crate::proxy::{client_response, Target};
 use crate::Shared;
 
@@ -22,6 +25,16 @@ const MAX_MANIFEST: usize = 4 << 20;
 struct Ask {
     head_only: bool,
     range: Option<ByteRange>,
+}
+
+/// What the cache can do for a tag request.
+enum Look {
+    /// Answer with this (served from the cache, or refused).
+    Answer((Response<Body>, Outcome)),
+    /// The record is stale: revalidate it upstream.
+    Stale(TagRecord),
+    /// Nothing usable: ask the upstream for the tag.
+    Fetch,
 }
 
 /// Answers a GET or HEAD of a manifest by tag.
@@ -44,27 +57,54 @@ pub(super) async fn serve(
         head_only: parts.method == Method::HEAD,
         range: ByteRange::from_headers(&parts.headers),
     };
-    let cached = shared.cache.store.tag(&name).await.unwrap_or_else(|e| {
+    let first = look(parts, target, &name, &ask, shared).await;
+    if let Look::Answer(answer) = first {
+        return answer;
+    }
+    // One upstream request per tag and Accept list at a time (each counts against Docker Hub's
+    // pull limit): the others wait for it, then look again.
+    let key = format!("{}\n{}", name.key(), name.accept);
+    let (todo, _lead) = match shared.cache.tags.turn(key) {
+        Turn::Lead(lead) => (first, Some(lead)),
+        Turn::Follow(leader) => {
+            leader.finished().await;
+            (look(parts, target, &name, &ask, shared).await, None)
+        }
+    };
+    match todo {
+        Look::Answer(answer) => answer,
+        Look::Stale(record) => revalidate(parts, target, &name, record, &ask, shared).await,
+        Look::Fetch => fetch(parts, target, &name, &ask, shared).await,
+    }
+}
+
+/// What the cache holds for the tag, and whether it may answer.
+async fn look(
+    parts: &request::Parts,
+    target: &Target,
+    name: &TagName<'_>,
+    ask: &Ask,
+    shared: &Shared,
+) -> Look {
+    let cached = shared.cache.store.tag(name).await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
         None
     });
     let Some((record, age)) = cached else {
-        return fetch(parts, target, &name, &ask, shared).await;
+        return Look::Fetch;
     };
-    if age < shared.config.tag_ttl_for(&host, repo) {
-        if let Some(resp) = cached_response(&record, &ask, shared, false).await {
-            if let Err(refused) = auth::allowed(shared, parts, target, repo, None, false).await {
-                return (refused, "FORWARD");
-            }
-            return (resp, "HIT");
+    if age >= shared.config.tag_ttl_for(name.host, name.repo) {
+        if !ask.head_only && shared.cache.hit(&record.digest).await.is_none() {
+            // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
+            return Look::Fetch;
         }
-        return fetch(parts, target, &name, &ask, shared).await;
+        return Look::Stale(record);
     }
-    if !ask.head_only && shared.cache.hit(&record.digest).await.is_none() {
-        // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
-        return fetch(parts, target, &name, &ask, shared).await;
+    match answer_from(&record, parts, target, name.repo, ask, shared, false).await {
+        Some(Ok(resp)) => Look::Answer((resp, "HIT")),
+        Some(Err(refused)) => Look::Answer((refused, "FORWARD")),
+        None => Look::Fetch,
     }
-    revalidate(parts, target, &name, repo, record, &ask, shared).await
 }
 
 /// A stale tag: one upstream `HEAD` (not counted against Docker Hub's pull limit) decides.
@@ -72,7 +112,6 @@ async fn revalidate(
     parts: &request::Parts,
     target: &Target,
     name: &TagName<'_>,
-    repo: &str,
     record: TagRecord,
     ask: &Ask,
     shared: &Shared,
@@ -81,32 +120,36 @@ async fn revalidate(
         Ok(r) => r,
         Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
     };
+    let repo = name.repo;
     let cause = match auth::send(shared, up, false).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
             auth::served(shared, parts, target, repo).await;
             let digest = header_str(resp.headers(), DOCKER_CONTENT_DIGEST);
             if digest == Some(record.digest.to_string()) {
                 save_tag(shared, name, &record).await;
-                if let Some(resp) = cached_response(&record, ask, shared, false).await {
-                    return (resp, "REVALIDATED");
+                match answer_from(&record, parts, target, repo, ask, shared, false).await {
+                    Some(Ok(resp)) => return (resp, "REVALIDATED"),
+                    Some(Err(refused)) => return (refused, "FORWARD"),
+                    None => {}
                 }
             }
-            // Moved (or the manifest is gone from disk): fetch it anew.
+            // Moved, gone from disk, or bytes this origin has not shown us: fetch it anew.
             return fetch(parts, target, name, ask, shared).await;
         }
         Ok(resp) if upstream_is_down(resp.status()) => {
             format!("upstream status {}", resp.status())
         }
-        Ok(resp) => return (client_response(resp), "FORWARD"),
+        Ok(resp) => {
+            let answer = head_answer(resp, &parts.method, &target.authority());
+            return (answer, "FORWARD");
+        }
         Err(e) if !e.is_outage() => return (bad_gateway(target, &e), "FORWARD"),
         Err(e) => e.to_string(),
     };
     tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
-    if let Err(refused) = auth::allowed(shared, parts, target, repo, None, true).await {
-        return (refused, "FORWARD");
-    }
-    match cached_response(&record, ask, shared, true).await {
-        Some(resp) => (resp, "STALE"),
+    match answer_from(&record, parts, target, repo, ask, shared, true).await {
+        Some(Ok(resp)) => (resp, "STALE"),
+        Some(Err(refused)) => (refused, "FORWARD"),
         None => (
             text(
                 StatusCode::BAD_GATEWAY,
@@ -174,13 +217,10 @@ async fn fetch(
         tracing::warn!(tag = %name.tag, "{reason}");
         return (text(StatusCode::BAD_GATEWAY, reason), "FORWARD");
     };
+    // The source first: a hit without it would be taken for another origin's bytes.
+    let origin = Origin::new(target.authority(), name.repo);
+    shared.cache.store.add_source(&record.digest, &origin).await;
     store_manifest(shared, &record, &data).await;
-    let host = target.authority();
-    shared
-        .cache
-        .store
-        .add_source(&record.digest, &host, name.repo)
-        .await;
     save_tag(shared, name, &record).await;
     (manifest_response(&record, data), "MISS")
 }
@@ -196,9 +236,6 @@ async fn stale_any(
     cause: String,
     fallback: Response<Body>,
 ) -> (Response<Body>, Outcome) {
-    if let Err(refused) = auth::allowed(shared, parts, target, name.repo, None, true).await {
-        return (refused, "FORWARD");
-    }
     let records = shared
         .cache
         .store
@@ -209,9 +246,13 @@ async fn stale_any(
         .iter()
         .filter(|r| accepts(&parts.headers, &r.content_type))
     {
-        if let Some(resp) = cached_response(record, ask, shared, true).await {
-            tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
-            return (resp, "STALE");
+        match answer_from(record, parts, target, name.repo, ask, shared, true).await {
+            Some(Ok(resp)) => {
+                tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
+                return (resp, "STALE");
+            }
+            Some(Err(refused)) => return (refused, "FORWARD"),
+            None => {}
         }
     }
     (fallback, "FORWARD")
@@ -276,23 +317,48 @@ async fn save_tag(shared: &Shared, name: &TagName<'_>, record: &TagRecord) {
     }
 }
 
-/// The cached manifest for `record` (headers only for `HEAD`), if its bytes are on disk.
-async fn cached_response(
+/// The cached answer for `record` if this client may have it (`Ok`), the refusal (`Err`), or
+/// `None` when the manifest must come from the upstream: not on disk, or bytes this origin has
+/// not shown us itself (another upstream's `Docker-Content-Digest` unlocks nothing). A `HEAD`
+/// holds only the origin's own claims about its tag. `stale` marks an answer given while the
+/// upstream cannot be asked.
+async fn answer_from(
     record: &TagRecord,
+    parts: &request::Parts,
+    target: &Target,
+    repo: &str,
     ask: &Ask,
     shared: &Shared,
     stale: bool,
-) -> Option<Response<Body>> {
-    let mut resp = if ask.head_only {
-        let mut resp = manifest_response(record, Bytes::new());
-        *resp.body_mut() = body::empty();
-        resp
-    } else {
-        let (flight, _) = shared.cache.hit(&record.digest).await?;
-        let mut resp = respond(&flight, &record.digest, false, ask.range);
-        // The manifest's media type as recorded for this tag (the object's own is the same).
-        insert(&mut resp, header::CONTENT_TYPE, record.content_type.clone());
-        resp
+) -> Option<Result<Response<Body>, Response<Body>>> {
+    let hit = match ask.head_only {
+        true => None,
+        false => Some(shared.cache.hit(&record.digest).await?.0),
+    };
+    let prov = match &hit {
+        None => Provenance::OWN,
+        Some(_) => {
+            let origin = Origin::new(target.authority(), repo);
+            Provenance::of(shared, &record.digest, None, &origin).await
+        }
+    };
+    match auth::allowed(shared, parts, target, repo, prov, stale).await {
+        Access::Serve => {}
+        Access::Refuse(refused) => return Some(Err(refused)),
+        Access::Miss => return None,
+    }
+    let mut resp = match hit {
+        None => {
+            let mut resp = manifest_response(record, Bytes::new());
+            *resp.body_mut() = body::empty();
+            resp
+        }
+        Some(flight) => {
+            let mut resp = respond(&flight, &record.digest, parts, ask.range);
+            // The manifest's media type as recorded for this tag (the object's own is the same).
+            insert(&mut resp, header::CONTENT_TYPE, record.content_type.clone());
+            resp
+        }
     };
     if stale {
         insert(
@@ -301,7 +367,7 @@ async fn cached_response(
             "110 regproxy \"Response is Stale\"".into(),
         );
     }
-    Some(resp)
+    Some(Ok(resp))
 }
 
 fn manifest_response(record: &TagRecord, data: Bytes) -> Response<Body> {
