@@ -9,22 +9,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn metrics(proxy: &Proxy) -> String {
-    let (status, text) = raw(
-        proxy.admin_addr(),
-        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(status, 200, "{text}");
-    text
-}
-
-/// The value of one sample line (`name{labels} value`), 0 if absent.
-fn sample(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Waits until `series` reads `want` (access lines are written as bodies end, just after the
 /// client has its bytes), then asserts it.
 fn expect(proxy: &Proxy, series: &str, want: u64) {

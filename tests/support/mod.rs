@@ -1559,3 +1559,38 @@ impl Drop for Dockerd {
         let _ = self.child.wait();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// the admin endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// The proxy's `/metrics` text.
+pub fn metrics(proxy: &Proxy) -> String {
+    let (status, text) = raw(
+        proxy.admin_addr(),
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+/// The value of one sample line (`name{labels} value`), 0 if absent.
+pub fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `len` bytes that do not repeat (xorshift from `seed`): blobs no compression or dedup shortens.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
