@@ -39,7 +39,9 @@ impl Route {
             };
             let (repo, reference) = (&rest[..at], &rest[at + marker.len()..]);
             if repo.is_empty() || reference.is_empty() || reference.contains('/') {
-                return Route::Other;
+                // Not this marker: `blobs` may be a component of a repository whose manifest
+                // is asked for (`/v2/a/blobs/b/manifests/latest`).
+                continue;
             }
             let (repo, reference) = (repo.to_owned(), reference.to_owned());
             return match (reference.contains(':'), is_blob) {
@@ -102,5 +104,34 @@ mod tests {
             Route::classify(&Method::GET, "/v2/a/blobs/sha256:abc"),
             Route::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn a_repository_with_a_blobs_component_has_manifests() {
+        // These were `Other` (forwarded, never cached) or a missed `Invalid`: the blob marker
+        // matched first and its reference held a '/'.
+        let d = format!("sha256:{}", "0a".repeat(32));
+        assert_eq!(
+            Route::classify(&Method::GET, "/v2/a/blobs/manifests/latest"),
+            Route::ManifestByTag {
+                repo: "a/blobs".into(),
+                tag: "latest".into()
+            }
+        );
+        assert_eq!(
+            Route::classify(&Method::HEAD, &format!("/v2/a/blobs/manifests/{d}")),
+            Route::ManifestByDigest {
+                repo: "a/blobs".into(),
+                digest: Digest::parse(&d).unwrap()
+            }
+        );
+        assert!(matches!(
+            Route::classify(&Method::GET, "/v2/a/blobs/manifests/sha256:"),
+            Route::Invalid(_)
+        ));
+        assert_eq!(
+            Route::classify(&Method::GET, "/v2/a/blobs/uploads/1234"),
+            Route::Other
+        );
     }
 }
