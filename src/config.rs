@@ -833,7 +833,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    Ok((n * mult as f64) as u64)
+    let too_big = || format!("{t:?} is more than {} bytes", u64::MAX);
+    // A whole number is counted exactly (an f64 is not, past 2^53); past u64::MAX is an error,
+    // where the float-to-int cast would quietly give u64::MAX.
+    if !num.contains('.') {
+        let n: u64 = num.parse().map_err(|_| too_big())?;
+        return n.checked_mul(mult).ok_or_else(too_big);
+    }
+    let bytes = n * mult as f64;
+    if bytes >= u64::MAX as f64 {
+        return Err(too_big());
+    }
+    Ok(bytes as u64)
 }
 
 #[cfg(test)]
@@ -958,5 +969,18 @@ mod tests {
             Duration::from_secs(600)
         );
         assert_eq!(c.tag_ttl_for("ghcr.io", "a/b"), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn sizes_past_u64_are_errors_and_whole_sizes_exact() {
+        // Each of these gave Ok(u64::MAX) through the float-to-int cast.
+        assert!(parse_size("17179869184GiB").is_err());
+        assert!(parse_size("18446744074.0g").is_err());
+        assert!(parse_size("100000000000000000000").is_err());
+        // And this gave 9007199254740992: an f64 has 53 bits.
+        assert_eq!(parse_size("9007199254740993"), Ok(9_007_199_254_740_993));
+        assert_eq!(parse_size("16777215TiB"), Ok(16_777_215 << 40));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert_eq!(parse_size(" 5 gb "), Ok(5_000_000_000));
     }
 }
