@@ -779,7 +779,35 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Parses a duration such as `90s`, `5m` or `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e}; expected a duration such as 30s or 5m"))
+    let fail = |e: humantime::DurationError| format!("{e}; expected a duration such as 30s or 5m");
+    // humantime panics when a term carries the running total just past u64::MAX seconds
+    // ("18446744073709551615s 1000000000ns"; humantime#66). A term alone starts from zero and
+    // cannot, so the terms are parsed one by one and their sum is checked here.
+    let mut total = Duration::ZERO;
+    for term in duration_terms(s) {
+        let d = humantime::parse_duration(term).map_err(fail)?;
+        total = total
+            .checked_add(d)
+            .ok_or_else(|| fail(humantime::DurationError::NumberOverflow))?;
+    }
+    Ok(total)
+}
+
+/// Splits `1h 30m` or `1h30m` into terms where humantime starts a new number: at the first
+/// character after a unit that is neither a unit letter nor a blank.
+fn duration_terms(s: &str) -> Vec<&str> {
+    let mut terms = Vec::new();
+    let (mut start, mut in_unit) = (0, false);
+    for (i, c) in s.char_indices() {
+        if c.is_ascii_alphabetic() || c == '\u{b5}' {
+            in_unit = true;
+        } else if in_unit && !c.is_whitespace() {
+            terms.push(&s[start..i]);
+            (start, in_unit) = (i, false);
+        }
+    }
+    terms.push(&s[start..]);
+    terms
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -982,5 +1010,23 @@ mod tests {
         assert_eq!(parse_size("16777215TiB"), Ok(16_777_215 << 40));
         assert_eq!(parse_size("1.5KiB"), Ok(1536));
         assert_eq!(parse_size(" 5 gb "), Ok(5_000_000_000));
+    }
+
+    #[test]
+    fn durations_past_the_range_are_errors_not_panics() {
+        // Both panicked inside humantime ("overflow in Duration::new").
+        assert!(parse_duration("18446744073709551615s 1000000000ns").is_err());
+        assert!(parse_duration("18446744073709551615s 500ms 500ms").is_err());
+        assert_eq!(
+            parse_duration("18446744073709551614s 1000ms"),
+            Ok(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2\u{b5}s"), Ok(Duration::from_micros(2)));
+        for bad in ["", " ", "5", "5m x", "5m.5s", "5m -3s", "1h 30", "soon"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }
