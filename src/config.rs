@@ -779,7 +779,35 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Parses a duration such as `90s`, `5m` or `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e}; expected a duration such as 30s or 5m"))
+    let fail = |e: humantime::DurationError| format!("{e}; expected a duration such as 30s or 5m");
+    // humantime panics when a term carries the running total just past u64::MAX seconds
+    // ("18446744073709551615s 1000000000ns"; humantime#66). A term alone starts from zero and
+    // cannot, so the terms are parsed one by one and their sum is checked here.
+    let mut total = Duration::ZERO;
+    for term in duration_terms(s) {
+        let d = humantime::parse_duration(term).map_err(fail)?;
+        total = total
+            .checked_add(d)
+            .ok_or_else(|| fail(humantime::DurationError::NumberOverflow))?;
+    }
+    Ok(total)
+}
+
+/// Splits `1h 30m` or `1h30m` into terms where humantime starts a new number: at the first
+/// character after a unit that is neither a unit letter nor a blank.
+fn duration_terms(s: &str) -> Vec<&str> {
+    let mut terms = Vec::new();
+    let (mut start, mut in_unit) = (0, false);
+    for (i, c) in s.char_indices() {
+        if c.is_ascii_alphabetic() || c == '\u{b5}' {
+            in_unit = true;
+        } else if in_unit && !c.is_whitespace() {
+            terms.push(&s[start..i]);
+            (start, in_unit) = (i, false);
+        }
+    }
+    terms.push(&s[start..]);
+    terms
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -833,7 +861,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    Ok((n * mult as f64) as u64)
+    let too_big = || format!("{t:?} is more than {} bytes", u64::MAX);
+    // A whole number is counted exactly (an f64 is not, past 2^53); past u64::MAX is an error,
+    // where the float-to-int cast would quietly give u64::MAX.
+    if !num.contains('.') {
+        let n: u64 = num.parse().map_err(|_| too_big())?;
+        return n.checked_mul(mult).ok_or_else(too_big);
+    }
+    let bytes = n * mult as f64;
+    if bytes >= u64::MAX as f64 {
+        return Err(too_big());
+    }
+    Ok(bytes as u64)
 }
 
 #[cfg(test)]
@@ -958,5 +997,237 @@ mod tests {
             Duration::from_secs(600)
         );
         assert_eq!(c.tag_ttl_for("ghcr.io", "a/b"), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn sizes_past_u64_are_errors_and_whole_sizes_exact() {
+        // Each of these gave Ok(u64::MAX) through the float-to-int cast.
+        assert!(parse_size("17179869184GiB").is_err());
+        assert!(parse_size("18446744074.0g").is_err());
+        assert!(parse_size("100000000000000000000").is_err());
+        // And this gave 9007199254740992: an f64 has 53 bits.
+        assert_eq!(parse_size("9007199254740993"), Ok(9_007_199_254_740_993));
+        assert_eq!(parse_size("16777215TiB"), Ok(16_777_215 << 40));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert_eq!(parse_size(" 5 gb "), Ok(5_000_000_000));
+    }
+
+    #[test]
+    fn durations_past_the_range_are_errors_not_panics() {
+        // Both panicked inside humantime ("overflow in Duration::new").
+        assert!(parse_duration("18446744073709551615s 1000000000ns").is_err());
+        assert!(parse_duration("18446744073709551615s 500ms 500ms").is_err());
+        assert_eq!(
+            parse_duration("18446744073709551614s 1000ms"),
+            Ok(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2\u{b5}s"), Ok(Duration::from_micros(2)));
+        for bad in ["", " ", "5", "5m x", "5m.5s", "5m -3s", "1h 30", "soon"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    /// Every size unit `parse_size` documents, with its multiplier.
+    const SIZE_UNITS: &[(&str, u64)] = &[
+        ("", 1),
+        ("b", 1),
+        ("k", 1000),
+        ("kb", 1000),
+        ("kib", 1 << 10),
+        ("m", 1000 * 1000),
+        ("mb", 1000 * 1000),
+        ("mib", 1 << 20),
+        ("g", 1000 * 1000 * 1000),
+        ("gb", 1000 * 1000 * 1000),
+        ("gib", 1 << 30),
+        ("t", 1000 * 1000 * 1000 * 1000),
+        ("tb", 1000 * 1000 * 1000 * 1000),
+        ("tib", 1 << 40),
+    ];
+
+    /// Duration units (humantime's) and their length in nanoseconds.
+    const DURATION_UNITS: &[(&str, u128)] = &[
+        ("ns", 1),
+        ("us", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("sec", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("min", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("hours", 3_600_000_000_000),
+        ("d", 86_400_000_000_000),
+        ("w", 604_800_000_000_000),
+        ("M", 2_630_016_000_000_000),
+        ("y", 31_557_600_000_000_000),
+    ];
+
+    /// Counts that sit on the edges: small, at a unit boundary, near and at `u64::MAX`.
+    fn count() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..2000,
+            any::<u64>(),
+            prop::sample::select(vec![
+                999,
+                1000,
+                999_999,
+                1_000_000,
+                999_999_999,
+                1_000_000_000,
+                (1 << 53) + 1,
+                u64::MAX / 1000,
+                u64::MAX / (1 << 40),
+                u64::MAX / (1 << 40) + 1,
+                u64::MAX - 1,
+                u64::MAX,
+            ]),
+        ]
+    }
+
+    /// What `N` of a duration unit is: humantime counts sub-second units in `u64` nanoseconds and
+    /// longer ones in `u64` seconds, and refuses what does not fit.
+    fn duration_of(n: u64, unit_ns: u128) -> Option<Duration> {
+        let ns = u128::from(n) * unit_ns;
+        if unit_ns < 1_000_000_000 {
+            u64::try_from(ns).ok().map(Duration::from_nanos)
+        } else {
+            u64::try_from(ns / 1_000_000_000)
+                .ok()
+                .map(Duration::from_secs)
+        }
+    }
+
+    fn mixed_case(s: &str, flips: &[bool]) -> String {
+        s.chars()
+            .zip(flips.iter().chain(std::iter::repeat(&false)))
+            .map(|(c, up)| if *up { c.to_ascii_uppercase() } else { c })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn size_and_duration_parsers_never_panic(
+            s in prop_oneof![
+                any::<String>(),
+                "[0-9. ]{0,25}[a-zA-Z ]{0,5}",
+                "([0-9]{1,21}(\\.[0-9]{0,3})? ?[a-zA-Zµ]{0,6} ?){1,4}",
+            ],
+        ) {
+            let _ = parse_size(&s);
+            let _ = parse_duration(&s);
+            let _ = parse_ttl_rule(&s);
+            let _ = parse_resolve(&s);
+            let _ = Cidr::parse(&s);
+        }
+
+        /// `N{unit}` is exactly N × unit, or an error when that passes `u64::MAX`: never rounded,
+        /// wrapped or clamped.
+        #[test]
+        fn sizes_are_exact_or_an_overflow_error(
+            n in count(),
+            unit in prop::sample::select(SIZE_UNITS),
+            flips in prop::collection::vec(any::<bool>(), 3),
+            space in prop::sample::select(vec!["", " "]),
+        ) {
+            let (name, mult) = unit;
+            let text = format!("{n}{space}{}", mixed_case(name, &flips));
+            match n.checked_mul(mult) {
+                Some(bytes) => prop_assert_eq!(parse_size(&text), Ok(bytes), "{}", text),
+                None => prop_assert!(parse_size(&text).is_err(), "{} gave {:?}", text, parse_size(&text)),
+            }
+        }
+
+        /// A fraction of a unit is within a rounding step of the exact value; past `u64::MAX` it
+        /// is an error.
+        #[test]
+        fn fractional_sizes_are_close_or_an_overflow_error(
+            whole in prop_oneof![0u64..10_000, any::<u64>().prop_map(|n| n >> 20)],
+            tenths in 0u64..10,
+            unit in prop::sample::select(SIZE_UNITS),
+        ) {
+            let (name, mult) = unit;
+            let text = format!("{whole}.{tenths}{name}");
+            let exact = (u128::from(whole) * 10 + u128::from(tenths)) * u128::from(mult) / 10;
+            match parse_size(&text) {
+                Ok(bytes) => {
+                    let error = u128::from(bytes).abs_diff(exact);
+                    prop_assert!(error <= 1 + exact / (1 << 50), "{} gave {} (exact {})", text, bytes, exact);
+                }
+                Err(_) => prop_assert!(exact + exact / (1 << 50) >= u128::from(u64::MAX), "{}", text),
+            }
+        }
+
+        #[test]
+        fn numbers_past_u64_are_errors(digits in "[1-9][0-9]{20,30}", unit in prop::sample::select(SIZE_UNITS)) {
+            let (size, duration) = (format!("{digits}{}", unit.0), format!("{digits}s"));
+            prop_assert!(parse_size(&size).is_err(), "{}", size);
+            prop_assert!(parse_duration(&duration).is_err(), "{}", duration);
+        }
+
+        /// `N{unit}` durations, alone or added up, are the exact sum or an overflow error.
+        #[test]
+        fn durations_are_exact_sums_or_an_overflow_error(
+            terms in prop::collection::vec((count(), prop::sample::select(DURATION_UNITS)), 1..4),
+            sep in prop::sample::select(vec!["", " ", "  "]),
+        ) {
+            let text = terms
+                .iter()
+                .map(|(n, (unit, _))| format!("{n}{unit}"))
+                .collect::<Vec<_>>()
+                .join(sep);
+            // Without a separator the terms still split: each starts with a digit.
+            let want = terms.iter().try_fold(Duration::ZERO, |sum, (n, (_, ns))| {
+                sum.checked_add(duration_of(*n, *ns)?)
+            });
+            match want {
+                Some(d) => prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text),
+                None => prop_assert!(parse_duration(&text).is_err(), "{}", text),
+            }
+        }
+
+        /// A running total at the very end of `Duration`'s range, pushed over by sub-second
+        /// terms: an error or the exact sum, never a panic.
+        #[test]
+        fn durations_at_the_edge_of_the_range(
+            below in 0u64..2,
+            terms in prop::collection::vec(
+                (
+                    prop::sample::select(vec![1u64, 500, 999, 1000, 999_999, 1_000_000, 999_999_999, 1_000_000_000]),
+                    prop::sample::select(DURATION_UNITS[..3].to_vec()),
+                ),
+                1..4,
+            ),
+        ) {
+            let mut text = format!("{}s", u64::MAX - below);
+            let mut want = Some(Duration::from_secs(u64::MAX - below));
+            for (n, (unit, ns)) in &terms {
+                text.push_str(&format!(" {n}{unit}"));
+                want = want.and_then(|w| w.checked_add(duration_of(*n, *ns)?));
+            }
+            match want {
+                Some(d) => prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text),
+                None => prop_assert!(parse_duration(&text).is_err(), "{}", text),
+            }
+        }
+
+        #[test]
+        fn cidrs_contain_their_own_address(ip in any::<std::net::IpAddr>(), prefix in 0u8..=128) {
+            // An IPv4-mapped network never matches: clients are compared as IPv4 (left alone).
+            prop_assume!(!matches!(ip, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()));
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let net = Cidr::parse(&format!("{ip}/{prefix}"));
+            prop_assert_eq!(net.is_ok(), prefix <= max);
+            if let Ok(net) = net {
+                prop_assert!(net.contains(ip));
+                prop_assert_eq!(Cidr::parse(&net.to_string()), Ok(net));
+            }
+        }
     }
 }

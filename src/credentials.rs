@@ -312,4 +312,112 @@ mod tests {
             "{e}"
         );
     }
+
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    /// Loads `bytes` as the docker config, through a real file as `run` does.
+    fn load_docker_config(bytes: &[u8]) -> Result<Logins, CredentialsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, bytes).unwrap();
+        Logins::load(&BTreeMap::new(), Some(&path))
+    }
+
+    /// JSON shaped like a docker config, with anything where the values go. No `credHelpers` or
+    /// `credsStore`: those run programs.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let key = prop_oneof![
+            prop::sample::select(vec![
+                "auths",
+                "auth",
+                "username",
+                "password",
+                "identitytoken",
+                "https://index.docker.io/v1/",
+                "ghcr.io",
+                "",
+                "HttpHeaders",
+            ])
+            .prop_map(str::to_owned),
+            "[a-zA-Z0-9.:/]{0,12}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            "[A-Za-z0-9+/=: ]{0,24}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// How an `auths` entry carries its login.
+    #[derive(Debug, Clone)]
+    enum Form {
+        Auth { padded: bool },
+        Fields,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_bytes_load_or_fail_cleanly(bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            any::<String>().prop_map(String::into_bytes),
+        ]) {
+            let _ = load_docker_config(&bytes);
+        }
+
+        #[test]
+        fn any_json_loads_or_fails_cleanly(v in json(), wrap in any::<bool>()) {
+            let v = if wrap { serde_json::json!({ "auths": v }) } else { v };
+            let _ = load_docker_config(v.to_string().as_bytes());
+        }
+
+        /// Every `auths` entry comes back as the user and password it encodes, under its host
+        /// however the key spells it; a password may hold colons, a user cannot.
+        #[test]
+        fn auths_entries_decode_back(
+            entries in prop::collection::btree_map(
+                "[a-z0-9]{1,8}(\\.[a-z]{2,4}){0,2}(:[0-9]{1,5})?",
+                ("[^:]{0,12}", any::<String>(), prop_oneof![
+                    any::<bool>().prop_map(|padded| Form::Auth { padded }),
+                    Just(Form::Fields),
+                ]),
+                1..5,
+            ),
+            decorate in any::<bool>(),
+        ) {
+            let mut auths = serde_json::Map::new();
+            for (host, (user, password, form)) in &entries {
+                let key = if decorate { format!("https://{host}/v1/") } else { host.clone() };
+                let entry = match form {
+                    Form::Auth { padded } => {
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                        let b64 = if *padded { format!(" {b64}\n") } else { b64 };
+                        serde_json::json!({ "auth": b64 })
+                    }
+                    Form::Fields => serde_json::json!({ "username": user, "password": password }),
+                };
+                auths.insert(key, entry);
+            }
+            let config = serde_json::json!({ "auths": auths });
+            let logins = load_docker_config(config.to_string().as_bytes()).unwrap();
+            for (host, (user, password, _)) in &entries {
+                let login = logins.for_host(&host.to_ascii_uppercase()).unwrap();
+                prop_assert_eq!(&login.username, user);
+                prop_assert_eq!(login.password.expose(), password.as_str());
+            }
+        }
+    }
 }

@@ -169,4 +169,63 @@ mod tests {
         assert!(h.matches(&d));
         assert_eq!(d.integrity(), Integrity::from(b"hello"));
     }
+
+    use proptest::prelude::*;
+
+    /// A well-formed digest: a supported algorithm and lower-case hex of its length.
+    fn valid_digest() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9a-f]{64}".prop_map(|h| format!("sha256:{h}")),
+            "[0-9a-f]{128}".prop_map(|h| format!("sha512:{h}")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn parse_is_total_and_ok_only_for_what_display_gives_back(s in any::<String>()) {
+            if let Ok(d) = Digest::parse(&s) {
+                prop_assert_eq!(d.to_string(), s);
+            }
+        }
+
+        #[test]
+        fn near_misses_never_panic_and_are_exact(
+            alg in "sha256|sha512|SHA256|md5|sha256 |",
+            hex in "[0-9a-fA-F:g é]{0,130}",
+        ) {
+            let s = format!("{alg}:{hex}");
+            let want = match alg.as_str() {
+                "sha256" => 64,
+                "sha512" => 128,
+                _ => usize::MAX,
+            };
+            let ok = hex.len() == want && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            prop_assert_eq!(Digest::parse(&s).is_ok(), ok, "{:?}", s);
+        }
+
+        #[test]
+        fn valid_digests_round_trip(s in valid_digest()) {
+            let d = Digest::parse(&s).unwrap();
+            prop_assert_eq!(d.to_string(), s.clone());
+            prop_assert_eq!(format!("{}:{}", d.alg().name(), d.hex()), s.clone());
+            let json = serde_json::to_string(&d).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d.clone());
+            // The cacache address is the same hash, whatever the algorithm.
+            prop_assert_eq!(d.integrity().to_hex().1, d.hex().to_owned());
+        }
+
+        #[test]
+        fn one_changed_character_is_rejected(s in valid_digest(), at in any::<prop::sample::Index>(), c in "[g-zA-F:/. ]") {
+            let (prefix, hex) = s.split_once(':').unwrap();
+            let i = at.index(hex.len());
+            let broken = format!("{prefix}:{}{c}{}", &hex[..i], &hex[i + 1..]);
+            prop_assert!(Digest::parse(&broken).is_err(), "{:?}", broken);
+            let shorter = format!("{prefix}:{}", &hex[1..]);
+            prop_assert!(Digest::parse(&shorter).is_err());
+            let longer = format!("{s}0");
+            prop_assert!(Digest::parse(&longer).is_err());
+        }
+    }
 }

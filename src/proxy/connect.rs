@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -95,6 +96,11 @@ fn parse_target(req: &Request<Incoming>) -> Result<Target, String> {
         .uri()
         .authority()
         .ok_or_else(|| format!("CONNECT needs host:port, got {:?}", req.uri().to_string()))?;
+    target_of(authority)
+}
+
+/// The target a CONNECT authority names (apart from the request, so that it can be tested).
+fn target_of(authority: &Authority) -> Result<Target, String> {
     let port = authority
         .port_u16()
         .ok_or_else(|| format!("CONNECT target {authority} has no port; send host:port"))?;
@@ -103,4 +109,71 @@ fn parse_target(req: &Request<Incoming>) -> Result<Target, String> {
         return Err("CONNECT target has an empty host".into());
     }
     Ok(Target { host, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Uri;
+    use proptest::prelude::*;
+
+    /// A CONNECT request-target as hyper hands it over: parsed as a URI.
+    fn target(text: &str) -> Option<Result<Target, String>> {
+        let uri: Uri = text.parse().ok()?;
+        uri.authority().map(target_of)
+    }
+
+    fn host() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9]([a-zA-Z0-9-]{0,10}[a-zA-Z0-9])?(\\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,10}[a-zA-Z0-9])?){0,3}\\.?",
+            any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+            any::<std::net::Ipv6Addr>().prop_map(|ip| format!("[{ip}]")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Never panics; what it accepts has a non-empty, lower-case host without a trailing dot.
+        #[test]
+        fn any_target_parses_or_fails_cleanly(
+            text in prop_oneof![
+                any::<String>(),
+                "[a-zA-Z0-9.:\\[\\]@%-]{0,30}",
+                "[a-z.]{0,8}:[0-9]{0,7}",
+            ],
+        ) {
+            if let Some(Ok(t)) = target(&text) {
+                prop_assert!(!t.host.is_empty() && !t.host.ends_with('.'));
+                prop_assert_eq!(t.host.clone(), t.host.to_ascii_lowercase());
+            }
+        }
+
+        #[test]
+        fn host_and_port_come_back(host in host(), port in any::<u16>()) {
+            let t = target(&format!("{host}:{port}")).unwrap().unwrap();
+            prop_assert_eq!(&t.host, &host.trim_end_matches('.').to_ascii_lowercase());
+            prop_assert_eq!(t.port, port);
+            // `authority()` names the same target again.
+            let text = if port == 443 { format!("{}:443", t.authority()) } else { t.authority() };
+            let again = target(&text).unwrap().unwrap();
+            prop_assert_eq!((again.host, again.port), (t.host.clone(), port));
+            if port == 443 {
+                prop_assert_eq!(t.authority(), t.host);
+            }
+        }
+
+        #[test]
+        fn a_target_without_a_port_is_refused(host in host()) {
+            let empty_port = format!("{host}:");
+            prop_assert!(!matches!(target(&host), Some(Ok(_))), "{}", host);
+            prop_assert!(!matches!(target(&empty_port), Some(Ok(_))), "{}", empty_port);
+        }
+
+        #[test]
+        fn a_port_past_u16_is_refused(host in host(), port in 65536u32..10_000_000) {
+            let text = format!("{host}:{port}");
+            prop_assert!(!matches!(target(&text), Some(Ok(_))), "{}", text);
+        }
+    }
 }

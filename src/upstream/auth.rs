@@ -160,4 +160,84 @@ mod tests {
         assert!(parse_challenge(r#"Bearer realm"#).is_err());
         assert_eq!(encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
     }
+
+    use proptest::prelude::*;
+
+    /// A parameter value as a server would send it: quoted (any text but a quote or backslash,
+    /// separators included) or a bare token.
+    #[derive(Debug, Clone)]
+    enum Value {
+        Quoted(String),
+        Token(String),
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            // Leading and trailing blanks are trimmed by the parser, so they are not generated.
+            "([^\"\\\\\\s]([^\"\\\\]{0,30}[^\"\\\\\\s])?)?".prop_map(Value::Quoted),
+            "[A-Za-z0-9!#$%&'*+.^_`|~/:-]{1,20}".prop_map(Value::Token),
+        ]
+    }
+
+    fn params() -> impl Strategy<Value = Vec<(String, Value)>> {
+        prop::collection::btree_map("[a-z][a-z0-9_]{0,8}", value(), 0..5)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Never panics; what it accepts has a lower-case token scheme and lower-case names.
+        #[test]
+        fn any_value_parses_or_fails_cleanly(
+            v in prop_oneof![
+                any::<String>(),
+                "[A-Za-z]{0,6}[ ,]{0,2}([a-z]{0,3}=?\"?[a-z,= ]{0,4}\"?[ ,]{0,2}){0,4}",
+            ],
+        ) {
+            if let Ok(c) = parse_challenge(&v) {
+                prop_assert!(!c.scheme.is_empty());
+                prop_assert!(c.scheme.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-'));
+                for name in c.params.keys() {
+                    prop_assert_eq!(name.clone(), name.to_ascii_lowercase());
+                }
+            }
+        }
+
+        #[test]
+        fn built_challenges_parse_back(
+            scheme in "[A-Za-z][A-Za-z0-9-]{0,10}",
+            params in params(),
+            sep in prop::sample::select(vec![",", ", ", " ,", ",,"]),
+            upper in any::<bool>(),
+        ) {
+            let rendered: Vec<String> = params
+                .iter()
+                .map(|(name, v)| {
+                    let name = if upper { name.to_ascii_uppercase() } else { name.clone() };
+                    match v {
+                        Value::Quoted(q) => format!("{name}=\"{q}\""),
+                        Value::Token(t) => format!("{name}={t}"),
+                    }
+                })
+                .collect();
+            let header = format!("{scheme} {}", rendered.join(sep));
+            let c = parse_challenge(&header).unwrap();
+            prop_assert_eq!(c.scheme, scheme.to_ascii_lowercase());
+            let want: BTreeMap<String, String> = params
+                .into_iter()
+                .map(|(n, v)| match v {
+                    Value::Quoted(q) => (n, q),
+                    Value::Token(t) => (n, t),
+                })
+                .collect();
+            prop_assert_eq!(c.params, want, "{}", header);
+        }
+
+        #[test]
+        fn an_unterminated_quote_is_an_error(scheme in "[A-Za-z]{1,8}", name in "[a-z]{1,8}", v in "[^\"]{0,20}") {
+            let header = format!("{scheme} {name}=\"{v}");
+            prop_assert!(parse_challenge(&header).is_err(), "{}", header);
+        }
+    }
 }

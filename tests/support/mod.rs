@@ -1593,4 +1593,135 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+
+// The binary as a child process
+// ---------------------------------------------------------------------------------------------
+
+impl Registry {
+    /// The flags that make the `regproxy` binary reach this registry as `registry.test:PORT`:
+    /// what [`Registry::configure_proxy`] does to a [`Config`].
+    pub fn proxy_args(&self) -> Vec<String> {
+        vec![
+            "--intercept".into(),
+            REGISTRY_HOST.into(),
+            "--resolve".into(),
+            format!("{}=127.0.0.1:{}", self.host(), self.port),
+            "--upstream-ca".into(),
+            self.ca_cert_path().display().to_string(),
+            "--allow-port".into(),
+            self.port.to_string(),
+        ]
+    }
+}
+
+/// The `regproxy` binary as a child process, so that a test can kill -9 it: CA and cache in
+/// `STATE/ca` and `STATE/cache` (a restart on the same state reuses both), log appended to
+/// `STATE/regproxy.log`, reaching `registry`. Killed on drop.
+pub struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+    state: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Starts `regproxy run` and waits until it has written its CA and accepts connections.
+    pub fn start(state: &Path, registry: &Registry) -> ProxyProcess {
+        fs::create_dir_all(state).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.join("regproxy.log"))
+            .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new(env!("CARGO_BIN_EXE_regproxy"))
+            .env_remove("REGPROXY_CONFIG")
+            .arg("run")
+            .args(["--listen", &addr.to_string()])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--ca-dir")
+            .arg(state.join("ca"))
+            .arg("--cache-dir")
+            .arg(state.join("cache"))
+            .args(registry.proxy_args())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the regproxy binary");
+        let mut proxy = ProxyProcess {
+            child,
+            addr,
+            state: state.to_path_buf(),
+        };
+        let ca = state.join("ca/ca.crt");
+        wait_for(
+            START_TIMEOUT,
+            || {
+                if let Some(status) = proxy.child.try_wait().unwrap() {
+                    panic!(
+                        "regproxy exited while starting ({status}):\n{}",
+                        proxy.log()
+                    );
+                }
+                let written = fs::read_to_string(&ca)
+                    .is_ok_and(|pem| pem.contains("-----END CERTIFICATE-----"));
+                (written && TcpStream::connect(addr).is_ok()).then_some(())
+            },
+            || {
+                let log = fs::read_to_string(state.join("regproxy.log")).unwrap_or_default();
+                format!("regproxy on {addr}:\n{log}")
+            },
+        );
+        make_cert_dir(&proxy.cert_dir(), &ca);
+        proxy
+    }
+
+    /// `http://127.0.0.1:N`: what `HTTPS_PROXY` takes.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    /// A directory holding only the proxy's CA as `ca.crt` (for `skopeo --*-cert-dir`).
+    pub fn cert_dir(&self) -> PathBuf {
+        self.state.join("client-certs")
+    }
+    /// The log of every run on this state directory.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.state.join("regproxy.log")).unwrap_or_default()
+    }
+
+    /// `skopeo copy --preserve-digests` from `src` to `dst` through this proxy, trusting only
+    /// its CA (see [`skopeo_command`]); not started, so that a test may run or spawn it.
+    pub fn skopeo_copy(&self, src: &str, dst: &str) -> Command {
+        let mut cmd = skopeo_command(None);
+        cmd.env("HTTPS_PROXY", self.url())
+            .env("https_proxy", self.url())
+            .args(["copy", "--preserve-digests", "--src-cert-dir"])
+            .arg(self.cert_dir())
+            .args([src, dst]);
+        cmd
+    }
+
+    /// SIGKILL, then reap: nothing of the process runs on, nothing is flushed or cleaned up.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (a graceful shutdown), then waits for the exit status within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let out = run_with_timeout(Command::new("kill").args(["-TERM", &pid]), timeout);
+        assert_success(&out, "kill -TERM regproxy");
+        wait_for(
+            timeout,
+            || self.child.try_wait().unwrap(),
+            || "regproxy to exit after SIGTERM".to_string(),
+        )
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
 }
