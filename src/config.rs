@@ -114,6 +114,10 @@ pub struct Config {
     pub allow_cidr: Vec<Cidr>,
     /// A file of `user:password` lines; clients must send one as `Proxy-Authorization: Basic`.
     pub proxy_credentials_file: Option<PathBuf>,
+    /// Destinations reachable although refused by default (loopback, link-local, ...).
+    pub allow_destination: Vec<Cidr>,
+    /// Destinations never reached; wins over `allow_destination` and `resolve`.
+    pub deny_destination: Vec<Cidr>,
 }
 
 /// An IP network, `ADDR/PREFIX` (a bare address is a single host).
@@ -190,6 +194,8 @@ impl Default for Config {
             docker_config: None,
             allow_cidr: Vec::new(),
             proxy_credentials_file: None,
+            allow_destination: Vec::new(),
+            deny_destination: Vec::new(),
         }
     }
 }
@@ -375,6 +381,26 @@ pub struct Settings {
         value_name = "FILE"
     )]
     pub proxy_credentials_file: Option<PathBuf>,
+    /// Destination network reachable although refused by default (loopback, link-local,
+    /// unspecified, multicast), CIDR; repeatable
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_ALLOW_DESTINATION",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub allow_destination: Option<Vec<String>>,
+    /// Destination network never reached (wins over --allow-destination and --resolve), CIDR;
+    /// repeatable
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_DENY_DESTINATION",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub deny_destination: Option<Vec<String>>,
     /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
     #[arg(
         global = true,
@@ -523,6 +549,14 @@ impl Settings {
                 .map(|c| Cidr::parse(c).map_err(|r| invalid("allow_cidr", c, r)))
                 .collect::<Result<_, _>>()?,
             proxy_credentials_file: self.proxy_credentials_file.or(file.proxy_credentials_file),
+            allow_destination: list(self.allow_destination, file.allow_destination)
+                .iter()
+                .map(|c| Cidr::parse(c).map_err(|r| invalid("allow_destination", c, r)))
+                .collect::<Result<_, _>>()?,
+            deny_destination: list(self.deny_destination, file.deny_destination)
+                .iter()
+                .map(|c| Cidr::parse(c).map_err(|r| invalid("deny_destination", c, r)))
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -648,6 +682,15 @@ impl Config {
         );
         if let Some(p) = &self.proxy_credentials_file {
             kv("proxy_credentials_file", quote(&p.display().to_string()));
+        }
+        for (key, nets) in [
+            ("allow_destination", &self.allow_destination),
+            ("deny_destination", &self.deny_destination),
+        ] {
+            kv(
+                key,
+                list(nets.iter().map(|c| quote(&c.to_string())).collect()),
+            );
         }
         kv(
             "shutdown_grace",
@@ -936,6 +979,39 @@ mod tests {
         .resolve(Settings::default())
         .unwrap();
         assert!(named.check_exposure().is_ok());
+    }
+
+    #[test]
+    fn destinations_from_file_and_flags() {
+        let file = Settings {
+            allow_destination: Some(vec!["127.0.0.0/8".into()]),
+            deny_destination: Some(vec!["10.0.0.0/8".into()]),
+            ..Default::default()
+        };
+        let flags = Settings {
+            deny_destination: Some(vec!["192.168.0.0/16".into()]),
+            ..Default::default()
+        };
+        let c = flags.resolve(file).unwrap();
+        assert_eq!(
+            c.allow_destination,
+            vec![Cidr::parse("127.0.0.0/8").unwrap()]
+        );
+        assert_eq!(c.deny_destination.len(), 2);
+        let toml = c.to_toml();
+        assert!(
+            toml.contains("allow_destination = [\"127.0.0.0/8\"]")
+                && toml.contains("deny_destination = [\"10.0.0.0/8\", \"192.168.0.0/16\"]"),
+            "{toml}"
+        );
+        let e = Settings {
+            allow_destination: Some(vec!["127.0.0.0/40".into()]),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("allow_destination"), "{e}");
     }
 
     #[test]
