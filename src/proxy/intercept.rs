@@ -49,7 +49,13 @@ pub(super) async fn serve(
         tracing::warn!(client = %peer, host = %target.host, "TLS ClientHello without SNI; closing");
         return;
     };
-    let config = match shared.ca.server_config(&sni) {
+    // A leaf only for the host the client CONNECTed to: any other name would have the CA sign
+    // certificates for hosts nobody chose to intercept, one per name a client cares to send.
+    if !sni_matches(&sni, &target.host) {
+        tracing::warn!(client = %peer, host = %target.host, sni = %sni, "TLS SNI differs from the CONNECT host; closing");
+        return;
+    }
+    let config = match shared.ca.server_config(&target.host) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(client = %peer, sni = %sni, error = %e, "cannot issue a leaf certificate");
@@ -68,6 +74,11 @@ pub(super) async fn serve(
         }
     };
     serve_http(TokioIo::new(tls), Some(target), peer, shared).await;
+}
+
+/// Whether a ClientHello's SNI names `host` (lower-case, no trailing dot, as in [`Target`]).
+fn sni_matches(sni: &str, host: &str) -> bool {
+    sni.trim_end_matches('.').eq_ignore_ascii_case(host)
 }
 
 /// Serves the registry API (HTTP/1.1 or h2) on a connection: for `target` when intercepted, or
@@ -113,5 +124,17 @@ pub(super) async fn serve_http<I>(
     };
     if let Err(e) = result {
         tracing::debug!(client = %peer, error = %e, "intercepted connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sni_must_name_the_connect_host() {
+        assert!(super::sni_matches("Registry.Test.", "registry.test"));
+        assert!(super::sni_matches("registry.test", "registry.test"));
+        assert!(!super::sni_matches("www.google.com", "registry.test"));
+        assert!(!super::sni_matches("registry.test.evil", "registry.test"));
+        assert!(!super::sni_matches("", "registry.test"));
     }
 }
