@@ -94,7 +94,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Timeout for establishing an upstream TCP+TLS connection.
     pub connect_timeout: Duration,
-    /// How long an idle pooled upstream connection is kept.
+    /// How long an idle client connection (no request) or pooled upstream connection is kept.
     pub idle_timeout: Duration,
     /// How long an upstream may take to answer a request (the response head) or a manifest body.
     pub upstream_timeout: Duration,
@@ -118,6 +118,9 @@ pub struct Config {
     pub allow_destination: Vec<Cidr>,
     /// Destinations never reached; wins over `allow_destination` and `resolve`.
     pub deny_destination: Vec<Cidr>,
+    /// Client connections each client listener (proxy, mirror) holds at once; more wait to be
+    /// accepted.
+    pub max_connections: usize,
 }
 
 /// An IP network, `ADDR/PREFIX` (a bare address is a single host).
@@ -196,6 +199,7 @@ impl Default for Config {
             proxy_credentials_file: None,
             allow_destination: Vec::new(),
             deny_destination: Vec::new(),
+            max_connections: 4096,
         }
     }
 }
@@ -305,7 +309,7 @@ pub struct Settings {
         value_name = "DURATION"
     )]
     pub connect_timeout: Option<String>,
-    /// Idle time after which pooled upstream connections close [default: 90s]
+    /// Idle time after which client and pooled upstream connections close [default: 90s]
     #[arg(
         global = true,
         long,
@@ -401,6 +405,14 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub deny_destination: Option<Vec<String>>,
+    /// Client connections held at once; more wait to be accepted [default: 4096]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub max_connections: Option<usize>,
     /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
     #[arg(
         global = true,
@@ -557,6 +569,13 @@ impl Settings {
                 .iter()
                 .map(|c| Cidr::parse(c).map_err(|r| invalid("deny_destination", c, r)))
                 .collect::<Result<_, _>>()?,
+            max_connections: match self.max_connections.or(file.max_connections) {
+                None => d.max_connections,
+                Some(0) => {
+                    return Err(invalid("max_connections", "0", "must be at least 1".into()))
+                }
+                Some(n) => n,
+            },
         })
     }
 }
@@ -692,6 +711,7 @@ impl Config {
                 list(nets.iter().map(|c| quote(&c.to_string())).collect()),
             );
         }
+        kv("max_connections", self.max_connections.to_string());
         kv(
             "shutdown_grace",
             quote(&humantime::format_duration(self.shutdown_grace).to_string()),
@@ -982,10 +1002,11 @@ mod tests {
     }
 
     #[test]
-    fn destinations_from_file_and_flags() {
+    fn destinations_and_max_connections_from_file_env_and_flags() {
         let file = Settings {
             allow_destination: Some(vec!["127.0.0.0/8".into()]),
             deny_destination: Some(vec!["10.0.0.0/8".into()]),
+            max_connections: Some(100),
             ..Default::default()
         };
         let flags = Settings {
@@ -998,20 +1019,32 @@ mod tests {
             vec![Cidr::parse("127.0.0.0/8").unwrap()]
         );
         assert_eq!(c.deny_destination.len(), 2);
+        assert_eq!(c.max_connections, 100);
         let toml = c.to_toml();
         assert!(
             toml.contains("allow_destination = [\"127.0.0.0/8\"]")
-                && toml.contains("deny_destination = [\"10.0.0.0/8\", \"192.168.0.0/16\"]"),
+                && toml.contains("deny_destination = [\"10.0.0.0/8\", \"192.168.0.0/16\"]")
+                && toml.contains("max_connections = 100"),
             "{toml}"
         );
-        let e = Settings {
-            allow_destination: Some(vec!["127.0.0.0/40".into()]),
-            ..Default::default()
+        let d = Settings::default().resolve(Settings::default()).unwrap();
+        assert_eq!(d.max_connections, 4096);
+        for bad in [
+            Settings {
+                allow_destination: Some(vec!["127.0.0.0/40".into()]),
+                ..Default::default()
+            },
+            Settings {
+                max_connections: Some(0),
+                ..Default::default()
+            },
+        ] {
+            let e = bad.resolve(Settings::default()).unwrap_err().to_string();
+            assert!(
+                e.contains("allow_destination") || e.contains("max_connections"),
+                "{e}"
+            );
         }
-        .resolve(Settings::default())
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("allow_destination"), "{e}");
     }
 
     #[test]

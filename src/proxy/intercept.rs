@@ -12,6 +12,7 @@ use hyper_util::server::conn::auto;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::connect::Target;
+use super::listener::{idle_or_shutdown, Tracked};
 use crate::registry;
 use crate::Shared;
 
@@ -73,7 +74,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    serve_http(TokioIo::new(tls), Some(target), peer, shared).await;
+    serve_http(tls, Some(target), peer, shared).await;
 }
 
 /// Whether a ClientHello's SNI names `host` (lower-case, no trailing dot, as in [`Target`]).
@@ -82,9 +83,10 @@ fn sni_matches(sni: &str, host: &str) -> bool {
 }
 
 /// Serves the registry API (HTTP/1.1 or h2) on a connection: for `target` when intercepted, or
-/// in mirror mode (the upstream named by each request) when `None`.
+/// in mirror mode (the upstream named by each request) when `None`. Closed when idle for the
+/// configured idle time.
 pub(super) async fn serve_http<I>(
-    io: TokioIo<I>,
+    io: I,
     target: Option<Target>,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -113,11 +115,16 @@ pub(super) async fn serve_http<I>(
         .timer(TokioTimer::new())
         .adaptive_window(true)
         .max_concurrent_streams(256);
-    let conn = builder.serve_connection(io, svc);
+    // Counted under the cap by the outer connection; tracked here for its own idle time (h2
+    // has no header timer to close an idle connection).
+    let io = Tracked::new(io);
+    let activity = io.activity();
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let idle = shared.config.idle_timeout;
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shared.shutdown.cancelled() => {
+        _ = idle_or_shutdown(&activity, idle, &shared.shutdown) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
