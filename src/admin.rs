@@ -2,36 +2,68 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
 
 use crate::body::{self, text, Body};
+use crate::proxy::listener::{accept_loop, idle_or_shutdown, Limits, Tracked};
 use crate::Shared;
+
+/// The admin listener's bounds: monitoring needs few connections and short requests, so a
+/// client that holds one without asking anything is let go soon.
+pub const LIMITS: Limits = Limits {
+    max_connections: 64,
+    header_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(30),
+};
 
 /// Serves the admin endpoint on `listener` until shutdown starts.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
+    serve_with(listener, shared, LIMITS).await
+}
+
+/// [`serve`] with other bounds (tests use short ones).
+pub async fn serve_with(listener: TcpListener, shared: Arc<Shared>, limits: Limits) {
+    // Its own tracker: shutdown does not wait for monitoring connections.
+    let tasks = TaskTracker::new();
+    let stop = shared.shutdown.clone().cancelled_owned();
+    accept_loop(
+        || listener.accept(),
+        limits.max_connections,
+        &tasks,
+        stop,
+        |tcp, _| connection(tcp, limits, shared.clone()),
+    )
+    .await;
+}
+
+async fn connection(tcp: Tracked<TcpStream>, limits: Limits, shared: Arc<Shared>) {
+    let activity = tcp.activity();
+    let stop = shared.shutdown.clone();
+    let svc = service_fn(move |req| {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &shared).await) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+        async move { Ok::<_, Infallible>(answer(&req, &shared).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(tcp), svc);
+    tokio::pin!(conn);
+    let idle = limits.idle_timeout;
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = idle_or_shutdown(&activity, idle, &stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 
@@ -77,4 +109,80 @@ async fn ready(shared: &Shared) -> Result<(), String> {
         .map_err(|e| format!("cache not writable: {e}"))?;
     let _ = tokio::fs::remove_file(&probe).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+
+    async fn healthz(stream: &mut TcpStream) -> String {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Reads until the peer closes; how long that took.
+    async fn closed_after(stream: &mut TcpStream, limit: Duration) -> Duration {
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("still open after {limit:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_and_silent_connections_close_and_a_full_listener_answers_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config {
+            ca_dir: dir.path().join("ca"),
+            cache_dir: dir.path().join("cache"),
+            ..Default::default()
+        };
+        let shared = Shared::new(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(600),
+            idle_timeout: Duration::from_millis(300),
+        };
+        tokio::spawn(serve_with(listener, shared.clone(), limits));
+
+        // A keep-alive connection that asks once and then nothing is closed when idle.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        assert!(healthz(&mut kept).await.starts_with("HTTP/1.1 200"));
+        let took = closed_after(&mut kept, Duration::from_secs(5)).await;
+        assert!(took < Duration::from_secs(2), "{took:?}");
+
+        // Silent connections fill the cap; /healthz waits its turn, not forever.
+        let mut hogs = Vec::new();
+        for _ in 0..limits.max_connections * 2 {
+            hogs.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let start = Instant::now();
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), healthz(&mut late))
+            .await
+            .expect("healthz starved");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        for hog in &mut hogs {
+            closed_after(hog, Duration::from_secs(5)).await;
+        }
+        shared.shutdown.cancel();
+    }
 }

@@ -1,9 +1,9 @@
 //! The certificate authority: loads or creates the CA, issues a leaf per SNI host on demand and
-//! caches the resulting TLS server configuration in memory.
+//! caches the resulting TLS server configuration in memory (a bounded LRU).
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +25,9 @@ const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 const LEAF_REFRESH_MARGIN: Duration = Duration::from_secs(3600);
 /// Leaves start this far in the past so clients with a skewed clock accept them.
 const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+/// Leaves kept in memory; the least recently used goes first. A leaf is issued only for a host a
+/// client CONNECTed to and that is intercepted, so this bounds memory, not correctness.
+pub const LEAF_CACHE_CAPACITY: usize = 1000;
 /// The subject common name of a generated CA.
 pub const CA_COMMON_NAME: &str = "regproxy local CA";
 
@@ -75,7 +78,7 @@ pub struct CertAuthority {
     // One key for every leaf: issuing a leaf is then one signature, not a key generation.
     leaf_key: KeyPair,
     leaf_key_der: Vec<u8>,
-    leaves: Mutex<HashMap<String, CachedLeaf>>,
+    leaves: Mutex<lru::LruCache<String, CachedLeaf>>,
     issued: AtomicU64,
 }
 
@@ -141,7 +144,9 @@ impl CertAuthority {
             issuer,
             leaf_key,
             leaf_key_der,
-            leaves: Mutex::new(HashMap::new()),
+            leaves: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(LEAF_CACHE_CAPACITY).unwrap_or(NonZeroUsize::MIN),
+            )),
             issued: AtomicU64::new(0),
         })
     }
@@ -154,6 +159,11 @@ impl CertAuthority {
     /// Number of leaves issued since start.
     pub fn leaves_issued(&self) -> u64 {
         self.issued.load(Ordering::Relaxed)
+    }
+
+    /// Number of leaves held in the in-memory cache (at most [`LEAF_CACHE_CAPACITY`]).
+    pub fn leaves_cached(&self) -> usize {
+        self.leaves.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The TLS server config presenting a leaf for `host`, issued once and cached until near expiry.
@@ -170,7 +180,7 @@ impl CertAuthority {
         }
         let config = Arc::new(self.issue(&host, now)?);
         let refresh_at = now + LEAF_VALIDITY - LEAF_REFRESH_MARGIN;
-        leaves.insert(
+        leaves.put(
             host,
             CachedLeaf {
                 config: config.clone(),
@@ -327,4 +337,32 @@ pub fn describe(crt: &Path) -> Result<CaInfo, CaError> {
         sha256,
         not_after,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_cache_stays_at_its_capacity_and_keeps_recent_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let first = ca.server_config("h0.registry.test").unwrap();
+        let n = LEAF_CACHE_CAPACITY * 2 + 100;
+        for i in 1..n {
+            ca.server_config(&format!("h{i}.registry.test")).unwrap();
+            // Keep one host in use: it must survive the churn.
+            if i % 100 == 0 {
+                ca.server_config("h0.registry.test").unwrap();
+            }
+            assert!(ca.leaves_cached() <= LEAF_CACHE_CAPACITY);
+        }
+        assert_eq!(ca.leaves_cached(), LEAF_CACHE_CAPACITY);
+        assert_eq!(ca.leaves_issued(), n as u64);
+        let again = ca.server_config("h0.registry.test").unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "a recently used leaf is kept");
+        // An evicted one is issued anew.
+        ca.server_config("h1.registry.test").unwrap();
+        assert_eq!(ca.leaves_issued(), n as u64 + 1);
+    }
 }

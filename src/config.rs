@@ -94,7 +94,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Timeout for establishing an upstream TCP+TLS connection.
     pub connect_timeout: Duration,
-    /// How long an idle pooled upstream connection is kept.
+    /// How long an idle client connection (no request) or pooled upstream connection is kept.
     pub idle_timeout: Duration,
     /// How long an upstream may take to answer a request (the response head) or a manifest body.
     pub upstream_timeout: Duration,
@@ -114,6 +114,13 @@ pub struct Config {
     pub allow_cidr: Vec<Cidr>,
     /// A file of `user:password` lines; clients must send one as `Proxy-Authorization: Basic`.
     pub proxy_credentials_file: Option<PathBuf>,
+    /// Destinations reachable although refused by default (loopback, link-local, ...).
+    pub allow_destination: Vec<Cidr>,
+    /// Destinations never reached; wins over `allow_destination` and `resolve`.
+    pub deny_destination: Vec<Cidr>,
+    /// Client connections each client listener (proxy, mirror) holds at once; more wait to be
+    /// accepted.
+    pub max_connections: usize,
 }
 
 /// An IP network, `ADDR/PREFIX` (a bare address is a single host).
@@ -190,6 +197,9 @@ impl Default for Config {
             docker_config: None,
             allow_cidr: Vec::new(),
             proxy_credentials_file: None,
+            allow_destination: Vec::new(),
+            deny_destination: Vec::new(),
+            max_connections: 4096,
         }
     }
 }
@@ -299,7 +309,7 @@ pub struct Settings {
         value_name = "DURATION"
     )]
     pub connect_timeout: Option<String>,
-    /// Idle time after which pooled upstream connections close [default: 90s]
+    /// Idle time after which client and pooled upstream connections close [default: 90s]
     #[arg(
         global = true,
         long,
@@ -375,6 +385,34 @@ pub struct Settings {
         value_name = "FILE"
     )]
     pub proxy_credentials_file: Option<PathBuf>,
+    /// Destination network reachable although refused by default (loopback, link-local,
+    /// unspecified, multicast), CIDR; repeatable
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_ALLOW_DESTINATION",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub allow_destination: Option<Vec<String>>,
+    /// Destination network never reached (wins over --allow-destination and --resolve), CIDR;
+    /// repeatable
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_DENY_DESTINATION",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub deny_destination: Option<Vec<String>>,
+    /// Client connections held at once; more wait to be accepted [default: 4096]
+    #[arg(
+        global = true,
+        long,
+        env = "REGPROXY_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub max_connections: Option<usize>,
     /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
     #[arg(
         global = true,
@@ -523,6 +561,21 @@ impl Settings {
                 .map(|c| Cidr::parse(c).map_err(|r| invalid("allow_cidr", c, r)))
                 .collect::<Result<_, _>>()?,
             proxy_credentials_file: self.proxy_credentials_file.or(file.proxy_credentials_file),
+            allow_destination: list(self.allow_destination, file.allow_destination)
+                .iter()
+                .map(|c| Cidr::parse(c).map_err(|r| invalid("allow_destination", c, r)))
+                .collect::<Result<_, _>>()?,
+            deny_destination: list(self.deny_destination, file.deny_destination)
+                .iter()
+                .map(|c| Cidr::parse(c).map_err(|r| invalid("deny_destination", c, r)))
+                .collect::<Result<_, _>>()?,
+            max_connections: match self.max_connections.or(file.max_connections) {
+                None => d.max_connections,
+                Some(0) => {
+                    return Err(invalid("max_connections", "0", "must be at least 1".into()))
+                }
+                Some(n) => n,
+            },
         })
     }
 }
@@ -649,6 +702,16 @@ impl Config {
         if let Some(p) = &self.proxy_credentials_file {
             kv("proxy_credentials_file", quote(&p.display().to_string()));
         }
+        for (key, nets) in [
+            ("allow_destination", &self.allow_destination),
+            ("deny_destination", &self.deny_destination),
+        ] {
+            kv(
+                key,
+                list(nets.iter().map(|c| quote(&c.to_string())).collect()),
+            );
+        }
+        kv("max_connections", self.max_connections.to_string());
         kv(
             "shutdown_grace",
             quote(&humantime::format_duration(self.shutdown_grace).to_string()),
@@ -975,6 +1038,52 @@ mod tests {
         .resolve(Settings::default())
         .unwrap();
         assert!(named.check_exposure().is_ok());
+    }
+
+    #[test]
+    fn destinations_and_max_connections_from_file_env_and_flags() {
+        let file = Settings {
+            allow_destination: Some(vec!["127.0.0.0/8".into()]),
+            deny_destination: Some(vec!["10.0.0.0/8".into()]),
+            max_connections: Some(100),
+            ..Default::default()
+        };
+        let flags = Settings {
+            deny_destination: Some(vec!["192.168.0.0/16".into()]),
+            ..Default::default()
+        };
+        let c = flags.resolve(file).unwrap();
+        assert_eq!(
+            c.allow_destination,
+            vec![Cidr::parse("127.0.0.0/8").unwrap()]
+        );
+        assert_eq!(c.deny_destination.len(), 2);
+        assert_eq!(c.max_connections, 100);
+        let toml = c.to_toml();
+        assert!(
+            toml.contains("allow_destination = [\"127.0.0.0/8\"]")
+                && toml.contains("deny_destination = [\"10.0.0.0/8\", \"192.168.0.0/16\"]")
+                && toml.contains("max_connections = 100"),
+            "{toml}"
+        );
+        let d = Settings::default().resolve(Settings::default()).unwrap();
+        assert_eq!(d.max_connections, 4096);
+        for bad in [
+            Settings {
+                allow_destination: Some(vec!["127.0.0.0/40".into()]),
+                ..Default::default()
+            },
+            Settings {
+                max_connections: Some(0),
+                ..Default::default()
+            },
+        ] {
+            let e = bad.resolve(Settings::default()).unwrap_err().to_string();
+            assert!(
+                e.contains("allow_destination") || e.contains("max_connections"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -89,7 +89,10 @@ impl Shared {
         let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
-        let resolver = Arc::new(upstream::Resolver::new(&config.resolve, own));
+        let resolver = Arc::new(
+            upstream::Resolver::new(&config.resolve, own)
+                .with_destinations(&config.allow_destination, &config.deny_destination),
+        );
         let upstream = upstream::Upstream::new(&config, resolver.clone(), metrics.clone())?;
         Ok(Arc::new(Shared {
             config,

@@ -49,6 +49,14 @@ fn inject(config: &mut regproxy::Config, host: String) {
     );
 }
 
+/// The token server's realm is `https://127.0.0.1:PORT`, which regproxy refuses to reach
+/// unless allowed (loopback is not a destination by default).
+fn allow_loopback_realm(config: &mut regproxy::Config) {
+    config
+        .allow_destination
+        .push(regproxy::config::Cidr::parse("127.0.0.1").unwrap());
+}
+
 fn copy(
     proxy: &Proxy,
     image: &str,
@@ -67,6 +75,7 @@ fn injected_credentials_with_token_auth_and_token_reuse() {
     let proxy = Proxy::for_registry_with(&s.registry, |c| {
         c.upstream_ca.push(s.tokens.ca_cert_path());
         inject(c, s.registry.host());
+        allow_loopback_realm(c);
     });
     let image = s.registry.image("test/private:v1");
     let before = s.tokens.token_requests();
@@ -265,7 +274,7 @@ fn secrets_are_never_logged() {
         format!(
             "listen = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nca_dir = {:?}\ncache_dir = {:?}\n\
              intercept = [\"registry.test\"]\nresolve = [\"{}=127.0.0.1:{}\"]\nupstream_ca = [{:?}, {:?}]\n\
-             allow_port = [{}]\nproxy_credentials_file = {:?}\n\n[registries.\"{}\"]\nusername = \"{USER}\"\npassword_env = \"TEST_REGISTRY_PASSWORD\"\n",
+             allow_port = [{}]\nallow_destination = [\"127.0.0.1\"]\nproxy_credentials_file = {:?}\n\n[registries.\"{}\"]\nusername = \"{USER}\"\npassword_env = \"TEST_REGISTRY_PASSWORD\"\n",
             dir.join("ca").display().to_string(),
             dir.join("cache").display().to_string(),
             s.registry.host(),
@@ -456,6 +465,7 @@ fn malformed_challenge_and_garbage_token_endpoint() {
         c.upstream_ca.push(dir.join("tok/ca.crt"));
         c.tag_ttl = std::time::Duration::ZERO;
         inject(c, host.clone());
+        allow_loopback_realm(c);
     });
     let get = |path: &str| {
         let tls = tls_via(proxy.addr(), &host, "auth-reg.test", &proxy.ca_cert_path());

@@ -280,7 +280,12 @@ fn absolute_form_http_is_forwarded() {
         )
         .unwrap();
     });
-    let proxy = Proxy::start(|c| c.allow_port.push(port));
+    let proxy = Proxy::start(|c| {
+        c.allow_port.push(port);
+        // Loopback is refused by default (see tests/hardening.rs); this server lives there.
+        c.allow_destination
+            .push(regproxy::config::Cidr::parse("127.0.0.1").unwrap());
+    });
     let req = format!(
         "GET http://127.0.0.1:{port}/hello HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nProxy-Connection: keep-alive\r\nConnection: close\r\n\r\n"
     );

@@ -91,6 +91,19 @@ pub(super) async fn plain(
         );
         return metered(resp, log);
     }
+    // The connector checks the destination again when it connects; asking first is what lets a
+    // refusal be a 403 with its reason rather than a 502 about an upstream never contacted.
+    let name = parts.uri.host().unwrap_or_default();
+    if let Err(e) = shared.resolver.resolve(name, port).await {
+        let resp = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            tracing::warn!(client = %peer, host = %host, error = %e, "forward refused");
+            text(StatusCode::FORBIDDEN, format!("refused: {e}"))
+        } else {
+            tracing::warn!(client = %peer, host = %host, error = %e, "forward failed");
+            text(StatusCode::BAD_GATEWAY, format!("upstream {host}: {e}"))
+        };
+        return metered(resp, log);
+    }
     let upstream_req = upstream_request(&parts, parts.uri.clone(), body::incoming(incoming));
     let resp = match shared.upstream.send(upstream_req).await {
         Ok(resp) => client_response(resp),

@@ -12,6 +12,7 @@ use hyper_util::server::conn::auto;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::connect::Target;
+use super::listener::{idle_or_shutdown, Tracked};
 use crate::registry;
 use crate::Shared;
 
@@ -55,7 +56,13 @@ pub(super) async fn serve(
         tracing::warn!(client = %peer, host = %target.host, "TLS ClientHello without SNI; closing");
         return;
     };
-    let config = match shared.ca.server_config(&sni) {
+    // A leaf only for the host the client CONNECTed to: any other name would have the CA sign
+    // certificates for hosts nobody chose to intercept, one per name a client cares to send.
+    if !sni_matches(&sni, &target.host) {
+        tracing::warn!(client = %peer, host = %target.host, sni = %sni, "TLS SNI differs from the CONNECT host; closing");
+        return;
+    }
+    let config = match shared.ca.server_config(&target.host) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(client = %peer, sni = %sni, error = %e, "cannot issue a leaf certificate");
@@ -73,13 +80,19 @@ pub(super) async fn serve(
             return;
         }
     };
-    serve_http(TokioIo::new(tls), Some(target), peer, shared).await;
+    serve_http(tls, Some(target), peer, shared).await;
+}
+
+/// Whether a ClientHello's SNI names `host` (lower-case, no trailing dot, as in [`Target`]).
+fn sni_matches(sni: &str, host: &str) -> bool {
+    sni.trim_end_matches('.').eq_ignore_ascii_case(host)
 }
 
 /// Serves the registry API (HTTP/1.1 or h2) on a connection: for `target` when intercepted, or
-/// in mirror mode (the upstream named by each request) when `None`.
+/// in mirror mode (the upstream named by each request) when `None`. Closed when idle for the
+/// configured idle time.
 pub(super) async fn serve_http<I>(
-    io: TokioIo<I>,
+    io: I,
     target: Option<Target>,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -114,16 +127,33 @@ pub(super) async fn serve_http<I>(
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buf_size(MAX_SEND_BUF)
         .max_header_list_size(MAX_HEADER_LIST);
-    let conn = builder.serve_connection(io, svc);
+    // Counted under the cap by the outer connection; tracked here for its own idle time (h2
+    // has no header timer to close an idle connection).
+    let io = Tracked::new(io);
+    let activity = io.activity();
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let idle = shared.config.idle_timeout;
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shared.shutdown.cancelled() => {
+        _ = idle_or_shutdown(&activity, idle, &shared.shutdown) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
     };
     if let Err(e) = result {
         tracing::debug!(client = %peer, error = %e, "intercepted connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sni_must_name_the_connect_host() {
+        assert!(super::sni_matches("Registry.Test.", "registry.test"));
+        assert!(super::sni_matches("registry.test", "registry.test"));
+        assert!(!super::sni_matches("www.google.com", "registry.test"));
+        assert!(!super::sni_matches("registry.test.evil", "registry.test"));
+        assert!(!super::sni_matches("", "registry.test"));
     }
 }

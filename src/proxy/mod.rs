@@ -5,6 +5,7 @@ mod connect;
 mod forward;
 pub mod gate;
 mod intercept;
+pub mod listener;
 mod tunnel;
 
 use std::convert::Infallible;
@@ -20,6 +21,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
+use listener::{accept_loop, Limits, Tracked};
+
 pub use connect::Target;
 pub use forward::{client_response, strip_hop_by_hop, upstream_request};
 
@@ -34,23 +37,18 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Accepts connections until `shutdown` resolves, then waits up to the grace time for in-flight work.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "regproxy listening");
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
-                    shared.tasks.spawn(connection(tcp, peer, shared.clone()));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
+    let limits = limits(&shared);
+    accept_loop(
+        || listener.accept(),
+        limits.max_connections,
+        &shared.tasks,
+        shutdown,
+        |tcp, peer| {
+            let _ = tcp.get_ref().set_nodelay(true);
+            connection(tcp, peer, limits, shared.clone())
+        },
+    )
+    .await;
     drop(listener);
     let grace = shared.config.shutdown_grace;
     tracing::info!(in_flight = shared.tasks.len(), grace = ?grace, "shutting down");
@@ -75,53 +73,71 @@ pub async fn serve_mirror(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((tcp, peer)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let (tls, shared) = (tls.clone(), shared.clone());
-        shared.clone().tasks.spawn(async move {
-            let metrics = shared.metrics.clone();
-            let _open = crate::metrics::Open::new(&metrics.open_connections);
-            match tls {
-                None => intercept::serve_http(TokioIo::new(tcp), None, peer, shared).await,
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp));
-                    match handshake.await {
-                        Ok(Ok(stream)) => {
-                            intercept::serve_http(TokioIo::new(stream), None, peer, shared).await
+    let max = shared.config.max_connections;
+    let stop = shared.shutdown.clone().cancelled_owned();
+    accept_loop(
+        || listener.accept(),
+        max,
+        &shared.tasks,
+        stop,
+        |tcp, peer| {
+            let _ = tcp.get_ref().set_nodelay(true);
+            let (tls, shared) = (tls.clone(), shared.clone());
+            async move {
+                let metrics = shared.metrics.clone();
+                let _open = crate::metrics::Open::new(&metrics.open_connections);
+                match tls {
+                    None => intercept::serve_http(tcp, None, peer, shared).await,
+                    Some(acceptor) => {
+                        let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp));
+                        match handshake.await {
+                            Ok(Ok(stream)) => {
+                                intercept::serve_http(stream, None, peer, shared).await
+                            }
+                            _ => tracing::debug!(client = %peer, "mirror TLS handshake failed"),
                         }
-                        _ => tracing::debug!(client = %peer, "mirror TLS handshake failed"),
                     }
                 }
             }
-        });
+        },
+    )
+    .await;
+}
+
+/// The proxy listener's bounds: the configured cap and idle time, the fixed header timeout.
+fn limits(shared: &Shared) -> Limits {
+    Limits {
+        max_connections: shared.config.max_connections,
+        header_timeout: HEADER_TIMEOUT,
+        idle_timeout: shared.config.idle_timeout,
     }
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn connection(
+    tcp: Tracked<TcpStream>,
+    peer: SocketAddr,
+    limits: Limits,
+    shared: Arc<Shared>,
+) {
     let _open = crate::metrics::Open::new(&shared.metrics.open_connections);
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| {
         let shared = svc_shared.clone();
         async move { Ok::<_, Infallible>(handle(req, peer, shared).await) }
     });
+    let activity = tcp.activity();
+    // hyper's header timer also runs while a keep-alive connection waits for its next request,
+    // so an idle connection closes after the shorter of the header and idle timeouts.
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(tcp), svc)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shared.shutdown.cancelled() => {
+        _ = listener::idle_or_shutdown(&activity, limits.idle_timeout, &shared.shutdown) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
