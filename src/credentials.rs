@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -51,10 +52,11 @@ pub enum CredentialsError {
     },
 }
 
-/// Credentials by canonical registry host.
+/// Credentials by scope: a canonical registry host, or a host and a repository prefix
+/// (`ghcr.io/org-a`), as the config names them.
 #[derive(Debug, Clone, Default)]
 pub struct Logins {
-    by_host: BTreeMap<String, Login>,
+    by_scope: BTreeMap<String, Login>,
 }
 
 impl Logins {
@@ -66,19 +68,190 @@ impl Logins {
         let mut logins = Logins::default();
         if let Some(path) = docker_config {
             for (host, login) in from_docker_config(path)? {
-                logins.by_host.insert(host, login);
+                logins.by_scope.insert(host, login);
             }
         }
-        for (host, entry) in registries {
-            let login = from_entry(host, entry)?;
-            logins.by_host.insert(canonical(host), login);
+        for (scope, entry) in registries {
+            let login = from_entry(scope, entry)?;
+            logins.by_scope.insert(canonical_scope(scope), login);
         }
         Ok(logins)
     }
 
-    /// The credentials for `authority` (`host` or `host:port`), if any.
+    /// The credentials configured for `authority` (`host` or `host:port`) as a whole.
     pub fn for_host(&self, authority: &str) -> Option<&Login> {
-        self.by_host.get(&canonical(authority))
+        self.by_scope.get(&canonical(authority))
+    }
+
+    /// Whether any credentials are configured for `authority` (`host` or `host:port`).
+    pub fn any_for_host(&self, authority: &str) -> bool {
+        let host = canonical(authority);
+        self.by_scope
+            .keys()
+            .any(|k| k == &host || k.starts_with(&format!("{host}/")))
+    }
+
+    /// The credentials for `repo` on `authority` and the scope they are configured for: the
+    /// longest repository prefix that matches, else the host's own.
+    pub fn for_repo(&self, authority: &str, repo: &str) -> Option<(&str, &Login)> {
+        let host = canonical(authority);
+        let mut best: Option<(&str, &Login)> = None;
+        for (scope, login) in &self.by_scope {
+            let Some(rest) = scope.strip_prefix(host.as_str()) else {
+                continue;
+            };
+            let prefix = match rest.strip_prefix('/') {
+                Some(p) => p,
+                None if rest.is_empty() => "",
+                None => continue,
+            };
+            let matches = prefix.is_empty()
+                || repo == prefix
+                || repo
+                    .strip_prefix(prefix)
+                    .is_some_and(|r| r.starts_with('/'));
+            if matches && best.map_or(true, |(b, _)| b.len() < scope.len()) {
+                best = Some((scope.as_str(), login));
+            }
+        }
+        best
+    }
+}
+
+/// A user of the proxy, as its credentials file names it, and which injected credentials (by
+/// their config scope, e.g. `ghcr.io/org-a`) it may use: all of them when not restricted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyUser {
+    /// The user name.
+    pub name: String,
+    /// The scopes whose credentials are injected for this user; `None` for every scope.
+    pub inject: Option<Vec<String>>,
+}
+
+impl ProxyUser {
+    /// Whether injected credentials configured for `scope` may be used for this user.
+    pub fn may_use(&self, scope: &str) -> bool {
+        self.inject.as_ref().map_or(true, |allowed| {
+            allowed.iter().any(|a| canonical_scope(a) == scope)
+        })
+    }
+}
+
+/// How often credentials are read again (files, environment, docker config and its helpers),
+/// so that rotated secrets and expiring helper tokens are picked up while the proxy runs.
+pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+/// The soonest credentials are read again after an upstream refused them.
+const REFRESH_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The credentials in force, read again from their sources while the proxy runs.
+#[derive(Debug)]
+pub struct Credentials {
+    registries: BTreeMap<String, RegistryConfig>,
+    docker_config: Option<PathBuf>,
+    current: std::sync::RwLock<Arc<Logins>>,
+    loaded_at: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Credentials {
+    /// Loads the credentials; a failure here is a start-up error.
+    pub fn load(
+        registries: &BTreeMap<String, RegistryConfig>,
+        docker_config: Option<&Path>,
+    ) -> Result<Credentials, CredentialsError> {
+        let logins = Logins::load(registries, docker_config)?;
+        Ok(Credentials {
+            registries: registries.clone(),
+            docker_config: docker_config.map(Path::to_owned),
+            current: std::sync::RwLock::new(Arc::new(logins)),
+            loaded_at: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    /// The credentials in force now.
+    pub fn current(&self) -> Arc<Logins> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The credentials injected for `repo` on `authority` for `user` (any user when `None`),
+    /// with the scope they are configured for.
+    pub fn injected(
+        &self,
+        authority: &str,
+        repo: &str,
+        user: Option<&ProxyUser>,
+    ) -> Option<(String, Login)> {
+        let logins = self.current();
+        let (scope, login) = logins.for_repo(authority, repo)?;
+        user.map_or(true, |u| u.may_use(scope))
+            .then(|| (scope.to_owned(), login.clone()))
+    }
+
+    /// Reads every source again (blocking: files, helpers); on failure the credentials in force
+    /// stay, and the error says why.
+    pub fn reload(&self) -> Result<(), CredentialsError> {
+        *self.loaded_at.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        let fresh = Logins::load(&self.registries, self.docker_config.as_deref())?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(())
+    }
+
+    /// Reads the sources again after an upstream refused the credentials in force, unless that
+    /// was done moments ago; whether it was done.
+    pub async fn reload_after_refusal(self: &Arc<Self>) -> bool {
+        let recent = self
+            .loaded_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            < REFRESH_AFTER_REFUSAL;
+        if recent {
+            return false;
+        }
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.reload()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "credentials could not be read again; keeping those in force");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Reads the sources again every [`REFRESH_EVERY`] until `stop`.
+    pub async fn keep_fresh(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(REFRESH_EVERY) => {}
+            }
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.reload()).await {
+                Ok(Ok(())) => tracing::debug!("credentials read again"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "credentials could not be read again; keeping those in force")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// `HOST` or `HOST/PREFIX` with the host canonical and the prefix without outer slashes.
+pub fn canonical_scope(scope: &str) -> String {
+    let bare = scope
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let (host, prefix) = bare.split_once('/').unwrap_or((bare, ""));
+    let host = canonical(host);
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        host
+    } else {
+        format!("{host}/{prefix}")
     }
 }
 

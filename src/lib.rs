@@ -61,7 +61,7 @@ pub struct Shared {
     /// Who may use the proxy.
     pub gate: proxy::gate::Gate,
     /// Upstream credentials per registry.
-    pub logins: credentials::Logins,
+    pub logins: Arc<credentials::Credentials>,
     /// Bearer tokens obtained with those credentials, and what clients were found allowed.
     pub auth: registry::auth::AuthState,
     /// Counters and gauges for `/metrics`.
@@ -85,7 +85,7 @@ impl Shared {
         config.check_exposure()?;
         let gate = proxy::gate::Gate::new(&config)?;
         let logins =
-            credentials::Logins::load(&config.registries, config.docker_config.as_deref())?;
+            credentials::Credentials::load(&config.registries, config.docker_config.as_deref())?;
         let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
@@ -97,7 +97,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             config,
             gate,
-            logins,
+            logins: Arc::new(logins),
             auth: registry::auth::AuthState::default(),
             ca,
             metrics,
@@ -122,15 +122,25 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("admin_listen {}: {e}", config.admin_listen),
+        )
+    })?;
+    serve(listener, admin, config, shutdown).await
+}
+
+/// [`run`] with the admin listener bound already (tests bind both to port 0, so that no other
+/// process can take the port between choosing and binding it).
+pub async fn serve(
+    listener: TcpListener,
+    admin: TcpListener,
+    mut config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    config.admin_listen = admin.local_addr()?;
     let shared = Shared::new(config, listener.local_addr()?)?;
-    let admin = TcpListener::bind(shared.config.admin_listen)
-        .await
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("admin_listen {}: {e}", shared.config.admin_listen),
-            )
-        })?;
     tokio::spawn(admin::serve(admin, shared.clone()));
     if let Some(addr) = shared.config.mirror_listen {
         let mirror = TcpListener::bind(addr)
@@ -142,6 +152,7 @@ pub async fn run(
         };
         tokio::spawn(proxy::serve_mirror(mirror, tls, shared.clone()));
     }
+    tokio::spawn(shared.logins.clone().keep_fresh(shared.shutdown.clone()));
     tokio::spawn(cache::evict::keep_within(
         shared.cache.store.clone(),
         shared.config.cache_bounds(),

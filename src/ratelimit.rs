@@ -57,7 +57,7 @@ pub async fn check(shared: &Arc<Shared>, host: &str, image: &str) -> Result<Repo
     let mut resp = crate::registry::auth::send(shared, request(None)?, false)
         .await
         .map_err(|e| e.to_string())?;
-    if resp.status() == StatusCode::UNAUTHORIZED && shared.logins.for_host(host).is_none() {
+    if resp.status() == StatusCode::UNAUTHORIZED && !shared.logins.current().any_for_host(host) {
         let challenge = resp
             .headers()
             .get(header::WWW_AUTHENTICATE)

@@ -499,3 +499,117 @@ fn malformed_challenge_and_garbage_token_endpoint() {
         String::from_utf8_lossy(&resp.body)
     );
 }
+
+/// `GET` of a manifest through the proxy as proxy user `user`, with the client's own
+/// `Authorization` when given.
+fn get_as(
+    proxy: &Proxy,
+    user: Option<&str>,
+    registry: &Registry,
+    path: &str,
+    own: Option<&str>,
+) -> RawResponse {
+    use base64::Engine as _;
+    let host = registry.host();
+    let tls = tls_via_as(
+        proxy.addr(),
+        user,
+        &host,
+        REGISTRY_HOST,
+        &proxy.ca_cert_path(),
+    );
+    let auth = own.map_or(String::new(), |c| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c);
+        format!("Authorization: Basic {b64}\r\n")
+    });
+    request(
+        tls,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n{auth}Connection: close\r\n\r\n"),
+    )
+}
+
+/// Credentials configured for a repository prefix win over the host's; a proxy user limited to
+/// some injected credentials gets only those, and otherwise pulls with its own (and gets no
+/// cached bytes without them).
+#[test]
+fn scoped_credentials_and_proxy_users() {
+    let dir = TestDir::new();
+    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
+    let digest = mkimage(dir.join("src"), 1, "64KiB", None, 95);
+    for repo in ["org-a/app:v1", "org-b/app:v1"] {
+        push(dir.join("src"), &registry, repo, false);
+    }
+    let manifest = std::fs::read(
+        dir.join("src/blobs/sha256")
+            .join(&digest["sha256:".len()..]),
+    )
+    .unwrap();
+    let host = registry.host();
+    let users = dir.join("users");
+    std::fs::write(
+        &users,
+        format!("all:all-pass\nci:ci-pass inject={host}/org-a\ndev:dev-pass inject=\n"),
+    )
+    .unwrap();
+    let proxy = Proxy::for_registry_with(&registry, |c| {
+        inject(c, format!("{host}/org-a"));
+        c.registries.insert(
+            host.clone(),
+            RegistryConfig {
+                username: Some(USER.into()),
+                password: Some(regproxy::secret::Secret::new("not-the-password")),
+                ..Default::default()
+            },
+        );
+        c.proxy_credentials_file = Some(users.clone());
+    });
+    let a = "/v2/org-a/app/manifests/v1";
+    let b = "/v2/org-b/app/manifests/v1";
+    let status = |user, path, own| get_as(&proxy, Some(user), &registry, path, own).status;
+    // The longest prefix picks the credentials: org-a's are right, the host's are wrong.
+    assert_eq!(status("all:all-pass", a, None), 200);
+    assert_eq!(status("all:all-pass", b, None), 401);
+    // ci may use org-a's only: org-b goes without injection, so with ci's own (none).
+    assert_eq!(status("ci:ci-pass", a, None), 200);
+    assert_eq!(status("ci:ci-pass", b, None), 401);
+    // dev may use none: org-a (cached by now) is refused without its own credentials…
+    let refused = get_as(&proxy, Some("dev:dev-pass"), &registry, a, None);
+    assert_eq!(refused.status, 401, "{}", refused.head);
+    assert!(
+        !refused.body.windows(32).any(|w| w == &manifest[..32]),
+        "cached bytes reached a proxy user without credentials"
+    );
+    // …and served with them, passed through unchanged.
+    let own = format!("{USER}:{PASSWORD}");
+    assert_eq!(status("dev:dev-pass", a, Some(own.as_str())), 200);
+    assert_eq!(status("dev:dev-pass", b, Some(own.as_str())), 200);
+}
+
+/// A password file rotated while the proxy runs is read again once the upstream refuses the
+/// old password: the next pull works without a restart.
+#[test]
+fn rotated_credentials_are_read_again() {
+    let dir = TestDir::new();
+    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
+    mkimage(dir.join("src"), 1, "64KiB", None, 96);
+    push(dir.join("src"), &registry, "test/rotated:v1", false);
+    let secret = dir.join("password");
+    std::fs::write(&secret, "expired-token\n").unwrap();
+    let proxy = Proxy::for_registry_with(&registry, |c| {
+        c.registries.insert(
+            registry.host(),
+            RegistryConfig {
+                username: Some(USER.into()),
+                password_file: Some(secret.clone()),
+                ..Default::default()
+            },
+        );
+    });
+    let path = "/v2/test/rotated/manifests/v1";
+    assert_eq!(get_as(&proxy, None, &registry, path, None).status, 401);
+    std::fs::write(&secret, format!("{PASSWORD}\n")).unwrap();
+    // Credentials are read again at most every few seconds after a refusal.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let resp = get_as(&proxy, None, &registry, path, None);
+    assert_eq!(resp.status, 200, "{}", resp.head);
+}

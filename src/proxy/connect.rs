@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use super::{intercept, tunnel};
 use crate::body::{empty, text, AccessLog, Body};
+use crate::credentials::ProxyUser;
 use crate::upstream::resolve::connect;
 use crate::Shared;
 
@@ -53,11 +54,11 @@ pub(super) async fn handle(
             ),
         );
     }
+    let user = req.extensions().get::<ProxyUser>().cloned();
     let upgrade = hyper::upgrade::on(req);
     if shared.config.intercepts(&target.host) {
-        shared
-            .tasks
-            .spawn(intercept::serve(upgrade, target, peer, shared.clone()));
+        let session = intercept::serve(upgrade, target, user, peer, shared.clone());
+        shared.tasks.spawn(session);
         return Response::new(empty());
     }
     let start = Instant::now();

@@ -49,6 +49,10 @@ pub fn upstream_request(parts: &request::Parts, uri: Uri, body: Body) -> Request
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     *req.headers_mut() = headers;
+    // Which injected credentials may be used is decided by who sent the request.
+    if let Some(user) = parts.extensions.get::<crate::credentials::ProxyUser>() {
+        req.extensions_mut().insert(user.clone());
+    }
     req
 }
 

@@ -9,14 +9,15 @@ use http::{Response, StatusCode};
 
 use crate::body::{text, Body};
 use crate::config::{Cidr, Config};
+use crate::credentials::ProxyUser;
 use crate::secret::{basic, Secret};
 
 /// The allow-list and the accepted proxy credentials.
 #[derive(Debug, Default)]
 pub struct Gate {
     allow: Vec<Cidr>,
-    // The full `Basic …` header values accepted, precomputed.
-    accepted: Vec<Secret>,
+    // The full `Basic …` header values accepted, precomputed, and whose they are.
+    accepted: Vec<(Secret, ProxyUser)>,
 }
 
 /// Why a client was turned away.
@@ -41,13 +42,14 @@ impl Gate {
         })
     }
 
-    /// Checks a client's address and the request's `Proxy-Authorization`.
-    pub fn check(&self, peer: IpAddr, headers: &HeaderMap) -> Result<(), Refusal> {
+    /// Checks a client's address and the request's `Proxy-Authorization`; the proxy user it
+    /// authenticated as, if the proxy has users.
+    pub fn check(&self, peer: IpAddr, headers: &HeaderMap) -> Result<Option<ProxyUser>, Refusal> {
         if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(peer)) {
             return Err(Refusal::NotAllowed);
         }
         if self.accepted.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let sent = headers
             .get(header::PROXY_AUTHORIZATION)
@@ -55,10 +57,9 @@ impl Gate {
             .unwrap_or("");
         // Compare digests, so that the time taken says nothing about how much of a secret matched.
         let sent = sha(sent);
-        if self.accepted.iter().any(|a| sha(a.expose()) == sent) {
-            Ok(())
-        } else {
-            Err(Refusal::NeedsCredentials)
+        match self.accepted.iter().find(|(a, _)| sha(a.expose()) == sent) {
+            Some((_, user)) => Ok(Some(user.clone())),
+            None => Err(Refusal::NeedsCredentials),
         }
     }
 }
@@ -96,8 +97,10 @@ fn sha(s: &str) -> [u8; 32] {
     sha2::Sha256::digest(s.as_bytes()).into()
 }
 
-/// Reads `user:password` lines (blank lines and `#` comments skipped).
-fn read_users(path: &Path) -> std::io::Result<Vec<Secret>> {
+/// Reads `user:password` lines, each optionally followed by ` inject=SCOPE[,SCOPE…]` naming
+/// the `[registries."…"]` entries whose credentials that user may have injected (blank lines and
+/// `#` comments skipped).
+fn read_users(path: &Path) -> std::io::Result<Vec<(Secret, ProxyUser)>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -110,6 +113,14 @@ fn read_users(path: &Path) -> std::io::Result<Vec<Secret>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let (line, inject) = match line.rsplit_once(char::is_whitespace) {
+            Some((creds, opt)) if opt.starts_with("inject=") => {
+                let scopes = opt["inject=".len()..].split(',');
+                let scopes = scopes.filter(|s| !s.is_empty()).map(str::to_owned);
+                (creds.trim_end(), Some(scopes.collect()))
+            }
+            _ => (line, None),
+        };
         let (user, password) = line.split_once(':').ok_or_else(|| {
             std::io::Error::other(format!(
                 "proxy_credentials_file {} line {}: expected user:password",
@@ -117,7 +128,11 @@ fn read_users(path: &Path) -> std::io::Result<Vec<Secret>> {
                 n + 1
             ))
         })?;
-        out.push(basic(user, &Secret::new(password)));
+        let who = ProxyUser {
+            name: user.to_owned(),
+            inject,
+        };
+        out.push((basic(user, &Secret::new(password)), who));
     }
     Ok(out)
 }
@@ -148,7 +163,10 @@ mod tests {
             header::PROXY_AUTHORIZATION,
             "Basic Y2k6czNjcmV0".parse().unwrap(),
         );
-        assert_eq!(gate.check(inside, &h), Ok(()));
+        assert_eq!(
+            gate.check(inside, &h).map(|u| u.map(|u| u.name)),
+            Ok(Some("ci".to_string()))
+        );
         h.insert(
             header::PROXY_AUTHORIZATION,
             "Basic Y2k6d3Jvbmc=".parse().unwrap(),

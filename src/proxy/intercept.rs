@@ -13,6 +13,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use super::connect::Target;
 use super::listener::{idle_or_shutdown, Tracked};
+use crate::credentials::ProxyUser;
 use crate::registry;
 use crate::Shared;
 
@@ -29,6 +30,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) async fn serve(
     upgrade: OnUpgrade,
     target: Target,
+    user: Option<ProxyUser>,
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) {
@@ -80,7 +82,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    serve_http(tls, Some(target), peer, shared).await;
+    serve_http(tls, Some(target), user, peer, shared).await;
 }
 
 /// Whether a ClientHello's SNI names `host` (lower-case, no trailing dot, as in [`Target`]).
@@ -94,6 +96,7 @@ fn sni_matches(sni: &str, host: &str) -> bool {
 pub(super) async fn serve_http<I>(
     io: I,
     target: Option<Target>,
+    user: Option<ProxyUser>,
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) where
@@ -105,6 +108,10 @@ pub(super) async fn serve_http<I>(
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let (target, shared) = (target.clone(), svc_shared.clone());
         req.extensions_mut().insert(budget.clone());
+        if let Some(user) = &user {
+            // Who sent the CONNECT decides which injected credentials its requests may use.
+            req.extensions_mut().insert(user.clone());
+        }
         async move {
             let resp = match &target {
                 Some(t) => registry::handle(req, t, peer, &shared).await,

@@ -87,12 +87,12 @@ pub async fn serve_mirror(
                 let metrics = shared.metrics.clone();
                 let _open = crate::metrics::Open::new(&metrics.open_connections);
                 match tls {
-                    None => intercept::serve_http(tcp, None, peer, shared).await,
+                    None => intercept::serve_http(tcp, None, None, peer, shared).await,
                     Some(acceptor) => {
                         let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp));
                         match handshake.await {
                             Ok(Ok(stream)) => {
-                                intercept::serve_http(stream, None, peer, shared).await
+                                intercept::serve_http(stream, None, None, peer, shared).await
                             }
                             _ => tracing::debug!(client = %peer, "mirror TLS handshake failed"),
                         }
@@ -166,10 +166,17 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -
         );
         return resp;
     }
-    if let Err(refusal) = shared.gate.check(peer.ip(), req.headers()) {
-        tracing::warn!(client = %peer, refusal = ?refusal, "client refused");
-        let mirror = req.uri().scheme().is_none() && req.method() != Method::CONNECT;
-        return refusal.response(mirror);
+    let mut req = req;
+    match shared.gate.check(peer.ip(), req.headers()) {
+        Ok(Some(user)) => {
+            req.extensions_mut().insert(user);
+        }
+        Ok(None) => {}
+        Err(refusal) => {
+            tracing::warn!(client = %peer, refusal = ?refusal, "client refused");
+            let mirror = req.uri().scheme().is_none() && req.method() != Method::CONNECT;
+            return refusal.response(mirror);
+        }
     }
     if req.method() == Method::CONNECT {
         return connect::handle(req, peer, shared).await;

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use super::{fetch_request, head_answer, send_following_redirects, upstream_is_down};
 use crate::body::{text, Body};
 use crate::cache::{Digest, Origin};
-use crate::credentials::{canonical, Login};
+use crate::credentials::{Login, ProxyUser};
 use crate::proxy::Target;
 use crate::secret::{basic, Secret};
 use crate::upstream::auth::{fetch_token, parse_challenge};
@@ -34,9 +34,12 @@ pub struct AuthState {
     pub token_fetches: AtomicU64,
 }
 
-/// Sends a request upstream with the operator's credentials for that registry, if any: the
-/// client's `Authorization` is replaced, and a 401 challenge (Bearer or Basic) is answered and
-/// the request repeated (when it has no body to replay). Without credentials it goes as is.
+/// Sends a request upstream with the operator's credentials for its registry and repository,
+/// if any apply (and the proxy user may use them): the client's `Authorization` is replaced, and
+/// a 401 challenge (Bearer or Basic) is answered and the request repeated (when it has no body
+/// to replay). Credentials the upstream still refuses are read again from their sources (a
+/// rotated secret, an expired helper token) and tried once more. Without credentials the
+/// request goes as is, the client's own `Authorization` included.
 pub async fn send(
     shared: &Shared,
     mut req: Request<Body>,
@@ -47,11 +50,14 @@ pub async fn send(
         .authority()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let Some(login) = shared.logins.for_host(&authority) else {
+    let repo = repo_of(req.uri().path()).to_owned();
+    let user = req.extensions().get::<ProxyUser>().cloned();
+    let injected = |shared: &Shared| shared.logins.injected(&authority, &repo, user.as_ref());
+    let Some((configured, login)) = injected(shared) else {
         return go(shared, req, follow).await;
     };
-    let scope = scope_of(req.method(), req.uri().path());
-    let key = (canonical(&authority), scope.clone());
+    let scope = scope_of(&repo);
+    let key = (configured, scope.clone());
     req.headers_mut().remove(header::AUTHORIZATION);
     if let Some(value) = shared.auth.token(&key) {
         req.headers_mut().insert(header::AUTHORIZATION, value);
@@ -61,9 +67,22 @@ pub async fn send(
     let (StatusCode::UNAUTHORIZED, Some(mut again)) = (resp.status(), replay) else {
         return Ok(resp);
     };
-    let value = answer_challenge(shared, login, &key, resp.headers()).await?;
+    let last = head_of(&again);
+    let value = answer_challenge(shared, &login, &key, resp.headers()).await?;
     again.headers_mut().insert(header::AUTHORIZATION, value);
-    go(shared, again, follow).await
+    let resp = go(shared, again, follow).await?;
+    if resp.status() != StatusCode::UNAUTHORIZED || !shared.logins.reload_after_refusal().await {
+        return Ok(resp);
+    }
+    let Some((configured, login)) = injected(shared) else {
+        return Ok(resp);
+    };
+    tracing::info!(scope = %configured, "credentials refused upstream were read again; trying once more");
+    let key = (configured, scope);
+    let mut last = last;
+    let value = answer_challenge(shared, &login, &key, resp.headers()).await?;
+    last.headers_mut().insert(header::AUTHORIZATION, value);
+    go(shared, last, follow).await
 }
 
 async fn go(
@@ -87,17 +106,21 @@ fn head_of(req: &Request<Body>) -> Request<Body> {
     again
 }
 
-/// `repository:REPO:pull` (or `pull,push` for writes) for a `/v2/REPO/…` path; empty for `/v2/`.
-fn scope_of(method: &Method, path: &str) -> String {
+/// The repository of a `/v2/REPO/…` path; empty for `/v2/` and other paths.
+pub fn repo_of(path: &str) -> &str {
     let rest = path.strip_prefix("/v2/").unwrap_or("");
-    let repo = ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
+    ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
         .iter()
         .find_map(|m| rest.find(m).map(|at| &rest[..at]))
-        .unwrap_or("");
+        .unwrap_or("")
+}
+
+/// `repository:REPO:pull` for a repository (only reads are sent with injected credentials);
+/// empty for none.
+fn scope_of(repo: &str) -> String {
     if repo.is_empty() {
         return String::new();
     }
-    let _ = method; // only reads are sent with injected credentials
     format!("repository:{repo}:pull")
 }
 
@@ -217,10 +240,11 @@ pub async fn served(shared: &Shared, parts: &request::Parts, target: &Target, re
 
 /// [`served`], from the headers the upstream request carried.
 pub async fn served_to(shared: &Shared, headers: &HeaderMap, target: &Target, repo: &str) {
-    if shared.logins.for_host(&target.authority()).is_some() {
+    let host = target.authority();
+    // Whatever credentials the request went with, a repository they may read is not public.
+    if shared.logins.injected(&host, repo, None).is_some() {
         return;
     }
-    let host = target.authority();
     let who = client_key(headers);
     if who.is_empty() && shared.auth.is_public(&host, repo) != Some(true) {
         shared.auth.set_public(&host, repo, true);
@@ -311,7 +335,8 @@ pub async fn allowed(
         return Access::Miss;
     }
     let host = target.authority();
-    let injected = shared.logins.for_host(&host).is_some();
+    let user = parts.extensions.get::<ProxyUser>();
+    let injected = shared.logins.injected(&host, repo, user).is_some();
     let key = (client_key(&parts.headers), host.clone(), repo.to_owned());
     let public_repo = shared.auth.is_public(&host, repo) == Some(true);
     if (prov.bound && (injected || public_repo)) || shared.auth.was_allowed(&key) {
@@ -367,7 +392,8 @@ pub async fn allowed(
 /// down. Done once per repository every few minutes, after a client with credentials was served.
 pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &str) {
     let host = target.authority();
-    if shared.logins.for_host(&host).is_some() || shared.auth.is_public(&host, repo).is_some() {
+    let injected = shared.logins.injected(&host, repo, None).is_some();
+    if injected || shared.auth.is_public(&host, repo).is_some() {
         return;
     }
     let head = |auth: Option<String>| {

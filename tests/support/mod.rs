@@ -933,14 +933,18 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let mut config = Config {
             listen: addr,
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            // Bound below, before the proxy starts: a port chosen here could be taken meanwhile.
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             ca_dir: state.join("ca"),
             cache_dir: state.join("cache"),
             shutdown_grace: Duration::from_secs(5),
             ..Config::default()
         };
         customize(&mut config);
-        let admin_addr = config.admin_listen;
+        let admin = std::net::TcpListener::bind(config.admin_listen)
+            .unwrap_or_else(|e| panic!("binding the admin listener {}: {e}", config.admin_listen));
+        admin.set_nonblocking(true).unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let (ca_dir, cache_dir) = (config.ca_dir.clone(), config.cache_dir.clone());
         let stop_timeout = config.shutdown_grace + Duration::from_secs(15);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -955,12 +959,14 @@ impl Proxy {
                 let result = rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)
                         .map_err(|e| format!("tokio listener: {e}"))?;
+                    let admin = tokio::net::TcpListener::from_std(admin)
+                        .map_err(|e| format!("tokio admin listener: {e}"))?;
                     let shutdown = async move {
                         let _ = rx.await;
                     };
-                    regproxy::run(listener, config, shutdown)
+                    regproxy::serve(listener, admin, config, shutdown)
                         .await
-                        .map_err(|e| format!("regproxy::run: {e:?}"))
+                        .map_err(|e| format!("regproxy::serve: {e:?}"))
                 });
                 rt.shutdown_timeout(Duration::from_secs(5));
                 result
@@ -1317,7 +1323,29 @@ pub fn tls_via(
     name: &str,
     ca_pem: &Path,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let (status, tcp) = connect(proxy, target);
+    tls_via_as(proxy, None, target, name, ca_pem)
+}
+
+/// [`tls_via`] as a proxy user (`user:password`, sent as `Proxy-Authorization: Basic`).
+pub fn tls_via_as(
+    proxy: SocketAddr,
+    user: Option<&str>,
+    target: &str,
+    name: &str,
+    ca_pem: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use base64::Engine as _;
+    let mut tcp = dial(proxy);
+    let auth = user.map_or(String::new(), |u| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(u);
+        format!("Proxy-Authorization: Basic {b64}\r\n")
+    });
+    write!(
+        tcp,
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let (status, _) = read_head(&mut tcp);
     assert_eq!(status, 200, "CONNECT {target}");
     let server_name = ServerName::try_from(name.to_owned()).unwrap();
     let conn = rustls::ClientConnection::new(tls_config(ca_pem), server_name).unwrap();
