@@ -196,15 +196,7 @@ fn blob_proxy_in(state: &Path, port: u16, dir: &Path) -> Proxy {
 
 fn blob_config(port: u16, dir: &Path) -> impl FnOnce(&mut Config) {
     let ca = dir.join("ca.crt");
-    move |c| {
-        c.intercept.push("blobs.test".into());
-        c.allow_port.push(port);
-        c.resolve.push((
-            format!("blobs.test:{port}"),
-            SocketAddr::from(([127, 0, 0, 1], port)),
-        ));
-        c.upstream_ca.push(ca);
-    }
+    move |c| reach_test_host(c, "blobs.test", port, ca)
 }
 
 /// An upstream for `blobs.test` that sends its response head only after 600 ms, then `data`.

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -28,6 +27,8 @@ enum Evil {
     RedirectToVictim,
     /// 302 for every HEAD to a path of its own that answers 200; 404 to every GET.
     RedirectToOk,
+    /// A tag `HEAD` names the cached private manifest's digest; 404 to every GET.
+    NamePrivateManifest,
 }
 
 /// A private registry with an image, and a proxy that also intercepts a hostile `evil.test`.
@@ -50,18 +51,10 @@ fn setup(evil: Evil) -> Setup {
     let layer = oci_layers(dir.join("src"), &manifest).remove(0);
     let blob = |d: &str| std::fs::read(dir.join("src/blobs/sha256").join(&d["sha256:".len()..]));
     let (layer_bytes, manifest_bytes) = (blob(&layer).unwrap(), blob(&manifest).unwrap());
-    let victim = registry.host();
+    let victim = (registry.host(), manifest.clone(), manifest_bytes.len());
     let evil_port = evil_upstream(&dir.join("evil"), evil, victim);
     let ca = dir.join("evil/ca.crt");
-    let proxy = Proxy::for_registry_with(&registry, |c| {
-        c.intercept.push(EVIL.into());
-        c.allow_port.push(evil_port);
-        c.resolve.push((
-            format!("{EVIL}:{evil_port}"),
-            SocketAddr::from(([127, 0, 0, 1], evil_port)),
-        ));
-        c.upstream_ca.push(ca);
-    });
+    let proxy = Proxy::for_registry_with(&registry, |c| reach_test_host(c, EVIL, evil_port, ca));
     // An authorized client fills the cache from the private repository.
     let out = try_skopeo_copy_via(
         &proxy,
@@ -83,7 +76,9 @@ fn setup(evil: Evil) -> Setup {
     }
 }
 
-fn evil_upstream(dir: &Path, evil: Evil, victim: String) -> u16 {
+/// The scripted upstream; `victim` is the private registry and its manifest's digest and size.
+fn evil_upstream(dir: &Path, evil: Evil, victim: (String, String, usize)) -> u16 {
+    let (victim, manifest, len) = victim;
     tiny_https(dir, &[EVIL], move |head, w| {
         let mut line = head.lines().next().unwrap_or("").split(' ');
         let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or("/"));
@@ -92,6 +87,10 @@ fn evil_upstream(dir: &Path, evil: Evil, victim: String) -> u16 {
             (Evil::RedirectToVictim, _) => write!(
                 w,
                 "HTTP/1.1 307 Temporary Redirect\r\nLocation: https://{victim}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            (Evil::NamePrivateManifest, "HEAD") => write!(
+                w,
+                "HTTP/1.1 200 OK\r\nDocker-Content-Digest: {manifest}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
             ),
             (Evil::RedirectToOk, "HEAD") if !path.starts_with("/ok") => write!(
                 w,
@@ -215,49 +214,14 @@ fn a_poisoned_tag_digest_unlocks_nothing() {
     }
 }
 
-/// A tag upstream whose `HEAD` names a digest of the cached private manifest.
+/// A tag upstream whose `HEAD` names the digest of a cached private manifest: its claim is
+/// answered to a `HEAD`, and its own `GET` answer (404) stands for a `GET`.
 #[test]
 fn a_tag_head_naming_a_private_digest_is_not_served_by_get() {
-    let dir = TestDir::new();
-    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
-    let manifest = mkimage(dir.join("src"), 1, "64KiB", None, 132);
-    push(dir.join("src"), &registry, "test/private:v1", false);
-    let manifest_bytes = std::fs::read(
-        dir.join("src/blobs/sha256")
-            .join(&manifest["sha256:".len()..]),
-    )
-    .unwrap();
-    let named = manifest.clone();
-    let len = manifest_bytes.len();
-    let port = tiny_https(&dir.join("evil"), &[EVIL], move |head, w| {
-        let _ = if head.starts_with("HEAD") {
-            write!(w, "HTTP/1.1 200 OK\r\nDocker-Content-Digest: {named}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
-        } else {
-            write!(w, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        };
-    })
-    .0;
-    let ca = dir.join("evil/ca.crt");
-    let proxy = Proxy::for_registry_with(&registry, |c| {
-        c.intercept.push(EVIL.into());
-        c.allow_port.push(port);
-        c.resolve.push((
-            format!("{EVIL}:{port}"),
-            SocketAddr::from(([127, 0, 0, 1], port)),
-        ));
-        c.upstream_ca.push(ca);
-    });
-    let out = try_skopeo_copy_via(
-        &proxy,
-        &registry.image("test/private:v1"),
-        &oci_ref(dir.join("a")),
-        false,
-        &["--src-creds", &format!("{USER}:{PASSWORD}")],
-    );
-    assert_success(&out, "authorized pull");
-    let host = format!("{EVIL}:{port}");
+    let s = setup(Evil::NamePrivateManifest);
+    let host = s.evil_host();
     let ask = |method: &str| {
-        let tls = tls_via(proxy.addr(), &host, EVIL, &proxy.ca_cert_path());
+        let tls = tls_via(s.proxy.addr(), &host, EVIL, &s.proxy.ca_cert_path());
         request(
             tls,
             &format!("{method} /v2/x/manifests/latest HTTP/1.1\r\nHost: {host}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n"),
@@ -267,11 +231,7 @@ fn a_tag_head_naming_a_private_digest_is_not_served_by_get() {
     assert_eq!(head.status, 200, "the upstream's own claim: {}", head.head);
     for _ in 0..2 {
         let got = ask("GET");
-        assert!(
-            !got.body.windows(32).any(|w| w == &manifest_bytes[..32]),
-            "the poisoned tag served the private manifest: {}",
-            got.head
-        );
+        s.assert_nothing_private(&got, "GET of the poisoned tag");
         assert_eq!(got.status, 404, "{}", got.head);
     }
 }
@@ -305,15 +265,7 @@ fn blob_upstream(
 }
 
 fn blob_config(port: u16, ca: PathBuf) -> impl FnOnce(&mut Config) {
-    move |c| {
-        c.intercept.push("blobs.test".into());
-        c.allow_port.push(port);
-        c.resolve.push((
-            format!("blobs.test:{port}"),
-            SocketAddr::from(([127, 0, 0, 1], port)),
-        ));
-        c.upstream_ca.push(ca);
-    }
+    move |c| reach_test_host(c, "blobs.test", port, ca)
 }
 
 fn get_blob(proxy: &Proxy, port: u16, digest: &str, range: Option<&str>) -> RawResponse {

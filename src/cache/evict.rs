@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::store::{Store, StoreError};
+use super::store::{OnDisk, Store, StoreError};
 
 /// How often the bounds are checked even when nothing was committed (the disk fills by others).
 const CHECK_EVERY: Duration = Duration::from_secs(30);
@@ -60,29 +60,13 @@ pub fn free_space(path: &std::path::Path) -> Option<u64> {
 /// One pass (blocking I/O): evicts least recently used objects until within `bounds`, then
 /// compacts the index.
 pub fn evict(store: &Store, bounds: &Bounds) -> Result<Report, StoreError> {
-    let mut objects = store.objects_on_disk();
+    let objects = store.objects_on_disk();
     let total: u64 = objects.iter().map(|o| o.size).sum();
     let need = bounds.need(total, free_space(store.dir()));
-    let mut report = Report::default();
-    if need > 0 {
-        objects.sort_by_key(|o| o.accessed);
-        for object in objects {
-            if report.freed >= need {
-                break;
-            }
-            if store.is_pinned(&object.path) {
-                continue;
-            }
-            store.remove_object(&object)?;
-            tracing::info!(digest = %object.digest, bytes = object.size, "evicted");
-            report.removed += 1;
-            report.freed += object.size;
-        }
-        store
-            .metrics()
-            .evictions
-            .fetch_add(report.removed, Ordering::Relaxed);
-    }
+    let report = match need {
+        0 => Report::default(),
+        _ => remove_lru(store, objects, |r| r.freed >= need),
+    };
     store.compact_index()?;
     Ok(report)
 }
@@ -91,30 +75,39 @@ pub fn evict(store: &Store, bounds: &Bounds) -> Result<Report, StoreError> {
 /// has `want` bytes free (blocking I/O); nothing, if even all of them would not free enough. A
 /// full disk then costs cached objects, not pulls, and an object that can never fit costs none.
 pub fn make_room(store: &Store, want: u64) -> Report {
-    let mut report = Report::default();
-    let Some(free) = free_space(store.dir()) else {
-        return report;
+    let Some(free) = free_space(store.dir()).filter(|free| *free < want) else {
+        return Report::default();
     };
-    if free >= want {
-        return report;
-    }
-    let mut objects: Vec<_> = store
+    let objects: Vec<_> = store
         .objects_on_disk()
         .into_iter()
         .filter(|o| !store.is_pinned(&o.path))
         .collect();
     if free + objects.iter().map(|o| o.size).sum::<u64>() < want {
-        return report;
+        return Report::default();
     }
+    remove_lru(store, objects, |_| {
+        free_space(store.dir()).map_or(true, |free| free >= want)
+    })
+}
+
+/// Removes the least recently used of `objects` that are not being served, until `enough`;
+/// counts them in the metrics. A file that cannot be removed is passed over.
+fn remove_lru(store: &Store, mut objects: Vec<OnDisk>, enough: impl Fn(&Report) -> bool) -> Report {
     objects.sort_by_key(|o| o.accessed);
+    let mut report = Report::default();
     for object in objects {
-        if free_space(store.dir()).map_or(true, |free| free >= want) {
+        if enough(&report) {
             break;
         }
-        if store.is_pinned(&object.path) || store.remove_object(&object).is_err() {
+        if store.is_pinned(&object.path) {
             continue;
         }
-        tracing::info!(digest = %object.digest, bytes = object.size, "evicted to make room");
+        if let Err(e) = store.remove_object(&object) {
+            tracing::warn!(digest = %object.digest, error = %e, "cannot evict");
+            continue;
+        }
+        tracing::info!(digest = %object.digest, bytes = object.size, "evicted");
         report.removed += 1;
         report.freed += object.size;
     }

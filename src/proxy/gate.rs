@@ -64,6 +64,17 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// [`Gate::check`] for a request, which then carries the proxy user it came as (that user's
+    /// credentials decide which injected ones its requests may use).
+    pub fn admit<B>(&self, peer: IpAddr, req: &mut http::Request<B>) -> Result<(), Refusal> {
+        if let Some(user) = self.check(peer, req.headers())? {
+            req.extensions_mut().insert(user);
+        }
+        Ok(())
+    }
+}
+
 impl Refusal {
     /// The answer: 403 for an address outside the allow-list; 407 (proxy) or 401 (mirror, where
     /// there is no proxy hop) asking for credentials.

@@ -167,16 +167,10 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -
         return resp;
     }
     let mut req = req;
-    match shared.gate.check(peer.ip(), req.headers()) {
-        Ok(Some(user)) => {
-            req.extensions_mut().insert(user);
-        }
-        Ok(None) => {}
-        Err(refusal) => {
-            tracing::warn!(client = %peer, refusal = ?refusal, "client refused");
-            let mirror = req.uri().scheme().is_none() && req.method() != Method::CONNECT;
-            return refusal.response(mirror);
-        }
+    if let Err(refusal) = shared.gate.admit(peer.ip(), &mut req) {
+        tracing::warn!(client = %peer, refusal = ?refusal, "client refused");
+        let mirror = req.uri().scheme().is_none() && req.method() != Method::CONNECT;
+        return refusal.response(mirror);
     }
     if req.method() == Method::CONNECT {
         return connect::handle(req, peer, shared).await;

@@ -103,6 +103,7 @@ fn head_of(req: &Request<Body>) -> Request<Body> {
     *again.method_mut() = req.method().clone();
     *again.uri_mut() = req.uri().clone();
     *again.headers_mut() = req.headers().clone();
+    *again.extensions_mut() = req.extensions().clone();
     again
 }
 

@@ -21,15 +21,9 @@ pub async fn handle(
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Response<Body> {
-    match shared.gate.check(peer.ip(), req.headers()) {
-        Ok(Some(user)) => {
-            req.extensions_mut().insert(user);
-        }
-        Ok(None) => {}
-        Err(refusal) => {
-            tracing::warn!(client = %peer, refusal = ?refusal, "mirror client refused");
-            return refusal.response(true);
-        }
+    if let Err(refusal) = shared.gate.admit(peer.ip(), &mut req) {
+        tracing::warn!(client = %peer, refusal = ?refusal, "mirror client refused");
+        return refusal.response(true);
     }
     let (target, uri) = match upstream_of(req.uri(), &shared.config) {
         Ok(t) => t,

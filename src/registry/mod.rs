@@ -258,10 +258,9 @@ pub async fn send_following_redirects(
             headers.remove(header::AUTHORIZATION);
         }
         tracing::debug!(to = %next.host().unwrap_or(""), "following redirect upstream-side");
-        resp = shared
-            .upstream
-            .send(request_to(&parts.method, &next, &headers))
-            .await?;
+        let mut req = request_to(&parts.method, &next, &headers);
+        *req.extensions_mut() = parts.extensions.clone();
+        resp = shared.upstream.send(req).await?;
         current = next;
     }
     Ok(resp)

@@ -17,6 +17,7 @@ use crate::body::{self, text, Body};
 use crate::cache::flight::{Leader, ROOM_MARGIN};
 use crate::cache::{evict, Digest, Flight, Head, Join, Origin, State};
 use crate::proxy::Target;
+use crate::upstream::OwnConnection;
 use crate::Shared;
 
 /// One request for an object, with what answering it from the cache needs.
@@ -65,10 +66,11 @@ impl Ask<'_> {
         let (resp, sent) = match resp {
             Some(resp) => (resp, None),
             None => {
-                let up = match fetch_request(self.target, self.parts, Method::GET) {
+                let mut up = match fetch_request(self.target, self.parts, Method::GET) {
                     Ok(r) => r,
                     Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
                 };
+                up.extensions_mut().insert(OwnConnection);
                 let sent = up.headers().clone();
                 match auth::send(shared, up, true).await {
                     Ok(r) => (r, Some(sent)),

@@ -26,6 +26,9 @@ pub enum UpstreamError {
     /// Could not reach the upstream: DNS, refused, unreachable, timed out.
     #[error("{0}")]
     Connect(String),
+    /// The destination policy refuses the upstream's address (loopback, link-local, …).
+    #[error("refused: {0}")]
+    Refused(String),
     /// Authentication with the upstream failed (challenge, token endpoint).
     #[error("upstream authentication: {0}")]
     Auth(String),
@@ -46,10 +49,18 @@ pub enum UpstreamError {
     RootFile { path: PathBuf, reason: String },
 }
 
+/// Marks a request whose response is passed to a client as it is read (not cached), so that it
+/// goes on a connection of its own (see [`Upstream::send`]).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnConnection;
+
 /// The pooled client that every upstream request goes through.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<Connector, Body>,
+    // HTTP/1.1 only: a response that a client may leave unread for long holds one connection,
+    // not the flow-control window of the h2 connection every other request shares.
+    own_connections: Client<Connector, Body>,
     metrics: Arc<crate::metrics::Metrics>,
     timeout: std::time::Duration,
 }
@@ -67,8 +78,17 @@ impl Upstream {
             .map_err(|e| UpstreamError::Tls(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let mut h1_only = tls.clone();
+        h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let connector = Connector::new(resolver, Arc::new(tls), config.connect_timeout);
+        let timeout = config.connect_timeout;
+        let own = Connector::new(resolver.clone(), Arc::new(h1_only), timeout);
+        let own_connections = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.idle_timeout)
+            .build(own);
+        let connector = Connector::new(resolver, Arc::new(tls), timeout);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -81,6 +101,7 @@ impl Upstream {
             .build(connector);
         Ok(Upstream {
             client,
+            own_connections,
             metrics,
             timeout: config.upstream_timeout,
         })
@@ -96,7 +117,11 @@ impl Upstream {
             .authority()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let Ok(result) = tokio::time::timeout(self.timeout, self.client.request(req)).await else {
+        let client = match req.extensions().get::<OwnConnection>() {
+            Some(_) => &self.own_connections,
+            None => &self.client,
+        };
+        let Ok(result) = tokio::time::timeout(self.timeout, client.request(req)).await else {
             self.metrics.upstream(&registry, "timeout");
             return Err(UpstreamError::Timeout(self.timeout));
         };
@@ -113,6 +138,11 @@ impl Upstream {
                 if let Some(c) = s.downcast_ref::<ConnectError>() {
                     return match c {
                         ConnectError::Tls { .. } => UpstreamError::Tls(c.to_string()),
+                        ConnectError::Connect(io)
+                            if io.kind() == std::io::ErrorKind::PermissionDenied =>
+                        {
+                            UpstreamError::Refused(c.to_string())
+                        }
                         _ => UpstreamError::Connect(c.to_string()),
                     };
                 }

@@ -1755,3 +1755,15 @@ impl Drop for ProxyProcess {
         self.kill_9();
     }
 }
+
+/// Makes a proxy config intercept `name` and reach it at 127.0.0.1:`port`, trusting `ca` for
+/// upstream TLS (a test server such as [`tiny_https`]).
+pub fn reach_test_host(config: &mut Config, name: &str, port: u16, ca: PathBuf) {
+    config.intercept.push(name.into());
+    config.allow_port.push(port);
+    config.resolve.push((
+        format!("{name}:{port}"),
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    ));
+    config.upstream_ca.push(ca);
+}
