@@ -104,11 +104,14 @@ async fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
 /// Ready when the CA is loaded (it is, or `run` would not have started) and the cache is writable.
 async fn ready(shared: &Shared) -> Result<(), String> {
     let probe = shared.cache.store.new_tmp_path();
-    tokio::fs::write(&probe, b"ready?")
-        .await
-        .map_err(|e| format!("cache not writable: {e}"))?;
+    let written = tokio::fs::write(&probe, b"ready?").await;
     let _ = tokio::fs::remove_file(&probe).await;
-    Ok(())
+    match written {
+        // A full disk costs capacity, not availability: pulls stream past the cache.
+        Err(e) if crate::cache::flight::is_disk_full(&e) => Ok(()),
+        Err(e) => Err(format!("cache not writable: {e}")),
+        Ok(()) => Ok(()),
+    }
 }
 
 #[cfg(test)]

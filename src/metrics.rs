@@ -43,11 +43,28 @@ pub struct RateLimit {
     pub window: Option<u64>,
 }
 
+/// Series kept per family; further hosts (clients name them, e.g. by tunnelling anywhere) are
+/// counted under [`OTHER`], so that no client grows the metrics without bound.
+const MAX_SERIES: usize = 1024;
+/// The label of the hosts beyond [`MAX_SERIES`].
+const OTHER: &str = "other";
+
+/// `registry`, or [`OTHER`] once `map` holds [`MAX_SERIES`] series of other hosts.
+fn label<V>(map: &BTreeMap<(String, V), u64>, registry: &str) -> String {
+    let known = map.keys().any(|(r, _)| r == registry);
+    if known || map.len() < MAX_SERIES {
+        registry.to_owned()
+    } else {
+        OTHER.to_owned()
+    }
+}
+
 impl Metrics {
     /// Counts one answered request on `registry` with `outcome` (HIT, MISS, …, TUNNEL).
     pub fn request(&self, registry: &str, outcome: &'static str, bytes: u64) {
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((registry.to_owned(), outcome)).or_default() += 1;
+        let registry = label(&map, registry);
+        *map.entry((registry, outcome)).or_default() += 1;
         if outcome == "HIT" {
             self.bytes_from_cache.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -59,15 +76,17 @@ impl Metrics {
             .upstream_requests
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        *map.entry((registry.to_owned(), status.to_owned()))
-            .or_default() += 1;
+        let registry = label(&map, registry);
+        *map.entry((registry, status.to_owned())).or_default() += 1;
     }
 
     /// Records the rate-limit headers of an upstream response, if it carried them.
     pub fn ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
         if let Some(rl) = parse_ratelimit(headers) {
             let mut map = self.ratelimit.lock().unwrap_or_else(|p| p.into_inner());
-            map.insert(registry.to_owned(), rl);
+            if map.contains_key(registry) || map.len() < MAX_SERIES {
+                map.insert(registry.to_owned(), rl);
+            }
         }
     }
 
@@ -271,6 +290,27 @@ impl Drop for Open<'_> {
 
 #[cfg(test)]
 mod tests {
+    /// Hosts named by clients (tunnels to anywhere) cannot grow the metrics without bound.
+    #[test]
+    fn client_chosen_hosts_are_capped() {
+        let m = Metrics::default();
+        for n in 0..5000 {
+            m.request(&format!("h{n}.example"), "TUNNEL", 0);
+            m.upstream(&format!("h{n}.example"), "200");
+        }
+        let text = m.render(0);
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("regproxy_requests_total{"))
+            .count();
+        assert!(series <= super::MAX_SERIES + 1, "{series} series");
+        assert!(text.contains("registry=\"other\""));
+        m.request("h0.example", "HIT", 1);
+        assert!(m
+            .render(0)
+            .contains("registry=\"h0.example\",outcome=\"HIT\""));
+    }
+
     use super::*;
 
     #[test]

@@ -613,3 +613,37 @@ fn rotated_credentials_are_read_again() {
     let resp = get_as(&proxy, None, &registry, path, None);
     assert_eq!(resp.status, 200, "{}", resp.head);
 }
+
+/// Injected credentials are for pulls only: a client that starts an upload or deletes through
+/// the proxy goes with its own credentials (none here), never the operator's.
+#[test]
+fn injected_credentials_never_push_or_delete() {
+    let dir = TestDir::new();
+    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
+    mkimage(dir.join("src"), 1, "64KiB", None, 97);
+    push(dir.join("src"), &registry, "test/pushed:v1", false);
+    let proxy = Proxy::for_registry_with(&registry, |c| inject(c, registry.host()));
+    let host = registry.host();
+    for line in [
+        "POST /v2/test/pushed/blobs/uploads/",
+        "DELETE /v2/test/pushed/manifests/v1",
+    ] {
+        let tls = tls_via(proxy.addr(), &host, REGISTRY_HOST, &proxy.ca_cert_path());
+        let resp = request(
+            tls,
+            &format!(
+                "{line} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(resp.status, 401, "{line}: {}", resp.head);
+    }
+    // Pulls still get them.
+    let resp = get_as(
+        &proxy,
+        None,
+        &registry,
+        "/v2/test/pushed/manifests/v1",
+        None,
+    );
+    assert_eq!(resp.status, 200, "{}", resp.head);
+}

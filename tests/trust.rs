@@ -461,6 +461,13 @@ fn a_full_disk_costs_capacity_not_availability() {
         "a corrupt pass-through ended cleanly: {}",
         resp.head
     );
+    // A disk full to the last byte still leaves the proxy ready: pulls stream past the cache.
+    let _ = std::fs::write(disk.0.join("filler"), vec![0u8; 64 << 20]);
+    let (status, text) = raw(
+        proxy.admin_addr(),
+        b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
 }
 
 /// Where the store keeps a verified object (cacache's content layout).
@@ -471,4 +478,23 @@ fn cached_file(cache: &Path, digest: &str) -> PathBuf {
         .join(&hex[0..2])
         .join(&hex[2..4])
         .join(&hex[4..])
+}
+
+/// An upstream that answers a whole-object GET with a 206 (or any success but 200) does not get
+/// its unverifiable bytes to the client as a clean answer.
+#[test]
+fn a_partial_answer_to_a_whole_get_is_a_502() {
+    let dir = TestDir::new();
+    let data = random_bytes(64 << 10, 9);
+    let digest = sha256_digest(&data);
+    let body = data.clone();
+    let (port, _) = tiny_https(&dir.join("up"), &["blobs.test"], move |_, w| {
+        let n = body.len();
+        let _ = write!(w, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{n}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n", n - 1);
+        let _ = w.write_all(&body);
+    });
+    let proxy = Proxy::start(blob_config(port, dir.join("up/ca.crt")));
+    let resp = get_blob(&proxy, port, &digest, None);
+    assert_eq!(resp.status, 502, "{}", resp.head);
+    assert!(!resp.body.windows(32).any(|w| w == &data[..32]));
 }

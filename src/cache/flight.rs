@@ -32,6 +32,8 @@ const PUBLISH_EVERY: u64 = 64 * 1024;
 const RECENT: u64 = 2 * 1024 * 1024;
 /// Free space asked for beyond a download's own size before it is cached.
 pub const ROOM_MARGIN: u64 = 8 * 1024 * 1024;
+/// A client that reads nothing of a response for this long loses it.
+const CLIENT_STALL: Duration = Duration::from_secs(60);
 /// A download that delivers nothing for this long is given up.
 const STALL: Duration = Duration::from_secs(60);
 
@@ -557,10 +559,12 @@ async fn pump(
             // Room in the client's budget first, then the bytes: a reader held up by a client that
             // does not read holds no chunk of its own.
             let reserved = tokio::select! {
-                r = budget.reserve(left) => r,
+                r = tokio::time::timeout(CLIENT_STALL, budget.reserve(left)) => r,
                 _ = tx.closed() => return,
             };
-            let Some(reserved) = reserved else { return };
+            // A client that takes nothing for this long gives up its response (and its share of
+            // the budget): ending the body unfinished aborts it.
+            let Ok(Some(reserved)) = reserved else { return };
             let chunk = match flight.recent_at(pos, left) {
                 Some(c) => Ok(c),
                 None => {
@@ -586,7 +590,8 @@ async fn pump(
                 }
             };
             pos += chunk.len() as u64;
-            if tx.send(Ok(reserved.attach(chunk))).await.is_err() {
+            let sent = tokio::time::timeout(CLIENT_STALL, tx.send(Ok(reserved.attach(chunk))));
+            if !matches!(sent.await, Ok(Ok(()))) {
                 return; // the client left; the download goes on without it
             }
         }

@@ -124,7 +124,9 @@ pub(super) async fn serve_http<I>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(60));
+        .header_read_timeout(Duration::from_secs(60))
+        // Larger request heads get a 431, as on the proxy listener.
+        .max_buf_size(MAX_HEADER_LIST as usize);
     // Bounded per connection: streams, the bytes h2 buffers per stream for bodies that are not
     // charged to the connection's budget (forwarded answers), and header lists.
     builder

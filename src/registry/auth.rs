@@ -53,7 +53,9 @@ pub async fn send(
     let repo = repo_of(req.uri().path()).to_owned();
     let user = req.extensions().get::<ProxyUser>().cloned();
     let injected = |shared: &Shared| shared.logins.injected(&authority, &repo, user.as_ref());
-    let Some((configured, login)) = injected(shared) else {
+    // Pulls only: a push or a delete goes with the client's own credentials, never the operator's.
+    let pull = matches!(*req.method(), Method::GET | Method::HEAD);
+    let Some((configured, login)) = injected(shared).filter(|_| pull) else {
         return go(shared, req, follow).await;
     };
     let scope = scope_of(&repo);
@@ -116,6 +118,15 @@ pub fn repo_of(path: &str) -> &str {
         .unwrap_or("")
 }
 
+/// Whether every resource of a token `scope` asks for `pull` and nothing more.
+fn pull_only(scope: &str) -> bool {
+    scope.split(' ').all(|resource| {
+        resource
+            .rsplit_once(':')
+            .is_some_and(|(_, actions)| actions == "pull")
+    })
+}
+
 /// `repository:REPO:pull` for a repository (only reads are sent with injected credentials);
 /// empty for none.
 fn scope_of(repo: &str) -> String {
@@ -143,9 +154,11 @@ async fn answer_challenge(
     let (value, valid) = match challenge.scheme.as_str() {
         "basic" => (credentials, Duration::from_secs(3600)),
         "bearer" => {
+            // The registry names the scope, but the operator's credentials only ever ask to pull.
             let scope = challenge
                 .params
                 .get("scope")
+                .filter(|s| pull_only(s))
                 .cloned()
                 .unwrap_or(key.1.clone());
             shared.auth.token_fetches.fetch_add(1, Ordering::Relaxed);
@@ -195,7 +208,9 @@ impl AuthState {
 
     fn store(&self, key: (String, String), value: Secret, valid: Duration) {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.insert(key, (value, Instant::now() + valid));
+        let now = Instant::now();
+        tokens.retain(|_, (_, until)| *until > now);
+        tokens.insert(key, (value, now + valid));
     }
 
     fn was_allowed(&self, key: &(String, String, String)) -> bool {
@@ -220,6 +235,7 @@ impl AuthState {
 
     fn set_public(&self, host: &str, repo: &str, value: bool) {
         let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        public.retain(|_, (_, at)| at.elapsed() < ALLOWED_FOR);
         public.insert((host.to_owned(), repo.to_owned()), (value, Instant::now()));
     }
 }
@@ -409,8 +425,9 @@ pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &s
     };
     let Some(req) = head(None) else { return };
     let mut public = false;
-    if let Ok(resp) = shared.upstream.send(req).await {
-        public = resp.status().is_success() || resp.status().is_redirection();
+    // Redirects are followed: only a final 2xx says anonymous clients may pull.
+    if let Ok(resp) = send_following_redirects(shared, req).await {
+        public = resp.status().is_success();
         let challenge = resp
             .headers()
             .get(header::WWW_AUTHENTICATE)
@@ -422,11 +439,9 @@ pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &s
             if let Ok(token) = fetch_token(&shared.upstream, &challenge, &scope, None).await {
                 let bearer = format!("Bearer {}", token.value.expose());
                 if let Some(req) = head(Some(bearer)) {
-                    public = shared
-                        .upstream
-                        .send(req)
+                    public = send_following_redirects(shared, req)
                         .await
-                        .is_ok_and(|r| r.status().is_success() || r.status().is_redirection());
+                        .is_ok_and(|r| r.status().is_success());
                 }
             }
         }
@@ -434,5 +449,19 @@ pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &s
     shared.auth.set_public(&host, repo, public);
     if public {
         shared.cache.store.set_public(&host, repo).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_pull_scopes_are_asked_with_injected_credentials() {
+        assert!(super::pull_only("repository:a/b:pull"));
+        assert!(super::pull_only("repository:a/b:pull repository:c:pull"));
+        assert!(!super::pull_only("repository:a/b:pull,push"));
+        assert!(!super::pull_only("repository:a/b:*"));
+        assert!(!super::pull_only("repository:a/b:pull registry:catalog:*"));
+        assert_eq!(super::repo_of("/v2/a/b/manifests/v1"), "a/b");
+        assert_eq!(super::repo_of("/v2/"), "");
     }
 }

@@ -142,7 +142,9 @@ async fn forward(
         Ok(u) => u,
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
-    let req = upstream_request(parts, uri, body);
+    let mut req = upstream_request(parts, uri, body);
+    // Streamed to the client as it reads: a connection of its own (see OwnConnection).
+    req.extensions_mut().insert(crate::upstream::OwnConnection);
     let result = auth::send(shared, req, follow).await;
     match result {
         Ok(resp) => client_response(resp),

@@ -79,7 +79,7 @@ impl Ask<'_> {
             }
         };
         if resp.status() != StatusCode::OK {
-            return (crate::proxy::client_response(resp), "FORWARD");
+            return (not_whole(resp), "FORWARD");
         }
         if resp.headers().contains_key(header::CONTENT_ENCODING) {
             let reason = "upstream sent an encoded blob although asked for identity";
@@ -220,7 +220,7 @@ async fn lead(
         }
     };
     if resp.status() != StatusCode::OK {
-        let _ = answer.send(Answer::Upstream(crate::proxy::client_response(resp)));
+        let _ = answer.send(Answer::Upstream(not_whole(resp)));
         return;
     }
     auth::served_to(&shared, &sent, &target, &repo).await;
@@ -253,6 +253,19 @@ async fn lead(
         // Off the client's path: may anonymous clients pull this too (for serving it offline)?
         let path = format!("/v2/{repo}/blobs/{digest}");
         auth::probe_public(&shared, &target, &path, &repo).await;
+    }
+}
+
+/// The answer to pass on for an upstream status other than 200 (the only one that carries a
+/// whole object to verify): the upstream's own (`resp`), but a 502 for another success (a 206, a
+/// 203), whose bytes nobody would verify.
+fn not_whole(resp: Response<Incoming>) -> Response<Body> {
+    match resp.status() {
+        s if s.is_success() => text(
+            StatusCode::BAD_GATEWAY,
+            format!("upstream answered {s} to a GET of a whole object"),
+        ),
+        _ => crate::proxy::client_response(resp),
     }
 }
 
