@@ -50,10 +50,13 @@ RUN groupadd --system --gid 10001 regproxy \
 
 COPY --from=build /usr/local/bin/regproxy /usr/local/bin/regproxy
 
-# Inside a container regproxy listens on all of the container's interfaces: whoever runs it
-# decides the exposure with port publishing (`-p 127.0.0.1:3128:3128` keeps it local). Never
-# publish 3128 to an untrusted network: it would be an open proxy.
+# Inside a container regproxy listens on all of the container's interfaces, and a listener
+# beyond loopback must name its clients: by default loopback and the private ranges that
+# container networks use (published ports arrive from the bridge's gateway). Narrow it with
+# -e REGPROXY_ALLOW_CIDR=… or add -e REGPROXY_PROXY_CREDENTIALS_FILE=…; never publish 3128 to
+# an untrusted network.
 ENV REGPROXY_LISTEN=0.0.0.0:3128 \
+    REGPROXY_ALLOW_CIDR=127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16 \
     REGPROXY_ADMIN_LISTEN=0.0.0.0:3129 \
     REGPROXY_CA_DIR=/var/lib/regproxy/ca \
     REGPROXY_CACHE_DIR=/var/cache/regproxy

@@ -681,6 +681,23 @@ fn dockerfile_is_multi_stage_non_root_with_ports_volumes_and_healthcheck() {
         env.get("REGPROXY_ADMIN_LISTEN").map(String::as_str),
         Some("0.0.0.0:3129")
     );
+    // The image's settings must start: `config check` refuses what `run` refuses (an open
+    // listener that names no clients, above all).
+    let state = tempfile::tempdir().unwrap();
+    let mut check = Command::new(env!("CARGO_BIN_EXE_regproxy"));
+    check.args(["config", "check"]).env_clear();
+    for (k, v) in env.iter().filter(|(k, _)| k.starts_with("REGPROXY_")) {
+        check.env(k, v);
+    }
+    check
+        .env("REGPROXY_CA_DIR", state.path().join("ca"))
+        .env("REGPROXY_CACHE_DIR", state.path().join("cache"));
+    let out = run(&mut check);
+    assert!(
+        out.status.success(),
+        "the image's settings are refused: {}",
+        combined(&out)
+    );
     let documented = documented_env_vars();
     for k in env.keys().filter(|k| k.starts_with("REGPROXY_")) {
         assert!(
