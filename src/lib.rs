@@ -11,6 +11,7 @@ pub mod cli;
 mod cli_cache;
 pub mod config;
 pub mod credentials;
+pub mod exchange;
 pub mod metrics;
 pub mod prefetch;
 pub mod proxy;

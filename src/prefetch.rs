@@ -10,7 +10,7 @@ use http::{request, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::body::Body;
-use crate::proxy::Target;
+use crate::exchange::Target;
 use crate::registry::route::Route;
 use crate::upstream::auth::{fetch_token, parse_challenge};
 use crate::Shared;

@@ -6,6 +6,7 @@ pub mod flight;
 pub mod herd;
 pub mod ops;
 pub mod store;
+pub mod verified;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -12,28 +12,9 @@ use hyper::body::Incoming;
 use super::{intercept, tunnel};
 use crate::body::{empty, text, AccessLog, Body};
 use crate::credentials::ProxyUser;
+use crate::exchange::Target;
 use crate::upstream::resolve::connect;
 use crate::Shared;
-
-/// The host and port a client asked to CONNECT to.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Host name or IP literal, lower-case.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-}
-
-impl Target {
-    /// `host` alone for 443, `host:port` otherwise: the authority of upstream URLs.
-    pub fn authority(&self) -> String {
-        if self.port == 443 {
-            self.host.clone()
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
 
 pub(super) async fn handle(
     req: Request<Incoming>,

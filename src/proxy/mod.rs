@@ -23,8 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use listener::{accept_loop, Limits, Tracked};
 
-pub use connect::Target;
-pub use forward::{client_response, strip_hop_by_hop, upstream_request};
 
 use crate::body::{text, Body};
 use crate::Shared;

@@ -15,7 +15,7 @@ use super::{fetch_request, head_answer, send_following_redirects, upstream_is_do
 use crate::body::{text, Body};
 use crate::cache::{Digest, Origin};
 use crate::credentials::{Login, ProxyUser};
-use crate::proxy::Target;
+use crate::exchange::Target;
 use crate::secret::{basic, Secret};
 use crate::upstream::auth::{fetch_token, parse_challenge};
 use crate::upstream::UpstreamError;

@@ -9,7 +9,7 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::body::{text, Body};
-use crate::proxy::Target;
+use crate::exchange::Target;
 use crate::Shared;
 
 /// Where Docker Hub's registry API lives.

@@ -18,8 +18,7 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 
 use crate::body::{self, metered, text, AccessLog, Body};
-use crate::proxy::Target;
-use crate::proxy::{client_response, upstream_request};
+use crate::exchange::{client_response, strip_hop_by_hop, upstream_request, Target};
 use crate::upstream::UpstreamError;
 use crate::Shared;
 use route::Route;
@@ -162,7 +161,7 @@ pub(crate) fn head_answer(resp: Response<Incoming>, client: &Method, host: &str)
         return client_response(resp);
     }
     let (mut parts, _) = resp.into_parts();
-    crate::proxy::strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
     for h in [
         header::CONTENT_LENGTH,
         header::CONTENT_TYPE,

@@ -16,7 +16,7 @@ use super::{bad_gateway, fetch_request, forward, Outcome};
 use crate::body::{self, text, Body};
 use crate::cache::flight::{Leader, ROOM_MARGIN};
 use crate::cache::{evict, Digest, Flight, Head, Join, Origin, State};
-use crate::proxy::Target;
+use crate::exchange::Target;
 use crate::upstream::OwnConnection;
 use crate::Shared;
 
@@ -101,7 +101,7 @@ impl Ask<'_> {
             tokio::spawn(async move { store.add_source(&digest, &origin).await });
         };
         let metrics = shared.metrics.clone();
-        let verified = body::verified(
+        let verified = crate::cache::verified::verified(
             resp.into_body(),
             self.digest.clone(),
             length,
@@ -265,7 +265,7 @@ fn not_whole(resp: Response<Incoming>) -> Response<Body> {
             StatusCode::BAD_GATEWAY,
             format!("upstream answered {s} to a GET of a whole object"),
         ),
-        _ => crate::proxy::client_response(resp),
+        _ => crate::exchange::client_response(resp),
     }
 }
 

@@ -15,7 +15,7 @@ use super::{bad_gateway, fetch_request, head_answer, upstream_is_down, Outcome};
 use crate::body::{self, text, Body};
 use crate::cache::herd::Turn;
 use crate::cache::{accept_class, Digest, ObjectMeta, Origin, TagName, TagRecord};
-use crate::proxy::{client_response, Target};
+use crate::exchange::{client_response, Target};
 use crate::Shared;
 
 /// Manifests above this size are not accepted (the OCI spec lets registries refuse them too).
@@ -64,14 +64,16 @@ pub(super) async fn serve(
     // One upstream request per tag and Accept list at a time (each counts against Docker Hub's
     // pull limit): the others wait for it, then look again.
     let key = format!("{}\n{}", name.key(), name.accept);
-    let (todo, _lead) = match shared.cache.tags.turn(key) {
-        Turn::Lead(lead) => (first, Some(lead)),
+    let _lead = match shared.cache.tags.turn(key) {
+        Turn::Lead(lead) => Some(lead),
         Turn::Follow(leader) => {
             leader.finished().await;
-            (look(parts, target, &name, &ask, shared).await, None)
+            None
         }
     };
-    match todo {
+    // Look again either way: a leader may have filled the cache since the first look, even
+    // one that finished just before this caller took the lead.
+    match look(parts, target, &name, &ask, shared).await {
         Look::Answer(answer) => answer,
         Look::Stale(record) => revalidate(parts, target, &name, record, &ask, shared).await,
         Look::Fetch => fetch(parts, target, &name, &ask, shared).await,
