@@ -1727,3 +1727,62 @@ impl Drop for ProxyProcess {
         self.kill_9();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// containerd with regproxy as its hosts.toml mirror
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `DIR/HOST:PORT/hosts.toml` for `registry` as `regproxy containerd-config` prints it:
+/// `proxy` as a plain-HTTP mirror (containerd adds `?ns=HOST:PORT`), so nobody needs to trust
+/// regproxy's CA. Returns `DIR`, what `ctr --hosts-dir` takes.
+pub fn write_mirror_hosts(dir: &Path, proxy: &Proxy, registry: &Registry) -> PathBuf {
+    let host_dir = dir.join(registry.host());
+    fs::create_dir_all(&host_dir).unwrap();
+    let out = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_regproxy"))
+            .env_remove("REGPROXY_CONFIG")
+            .args(["--listen", &proxy.addr().to_string()])
+            .args(["containerd-config", &registry.host()]),
+        CMD_TIMEOUT,
+    );
+    assert_success(&out, "regproxy containerd-config");
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        toml.contains(&format!("[host.\"http://{}\"]", proxy.addr())),
+        "{toml}"
+    );
+    fs::write(host_dir.join("hosts.toml"), &toml).unwrap();
+    dir.to_path_buf()
+}
+
+/// `ctr images pull --hosts-dir HOSTS [EXTRA…] IMAGE` on `containerd`, with no proxy variables;
+/// does not check the status.
+pub fn ctr_pull(containerd: &Containerd, hosts: &Path, image: &str, extra: &[&str]) -> Output {
+    require_tool("ctr");
+    let mut cmd = Command::new("ctr");
+    proxy_env(&mut cmd, None);
+    cmd.arg("-a")
+        .arg(&containerd.socket)
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(hosts)
+        .args(extra)
+        .arg(image);
+    run_with_timeout(&mut cmd, CMD_TIMEOUT)
+}
+
+impl Containerd {
+    /// The digest `ctr images ls` lists for `image`, if it holds that image.
+    pub fn image_digest(&self, image: &str) -> Option<String> {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a").arg(&self.socket).args(["images", "ls"]);
+        let out = run_with_timeout(&mut cmd, CMD_TIMEOUT);
+        assert_success(&out, "ctr images ls");
+        // REF TYPE DIGEST SIZE PLATFORMS LABELS
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next() == Some(image))
+                .then(|| fields.nth(1).map(str::to_string))
+                .flatten()
+        })
+    }
+}
