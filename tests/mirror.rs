@@ -4,20 +4,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 
 use support::*;
-
-fn ctr_pull(containerd: &Containerd, hosts: &std::path::Path, image: &str) -> std::process::Output {
-    let mut cmd = Command::new("ctr");
-    proxy_env(&mut cmd, None);
-    cmd.arg("-a")
-        .arg(&containerd.socket)
-        .args(["images", "pull", "--hosts-dir"])
-        .arg(hosts)
-        .arg(image);
-    run_with_timeout(&mut cmd, CMD_TIMEOUT)
-}
 
 /// `ctr` with a hosts.toml mirror pointing at regproxy (plain HTTP; nobody trusts regproxy's
 /// CA) pulls; a blob first fetched through the intercepting mode is a hit; and with the registry
@@ -36,30 +24,12 @@ fn ctr_pulls_through_a_hosts_toml_mirror() {
     let raw = inspect_raw_via(&proxy, &registry.image("test/mirror:latest"));
     assert_eq!(sha256_digest(&raw), digest);
 
-    let hosts = dir.join("hosts");
-    let host_dir = hosts.join(registry.host());
-    std::fs::create_dir_all(&host_dir).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_regproxy"))
-        .args([
-            "--listen",
-            &proxy.addr().to_string(),
-            "containerd-config",
-            &registry.host(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let toml = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        toml.contains(&format!("[host.\"http://{}\"]", proxy.addr())),
-        "{toml}"
-    );
-    std::fs::write(host_dir.join("hosts.toml"), &toml).unwrap();
+    let hosts = write_mirror_hosts(&dir.join("hosts"), &proxy, &registry);
 
     let image = format!("{}/test/mirror:latest", registry.host());
     let containerd = Containerd::start(&dir.join("containerd1"));
     assert_success(
-        &ctr_pull(&containerd, &hosts, &image),
+        &ctr_pull(&containerd, &hosts, &image, &[]),
         "ctr pull via the mirror",
     );
     let layers = oci_layers(&src, &digest);
@@ -75,7 +45,7 @@ fn ctr_pulls_through_a_hosts_toml_mirror() {
     registry.stop();
     let fresh = Containerd::start(&dir.join("containerd2"));
     assert_success(
-        &ctr_pull(&fresh, &hosts, &image),
+        &ctr_pull(&fresh, &hosts, &image, &[]),
         "ctr pull with the registry stopped",
     );
 }

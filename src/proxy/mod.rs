@@ -23,7 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use listener::{accept_loop, Limits, Tracked};
 
-
 use crate::body::{text, Body};
 use crate::Shared;
 

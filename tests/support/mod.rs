@@ -1656,6 +1656,11 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts `regproxy run` and waits until it has written its CA and accepts connections.
     pub fn start(state: &Path, registry: &Registry) -> ProxyProcess {
+        Self::start_with(state, registry, &ProxyOptions::default())
+    }
+
+    /// [`ProxyProcess::start`] with a descriptor limit and extra flags.
+    pub fn start_with(state: &Path, registry: &Registry, options: &ProxyOptions) -> ProxyProcess {
         fs::create_dir_all(state).unwrap();
         let log = fs::OpenOptions::new()
             .create(true)
@@ -1663,7 +1668,19 @@ impl ProxyProcess {
             .open(state.join("regproxy.log"))
             .unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = Command::new(env!("CARGO_BIN_EXE_regproxy"))
+        let bin = env!("CARGO_BIN_EXE_regproxy");
+        let mut cmd = match options.nofile {
+            // prlimit sets the limit on itself and execs the binary: the child's pid is
+            // regproxy's, so /proc/PID tells about the proxy, not a wrapper.
+            Some(n) => {
+                require_tool("prlimit");
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .env_remove("REGPROXY_CONFIG")
             .arg("run")
             .args(["--listen", &addr.to_string()])
@@ -1673,6 +1690,7 @@ impl ProxyProcess {
             .arg("--cache-dir")
             .arg(state.join("cache"))
             .args(registry.proxy_args())
+            .args(&options.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1766,4 +1784,113 @@ pub fn reach_test_host(config: &mut Config, name: &str, port: u16, ca: PathBuf) 
         SocketAddr::from(([127, 0, 0, 1], port)),
     ));
     config.upstream_ca.push(ca);
+}
+
+/// What [`ProxyProcess::start_with`] adds to the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct ProxyOptions {
+    /// `RLIMIT_NOFILE` (soft and hard) for the process, set with `prlimit`.
+    pub nofile: Option<u64>,
+    /// Extra flags for `regproxy run` (`--max-connections`, `--idle-timeout`, …).
+    pub args: Vec<String>,
+}
+
+impl ProxyProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// The proxy's CA certificate (PEM).
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.state.join("ca/ca.crt")
+    }
+
+    /// CPU time (user + system) the process has used so far, from `/proc/PID/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // The command name (field 2) may hold spaces; the fields after it are plain numbers:
+        // state is field 3, utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+    }
+
+    /// How many file descriptors the process holds now.
+    pub fn open_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// `sysconf(_SC_CLK_TCK)`, the unit of the times in `/proc/PID/stat`.
+fn clock_ticks() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = run_with_timeout(Command::new("getconf").arg("CLK_TCK"), CMD_TIMEOUT);
+        assert_success(&out, "getconf CLK_TCK");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd with regproxy as its hosts.toml mirror
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `DIR/HOST:PORT/hosts.toml` for `registry` as `regproxy containerd-config` prints it:
+/// `proxy` as a plain-HTTP mirror (containerd adds `?ns=HOST:PORT`), so nobody needs to trust
+/// regproxy's CA. Returns `DIR`, what `ctr --hosts-dir` takes.
+pub fn write_mirror_hosts(dir: &Path, proxy: &Proxy, registry: &Registry) -> PathBuf {
+    let host_dir = dir.join(registry.host());
+    fs::create_dir_all(&host_dir).unwrap();
+    let out = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_regproxy"))
+            .env_remove("REGPROXY_CONFIG")
+            .args(["--listen", &proxy.addr().to_string()])
+            .args(["containerd-config", &registry.host()]),
+        CMD_TIMEOUT,
+    );
+    assert_success(&out, "regproxy containerd-config");
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        toml.contains(&format!("[host.\"http://{}\"]", proxy.addr())),
+        "{toml}"
+    );
+    fs::write(host_dir.join("hosts.toml"), &toml).unwrap();
+    dir.to_path_buf()
+}
+
+/// `ctr images pull --hosts-dir HOSTS [EXTRA…] IMAGE` on `containerd`, with no proxy variables;
+/// does not check the status.
+pub fn ctr_pull(containerd: &Containerd, hosts: &Path, image: &str, extra: &[&str]) -> Output {
+    require_tool("ctr");
+    let mut cmd = Command::new("ctr");
+    proxy_env(&mut cmd, None);
+    cmd.arg("-a")
+        .arg(&containerd.socket)
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(hosts)
+        .args(extra)
+        .arg(image);
+    run_with_timeout(&mut cmd, CMD_TIMEOUT)
+}
+
+impl Containerd {
+    /// The digest `ctr images ls` lists for `image`, if it holds that image.
+    pub fn image_digest(&self, image: &str) -> Option<String> {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a").arg(&self.socket).args(["images", "ls"]);
+        let out = run_with_timeout(&mut cmd, CMD_TIMEOUT);
+        assert_success(&out, "ctr images ls");
+        // REF TYPE DIGEST SIZE PLATFORMS LABELS
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next() == Some(image))
+                .then(|| fields.nth(1).map(str::to_string))
+                .flatten()
+        })
+    }
 }
