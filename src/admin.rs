@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 
 use crate::body::{self, text, Body};
-use crate::proxy::listener::{accept_loop, idle_or_shutdown, Limits, Tracked};
+use crate::proxy::listener::{accept_loop, idle_or_shutdown, Ending, Limits, Tracked};
 use crate::Shared;
 
 /// The admin listener's bounds: monitoring needs few connections and short requests, so a
@@ -60,9 +60,11 @@ async fn connection(tcp: Tracked<TcpStream>, limits: Limits, shared: Arc<Shared>
     let idle = limits.idle_timeout;
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = idle_or_shutdown(&activity, idle, &stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        ending = idle_or_shutdown(&activity, idle, &stop) => {
+            if ending == Ending::Shutdown {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
         }
     }
 }

@@ -173,8 +173,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = crate::proxy::listener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
         crate::run(listener, config, shutdown_signal())
             .await

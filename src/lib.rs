@@ -123,7 +123,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+    let admin = proxy::listener::bind(config.admin_listen).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("admin_listen {}: {e}", config.admin_listen),
@@ -141,11 +141,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     config.admin_listen = admin.local_addr()?;
+    if let Some(fit) = proxy::listener::connections_that_fit() {
+        if config.max_connections > fit {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                fit,
+                "the descriptor limit allows fewer connections than max_connections; using {fit}"
+            );
+            config.max_connections = fit;
+        }
+    }
     let shared = Shared::new(config, listener.local_addr()?)?;
     tokio::spawn(admin::serve(admin, shared.clone()));
     if let Some(addr) = shared.config.mirror_listen {
-        let mirror = TcpListener::bind(addr)
-            .await
+        let mirror = proxy::listener::bind(addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("mirror_listen {addr}: {e}")))?;
         let tls = match &shared.config.mirror_tls {
             Some((cert, key)) => Some(ca::acceptor_from_files(cert, key)?),

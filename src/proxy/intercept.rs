@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::listener::{idle_or_shutdown, Tracked};
+use super::listener::{idle_or_shutdown, Ending, Tracked};
 use crate::credentials::ProxyUser;
 use crate::exchange::Target;
 use crate::registry;
@@ -145,10 +145,13 @@ pub(super) async fn serve_http<I>(
     let idle = shared.config.idle_timeout;
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = idle_or_shutdown(&activity, idle, &shared.shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+        ending = idle_or_shutdown(&activity, idle, &shared.shutdown) => match ending {
+            Ending::Idle => Ok(()),
+            Ending::Shutdown => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        },
     };
     if let Err(e) = result {
         tracing::debug!(client = %peer, error = %e, "intercepted connection ended with an error");

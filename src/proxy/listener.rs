@@ -223,20 +223,70 @@ pub async fn accept_loop<S, A, AF, H, HF>(
     }
 }
 
-/// Resolves when a connection should be asked to close (gracefully: after the request in
-/// progress, or at once if there is none): shutdown has started, or no byte has moved for `idle`.
-pub async fn idle_or_shutdown(activity: &Activity, idle: Duration, shutdown: &CancellationToken) {
+/// Why a connection is to end before it ends by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// No byte moved for the idle time: drop it at once. Nothing is lost, and a client that sent
+    /// half a request head, or stopped reading a response, holds nothing longer.
+    Idle,
+    /// Shutdown started: close it gracefully, after the request in progress.
+    Shutdown,
+}
+
+/// Resolves when a connection should end: shutdown has started, or no byte has moved for `idle`.
+pub async fn idle_or_shutdown(
+    activity: &Activity,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> Ending {
     loop {
         let deadline = activity.last() + idle;
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ending::Shutdown,
             _ = tokio::time::sleep_until(deadline) => {
                 if activity.last() + idle <= Instant::now() {
-                    return;
+                    return Ending::Idle;
                 }
             }
         }
     }
+}
+
+/// Connections wait this deep in the kernel's queue while the listener is at its cap (tokio's
+/// own bind leaves 128, past which the kernel drops connection attempts).
+const BACKLOG: u32 = 1024;
+/// Descriptors kept back from client connections: upstream connections, cache files, logs.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// Binds a listening socket with a deep backlog (see [`BACKLOG`]).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Raises the soft descriptor limit to the hard one and returns how many client connections fit
+/// in it (each may need a second descriptor upstream, or for a tunnel), so that the connection
+/// cap is met before the process runs out of descriptors; `None` if the limit is unknown.
+pub fn connections_that_fit() -> Option<usize> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if setrlimit(Resource::Nofile, limit).is_err() {
+            limit = getrlimit(Resource::Nofile);
+        }
+    }
+    let n = limit.current?;
+    Some(
+        usize::try_from(n.saturating_sub(RESERVED_DESCRIPTORS) / 2)
+            .unwrap_or(usize::MAX)
+            .max(1),
+    )
 }
 
 #[cfg(test)]
@@ -339,7 +389,7 @@ mod tests {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => activity.touch(),
             }
         }
-        watch.await;
+        assert_eq!(watch.await, Ending::Idle);
         let took = start.elapsed();
         assert!(
             took >= Duration::from_millis(800) && took < Duration::from_secs(3),
@@ -347,6 +397,7 @@ mod tests {
         );
         shutdown.cancel();
         let fresh = Activity::new();
-        idle_or_shutdown(&fresh, Duration::from_secs(3600), &shutdown).await;
+        let ending = idle_or_shutdown(&fresh, Duration::from_secs(3600), &shutdown).await;
+        assert_eq!(ending, Ending::Shutdown);
     }
 }

@@ -134,9 +134,14 @@ async fn connection(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = listener::idle_or_shutdown(&activity, limits.idle_timeout, &shared.shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        ending = listener::idle_or_shutdown(&activity, limits.idle_timeout, &shared.shutdown) => {
+            match ending {
+                listener::Ending::Idle => Ok(()),
+                listener::Ending::Shutdown => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(e) = result {
