@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 
 use crate::body::{self, text, Body};
-use crate::proxy::listener::{accept_loop, idle_or_shutdown, Ending, Limits, Tracked};
+use crate::listener::{accept_loop, idle_or_shutdown, Ending, Limits, Tracked};
 use crate::Shared;
 
 /// The admin listener's bounds: monitoring needs few connections and short requests, so a

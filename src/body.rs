@@ -48,6 +48,47 @@ pub fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
     resp
 }
 
+/// How a request was answered, for the access log and the metrics' `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// From a verified object (or tag record) in the cache.
+    Hit,
+    /// Fetched from the upstream now (and cached, or streamed past the cache, verified).
+    Miss,
+    /// Joined a download already in flight.
+    Joined,
+    /// A stale tag the upstream confirmed with a `HEAD`.
+    Revalidated,
+    /// A cached answer given while the upstream cannot answer.
+    Stale,
+    /// The upstream's own answer, passed on.
+    Forward,
+    /// A blind tunnel.
+    Tunnel,
+    /// Refused: a malformed request, a policy, or an upstream that does not authorize this
+    /// client for cached content.
+    Refused,
+    /// The upstream or the proxy failed (a 5xx made by the proxy).
+    Failed,
+}
+
+impl Outcome {
+    /// The word in log lines and in the `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+            Outcome::Joined => "JOINED",
+            Outcome::Revalidated => "REVALIDATED",
+            Outcome::Stale => "STALE",
+            Outcome::Forward => "FORWARD",
+            Outcome::Tunnel => "TUNNEL",
+            Outcome::Refused => "REFUSED",
+            Outcome::Failed => "FAILED",
+        }
+    }
+}
+
 /// One access-log line, written once the response body has finished (or was dropped).
 #[derive(Debug)]
 pub struct AccessLog {
@@ -59,8 +100,8 @@ pub struct AccessLog {
     pub method: String,
     /// Request path (never the query, which may hold signed-URL tokens).
     pub path: String,
-    /// HIT, MISS, FORWARD, TUNNEL, ...
-    pub outcome: &'static str,
+    /// How it was answered.
+    pub outcome: Outcome,
     /// Response status.
     pub status: u16,
     /// When the request arrived.
@@ -72,7 +113,8 @@ pub struct AccessLog {
 impl AccessLog {
     /// Writes the line with the number of body bytes sent and whether the body ended cleanly.
     pub fn emit(&self, bytes: u64, complete: bool) {
-        self.metrics.request(&self.host, self.outcome, bytes);
+        self.metrics
+            .request(&self.host, self.outcome.as_str(), bytes);
         tracing::info!(
             target: "regproxy::access",
             client = %self.client,
@@ -84,7 +126,7 @@ impl AccessLog {
             complete,
             duration_ms = self.start.elapsed().as_millis() as u64,
             "{}",
-            self.outcome
+            self.outcome.as_str()
         );
     }
 }

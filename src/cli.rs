@@ -173,7 +173,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let listener = crate::proxy::listener::bind(config.listen)
+        let listener = crate::listener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
         crate::run(listener, config, shutdown_signal())
             .await
@@ -262,9 +262,10 @@ fn ratelimit(
         None => anyhow::bail!("name an image on {registry} with --image REPO:TAG"),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let own = config.listen;
-    let shared = crate::Shared::new(config, own)?;
-    let report = runtime.block_on(crate::ratelimit::check(&shared, host, &image));
+    // The upstream client alone: no CA to create, no cache to open, for one request.
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+    let (client, _) = crate::upstream_client(&config, config.listen, metrics)?;
+    let report = runtime.block_on(crate::ratelimit::check(&client, host, &image));
     let report = match report {
         Ok(r) => r,
         Err(e) => {

@@ -2,8 +2,8 @@
 //! connection, and how requests and responses are rewritten from one hop to the next (hop-by-hop
 //! headers go, everything else stays). Below both, so that neither imports the other's.
 
-use http::header::{self, HeaderMap, HeaderName};
-use http::{request, Request, Response, Uri, Version};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::body::{self, Body};
@@ -79,4 +79,86 @@ pub fn client_response(resp: Response<Incoming>) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     Response::from_parts(parts, body::incoming(incoming))
+}
+
+/// The header in which registries name a manifest's or blob's digest.
+pub const DOCKER_CONTENT_DIGEST: header::HeaderName =
+    header::HeaderName::from_static("docker-content-digest");
+
+/// Whether an upstream status means "cannot answer now" (serve stale) rather than a real answer.
+pub fn upstream_is_down(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// The upstream's answer to a `HEAD` the proxy sent, as the answer to the client's own request.
+///
+/// For a `GET` the status and headers (an auth challenge above all) stay, and an OCI error body
+/// replaces the body that a `HEAD` never has: its `Content-Length` described bytes that will not
+/// come, which an h2 client takes as a protocol error.
+pub fn head_answer(resp: Response<Incoming>, client: &Method, host: &str) -> Response<Body> {
+    if client == Method::HEAD {
+        return client_response(resp);
+    }
+    let (mut parts, _) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    for h in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONTENT_RANGE,
+        header::ETAG,
+        DOCKER_CONTENT_DIGEST,
+    ] {
+        parts.headers.remove(h);
+    }
+    let code = match parts.status.as_u16() {
+        401 => "UNAUTHORIZED",
+        403 => "DENIED",
+        404 => "NAME_UNKNOWN",
+        429 => "TOOMANYREQUESTS",
+        _ => "UNKNOWN",
+    };
+    let message = format!("{host} answered {}", parts.status);
+    let json = serde_json::json!({ "errors": [{ "code": code, "message": message }] });
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(parts, body::full(json.to_string()))
+}
+
+/// A body-less upstream request for the client's `parts` with `method`, without the client's
+/// conditional and range headers (the proxy fetches whole objects for the cache).
+pub fn fetch_request(
+    target: &Target,
+    parts: &request::Parts,
+    method: Method,
+) -> Result<Request<Body>, String> {
+    let uri = upstream_uri(target, &parts.uri)?;
+    let mut req = upstream_request(parts, uri, body::empty());
+    *req.method_mut() = method;
+    for h in [
+        header::RANGE,
+        header::IF_RANGE,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::CONTENT_LENGTH,
+    ] {
+        req.headers_mut().remove(h);
+    }
+    // What is cached must be the object's own bytes: a compressed body would never verify.
+    req.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    Ok(req)
+}
+
+/// The upstream URL for a request path on the CONNECT target.
+pub fn upstream_uri(target: &Target, uri: &Uri) -> Result<Uri, String> {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    format!("https://{}{pq}", target.authority())
+        .parse()
+        .map_err(|e| format!("bad request path {pq:?}: {e}"))
 }

@@ -3,6 +3,7 @@
 //! [`run`] is the whole server: tests call it with their own listener and config, and `main.rs`
 //! calls it through [`cli`].
 
+pub mod access;
 pub mod admin;
 pub mod body;
 pub mod ca;
@@ -12,6 +13,7 @@ mod cli_cache;
 pub mod config;
 pub mod credentials;
 pub mod exchange;
+pub mod listener;
 pub mod metrics;
 pub mod prefetch;
 pub mod proxy;
@@ -61,16 +63,14 @@ pub struct Shared {
     pub ca: ca::CertAuthority,
     /// Who may use the proxy.
     pub gate: proxy::gate::Gate,
-    /// Upstream credentials per registry.
-    pub logins: Arc<credentials::Credentials>,
-    /// Bearer tokens obtained with those credentials, and what clients were found allowed.
-    pub auth: registry::auth::AuthState,
+    /// What the upstreams said about clients and repositories (who may read what).
+    pub access: access::Access,
     /// Counters and gauges for `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
     /// Blobs, manifests and tags on disk, and the downloads in flight.
     pub cache: cache::Cache,
-    /// The pooled upstream client.
-    pub upstream: upstream::Upstream,
+    /// The upstream client: credentials, tokens, redirects, pooled connections.
+    pub client: upstream::Client,
     /// Resolve overrides and the self-connection guard.
     pub resolver: Arc<upstream::Resolver>,
     /// Cancelled when shutdown starts.
@@ -85,30 +85,41 @@ impl Shared {
     pub fn new(config: Config, own: std::net::SocketAddr) -> Result<Arc<Shared>, Error> {
         config.check_exposure()?;
         let gate = proxy::gate::Gate::new(&config)?;
-        let logins =
-            credentials::Credentials::load(&config.registries, config.docker_config.as_deref())?;
-        let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
         let metrics = Arc::new(metrics::Metrics::default());
+        let (client, resolver) = upstream_client(&config, own, metrics.clone())?;
+        let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
         let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
-        let resolver = Arc::new(
-            upstream::Resolver::new(&config.resolve, own)
-                .with_destinations(&config.allow_destination, &config.deny_destination),
-        );
-        let upstream = upstream::Upstream::new(&config, resolver.clone(), metrics.clone())?;
         Ok(Arc::new(Shared {
             config,
             gate,
-            logins: Arc::new(logins),
-            auth: registry::auth::AuthState::default(),
+            access: access::Access::default(),
             ca,
             metrics,
             cache,
-            upstream,
+            client,
             resolver,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }))
     }
+}
+
+/// The upstream client for `config` and its resolver, which refuses `own` (the proxy's listen
+/// address). It needs no CA and no cache: what `regproxy ratelimit` uses alone.
+pub fn upstream_client(
+    config: &Config,
+    own: std::net::SocketAddr,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<(upstream::Client, Arc<upstream::Resolver>), Error> {
+    let credentials =
+        credentials::Credentials::load(&config.registries, config.docker_config.as_deref())?;
+    let resolver = Arc::new(
+        upstream::Resolver::new(&config.resolve, own)
+            .with_destinations(&config.allow_destination, &config.deny_destination),
+    );
+    let http = upstream::Upstream::new(config, resolver.clone(), metrics)?;
+    let client = upstream::Client::new(http, Arc::new(credentials), config.allow_port.clone());
+    Ok((client, resolver))
 }
 
 /// The rustls crypto provider used on both sides.
@@ -123,7 +134,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let admin = proxy::listener::bind(config.admin_listen).map_err(|e| {
+    let admin = listener::bind(config.admin_listen).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("admin_listen {}: {e}", config.admin_listen),
@@ -141,7 +152,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     config.admin_listen = admin.local_addr()?;
-    if let Some(fit) = proxy::listener::connections_that_fit() {
+    if let Some(fit) = listener::connections_that_fit() {
         if config.max_connections > fit {
             tracing::warn!(
                 max_connections = config.max_connections,
@@ -154,7 +165,7 @@ pub async fn serve(
     let shared = Shared::new(config, listener.local_addr()?)?;
     tokio::spawn(admin::serve(admin, shared.clone()));
     if let Some(addr) = shared.config.mirror_listen {
-        let mirror = proxy::listener::bind(addr)
+        let mirror = listener::bind(addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("mirror_listen {addr}: {e}")))?;
         let tls = match &shared.config.mirror_tls {
             Some((cert, key)) => Some(ca::acceptor_from_files(cert, key)?),
@@ -162,7 +173,13 @@ pub async fn serve(
         };
         tokio::spawn(proxy::serve_mirror(mirror, tls, shared.clone()));
     }
-    tokio::spawn(shared.logins.clone().keep_fresh(shared.shutdown.clone()));
+    tokio::spawn(
+        shared
+            .client
+            .credentials()
+            .clone()
+            .keep_fresh(shared.shutdown.clone()),
+    );
     tokio::spawn(cache::evict::keep_within(
         shared.cache.store.clone(),
         shared.config.cache_bounds(),

@@ -10,9 +10,9 @@ use http::{request, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::body::Body;
+use crate::body::Outcome;
 use crate::exchange::Target;
 use crate::registry::route::Route;
-use crate::upstream::auth::{fetch_token, parse_challenge};
 use crate::Shared;
 
 /// Every manifest type prefetch understands, as its `Accept`.
@@ -214,7 +214,7 @@ struct Client {
     shared: Arc<Shared>,
     target: Target,
     repo: String,
-    token: Option<String>,
+    token: Option<HeaderValue>,
 }
 
 impl Client {
@@ -267,7 +267,7 @@ impl Client {
         }
         events(Event::Done {
             digest: reference.to_owned(),
-            outcome: if outcome == "HIT" || outcome == "REVALIDATED" {
+            outcome: if matches!(outcome, Outcome::Hit | Outcome::Revalidated) {
                 "HIT"
             } else {
                 "MISS"
@@ -282,7 +282,7 @@ impl Client {
         Ok(Fetched { digest, json })
     }
 
-    async fn get(&self, path: &str) -> Result<(Response<Body>, &'static str), PrefetchError> {
+    async fn get(&self, path: &str) -> Result<(Response<Body>, Outcome), PrefetchError> {
         let parts = self.parts(path)?;
         let route = Route::classify(&parts.method, parts.uri.path());
         if let Route::Invalid(reason) = route {
@@ -299,33 +299,22 @@ impl Client {
             .body(())
             .map_err(|e| PrefetchError::Reference(e.to_string()))?;
         if let Some(token) = &self.token {
-            let value = HeaderValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| PrefetchError::Other("token is not header text".into()))?;
-            req.headers_mut().insert(header::AUTHORIZATION, value);
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, token.clone());
         }
         Ok(req.into_parts().0)
     }
 
     /// Answers a 401's bearer challenge with an anonymous pull token.
-    async fn authenticate(&self, resp: &Response<Body>) -> Result<String, PrefetchError> {
-        let value = resp
-            .headers()
-            .get(header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| PrefetchError::Other("401 without WWW-Authenticate".into()))?;
-        let challenge = parse_challenge(value).map_err(PrefetchError::Other)?;
-        if challenge.scheme != "bearer" {
-            return Err(PrefetchError::Other(format!(
-                "{} wants {} credentials; prefetch pulls anonymously",
-                self.target.authority(),
-                challenge.scheme
-            )));
-        }
-        let scope = format!("repository:{}:pull", self.repo);
-        fetch_token(&self.shared.upstream, &challenge, &scope, None)
-            .await
-            .map(|t| t.value.expose().to_owned())
-            .map_err(|e| PrefetchError::Other(e.to_string()))
+    async fn authenticate(&self, resp: &Response<Body>) -> Result<HeaderValue, PrefetchError> {
+        let token = self
+            .shared
+            .client
+            .anonymous_token(resp.headers(), &self.repo);
+        token.await.map_err(|e| {
+            let host = self.target.authority();
+            PrefetchError::Other(format!("{host}: {e}; prefetch pulls anonymously"))
+        })
     }
 }
 

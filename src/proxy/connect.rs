@@ -51,7 +51,7 @@ pub(super) async fn handle(
                 host: target.authority(),
                 method: "CONNECT".into(),
                 path: String::new(),
-                outcome: "TUNNEL",
+                outcome: crate::body::Outcome::Tunnel,
                 status: 200,
                 start,
                 metrics: shared.metrics.clone(),

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 
 use crate::body::{self, metered, text, AccessLog, Body};
 use crate::exchange::{client_response, upstream_request};
+use crate::upstream::How;
 use crate::Shared;
 
 /// Forwards an absolute-form `http://` request as an ordinary HTTP proxy.
@@ -29,7 +30,7 @@ pub(super) async fn plain(
         host: host.clone(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
-        outcome: "FORWARD",
+        outcome: crate::body::Outcome::Forward,
         status: 0,
         start,
         metrics: shared.metrics.clone(),
@@ -56,7 +57,7 @@ pub(super) async fn plain(
         return metered(resp, log);
     }
     let upstream_req = upstream_request(&parts, parts.uri.clone(), body::incoming(incoming));
-    let resp = match shared.upstream.send(upstream_req).await {
+    let resp = match shared.client.send(upstream_req, How::default()).await {
         Ok(resp) => client_response(resp),
         Err(e) => {
             tracing::warn!(client = %peer, host = %host, error = %e, "forward failed");

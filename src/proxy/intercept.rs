@@ -11,9 +11,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::listener::{idle_or_shutdown, Ending, Tracked};
 use crate::credentials::ProxyUser;
 use crate::exchange::Target;
+use crate::listener::{idle_or_shutdown, Ending, Tracked};
 use crate::registry;
 use crate::Shared;
 

@@ -5,7 +5,6 @@ mod connect;
 mod forward;
 pub mod gate;
 mod intercept;
-pub mod listener;
 mod tunnel;
 
 use std::convert::Infallible;
@@ -21,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
-use listener::{accept_loop, Limits, Tracked};
+use crate::listener::{self, accept_loop, Limits, Tracked};
 
 use crate::body::{text, Body};
 use crate::Shared;

@@ -26,7 +26,7 @@ pub(super) async fn run(upgrade: OnUpgrade, mut upstream: TcpStream, log: Access
         Ok((up, down)) => (up, down, true),
         Err(_) => (0, 0, false),
     };
-    log.metrics.request(&log.host, "TUNNEL", down);
+    log.metrics.request(&log.host, log.outcome.as_str(), down);
     tracing::info!(
         target: "regproxy::access",
         client = %log.client,

@@ -10,13 +10,15 @@ use http::{request, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
-use super::auth::{self, Access, Provenance};
 use super::range::{ByteRange, Slice};
-use super::{bad_gateway, fetch_request, forward, Outcome};
+use super::{bad_gateway, forward, Outcome};
+use crate::access::{self, Provenance, Verdict};
 use crate::body::{self, text, Body};
 use crate::cache::flight::{Leader, ROOM_MARGIN};
 use crate::cache::{evict, Digest, Flight, Head, Join, Origin, State};
 use crate::exchange::Target;
+use crate::exchange::{fetch_request, DOCKER_CONTENT_DIGEST};
+use crate::upstream::How;
 use crate::upstream::OwnConnection;
 use crate::Shared;
 
@@ -40,21 +42,21 @@ impl Ask<'_> {
     async fn cached(&self, flight: &Arc<Flight>, outcome: Outcome) -> (Response<Body>, Outcome) {
         let shared = self.shared;
         let prov = Provenance::of(shared, self.digest, flight.origin(), &self.origin()).await;
-        match auth::allowed(shared, self.parts, self.target, self.repo, prov, false).await {
-            Access::Serve => (
+        match access::allowed(shared, self.parts, self.target, self.repo, prov, false).await {
+            Verdict::Serve => (
                 respond(flight, self.digest, self.parts, self.range),
                 outcome,
             ),
-            Access::Refuse(answer) => (answer, "FORWARD"),
-            Access::Miss if self.parts.method == Method::HEAD => self.forward().await,
-            Access::Miss => self.passthrough(None).await,
+            Verdict::Refuse(answer) => (answer, Outcome::Refused),
+            Verdict::Miss if self.parts.method == Method::HEAD => self.forward().await,
+            Verdict::Miss => self.passthrough(None).await,
         }
     }
 
     /// A `HEAD` as the upstream answers it: no bytes, nothing to verify.
     async fn forward(&self) -> (Response<Body>, Outcome) {
         let resp = forward(self.parts, body::empty(), self.target, self.shared, true).await;
-        (resp, "FORWARD")
+        (resp, Outcome::Forward)
     }
 
     /// Streams the object from the upstream without caching it, verified on the way: the last
@@ -68,25 +70,27 @@ impl Ask<'_> {
             None => {
                 let mut up = match fetch_request(self.target, self.parts, Method::GET) {
                     Ok(r) => r,
-                    Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+                    Err(reason) => {
+                        return (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused)
+                    }
                 };
                 up.extensions_mut().insert(OwnConnection);
                 let sent = up.headers().clone();
-                match auth::send(shared, up, true).await {
+                match shared.client.send(up, How::following()).await {
                     Ok(r) => (r, Some(sent)),
-                    Err(e) => return (bad_gateway(self.target, &e), "FORWARD"),
+                    Err(e) => return (bad_gateway(self.target, &e), Outcome::Failed),
                 }
             }
         };
         if resp.status() != StatusCode::OK {
-            return (not_whole(resp), "FORWARD");
+            return (not_whole(resp), Outcome::Forward);
         }
         if resp.headers().contains_key(header::CONTENT_ENCODING) {
             let reason = "upstream sent an encoded blob although asked for identity";
-            return (text(StatusCode::BAD_GATEWAY, reason), "FORWARD");
+            return (text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed);
         }
         if let Some(sent) = sent {
-            auth::served_to(shared, &sent, self.target, self.repo).await;
+            access::served_to(shared, &sent, self.target, self.repo).await;
         }
         let length =
             header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
@@ -114,7 +118,7 @@ impl Ask<'_> {
         };
         (
             passthrough_response(verified, self.digest, &flightless),
-            "MISS",
+            Outcome::Miss,
         )
     }
 }
@@ -137,7 +141,7 @@ pub(super) async fn serve(
         range: ByteRange::from_headers(&parts.headers),
     };
     if let Some((flight, _)) = shared.cache.hit(&digest).await {
-        return ask.cached(&flight, "HIT").await;
+        return ask.cached(&flight, Outcome::Hit).await;
     }
     if head_only {
         // A HEAD is cheap upstream and says nothing worth caching, unless a download already knows.
@@ -147,7 +151,7 @@ pub(super) async fn serve(
             .get(&digest)
             .filter(|f| f.head().is_some());
         return match known {
-            Some(flight) => ask.cached(&flight, "JOINED").await,
+            Some(flight) => ask.cached(&flight, Outcome::Joined).await,
             None => ask.forward().await,
         };
     }
@@ -155,23 +159,23 @@ pub(super) async fn serve(
         Join::Follower(flight) => match flight.started().await {
             // The leader got no cacheable answer (or found it cached meanwhile, or no room).
             State::Abandoned => match shared.cache.hit(&digest).await {
-                Some((flight, _)) => ask.cached(&flight, "HIT").await,
+                Some((flight, _)) => ask.cached(&flight, Outcome::Hit).await,
                 None => ask.passthrough(None).await,
             },
             _ => {
                 shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
-                ask.cached(&flight, "JOINED").await
+                ask.cached(&flight, Outcome::Joined).await
             }
         },
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.
             if let Some((flight, _)) = shared.cache.hit(&digest).await {
                 drop(leader);
-                return ask.cached(&flight, "HIT").await;
+                return ask.cached(&flight, Outcome::Hit).await;
             }
             let up = match fetch_request(target, parts, Method::GET) {
                 Ok(r) => r,
-                Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+                Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused),
             };
             let flight = leader.flight();
             let (tx, rx) = oneshot::channel();
@@ -181,14 +185,14 @@ pub(super) async fn serve(
             shared.cache.flights.spawn(task);
             match flight.started().await {
                 State::Abandoned => match rx.await {
-                    Ok(Answer::Upstream(resp)) => (resp, "FORWARD"),
+                    Ok(Answer::Upstream(resp)) => (resp, Outcome::Forward),
                     Ok(Answer::NoRoom(resp)) => ask.passthrough(Some(resp)).await,
                     Err(_) => (
                         text(StatusCode::BAD_GATEWAY, "the download was abandoned"),
-                        "FORWARD",
+                        Outcome::Failed,
                     ),
                 },
-                _ => (respond(&flight, &digest, parts, ask.range), "MISS"),
+                _ => (respond(&flight, &digest, parts, ask.range), Outcome::Miss),
             }
         }
     }
@@ -212,7 +216,7 @@ async fn lead(
     answer: oneshot::Sender<Answer>,
 ) {
     let sent = up.headers().clone();
-    let resp = match auth::send(&shared, up, true).await {
+    let resp = match shared.client.send(up, How::following()).await {
         Ok(r) => r,
         Err(e) => {
             let _ = answer.send(Answer::Upstream(bad_gateway(&target, &e)));
@@ -223,7 +227,7 @@ async fn lead(
         let _ = answer.send(Answer::Upstream(not_whole(resp)));
         return;
     }
-    auth::served_to(&shared, &sent, &target, &repo).await;
+    access::served_to(&shared, &sent, &target, &repo).await;
     let head = Head {
         content_type: header_str(resp.headers(), header::CONTENT_TYPE),
         length: header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
@@ -252,7 +256,7 @@ async fn lead(
     if sent.contains_key(header::AUTHORIZATION) {
         // Off the client's path: may anonymous clients pull this too (for serving it offline)?
         let path = format!("/v2/{repo}/blobs/{digest}");
-        auth::probe_public(&shared, &target, &path, &repo).await;
+        access::probe_public(&shared, &target, &path, &repo).await;
     }
 }
 
@@ -291,7 +295,7 @@ fn passthrough_response(body: Body, digest: &Digest, head: &Head) -> Response<Bo
         .clone()
         .unwrap_or_else(|| "application/octet-stream".into());
     insert(&mut resp, header::CONTENT_TYPE, content_type);
-    insert(&mut resp, super::DOCKER_CONTENT_DIGEST, digest.to_string());
+    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest.to_string());
     insert(&mut resp, header::ETAG, format!("\"{digest}\""));
     if let Some(len) = head.length {
         insert(&mut resp, header::CONTENT_LENGTH, len.to_string());
@@ -332,7 +336,7 @@ pub(super) fn respond(
         .and_then(|h| h.content_type.clone())
         .unwrap_or_else(|| "application/octet-stream".into());
     insert(&mut resp, header::CONTENT_TYPE, content_type);
-    insert(&mut resp, super::DOCKER_CONTENT_DIGEST, digest.to_string());
+    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest.to_string());
     insert(&mut resp, header::ETAG, format!("\"{digest}\""));
     insert(&mut resp, header::ACCEPT_RANGES, "bytes".into());
     if let Some(e) = end {

@@ -7,15 +7,16 @@ use http::header::{self, HeaderMap};
 use http::{request, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
-use super::auth::{self, Access, Provenance};
 use super::objects::{header_str, insert, respond};
 use super::range::ByteRange;
-use super::DOCKER_CONTENT_DIGEST;
-use super::{bad_gateway, fetch_request, head_answer, upstream_is_down, Outcome};
+use super::{bad_gateway, Outcome};
+use crate::access::{self, Provenance, Verdict};
 use crate::body::{self, text, Body};
 use crate::cache::herd::Turn;
 use crate::cache::{accept_class, Digest, ObjectMeta, Origin, TagName, TagRecord};
 use crate::exchange::{client_response, Target};
+use crate::exchange::{fetch_request, head_answer, upstream_is_down, DOCKER_CONTENT_DIGEST};
+use crate::upstream::How;
 use crate::Shared;
 
 /// Manifests above this size are not accepted (the OCI spec lets registries refuse them too).
@@ -103,8 +104,8 @@ async fn look(
         return Look::Stale(record);
     }
     match answer_from(&record, parts, target, name.repo, ask, shared, false).await {
-        Some(Ok(resp)) => Look::Answer((resp, "HIT")),
-        Some(Err(refused)) => Look::Answer((refused, "FORWARD")),
+        Some(Ok(resp)) => Look::Answer((resp, Outcome::Hit)),
+        Some(Err(refused)) => Look::Answer((refused, Outcome::Refused)),
         None => Look::Fetch,
     }
 }
@@ -120,18 +121,18 @@ async fn revalidate(
 ) -> (Response<Body>, Outcome) {
     let up = match fetch_request(target, parts, Method::HEAD) {
         Ok(r) => r,
-        Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+        Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused),
     };
     let repo = name.repo;
-    let cause = match auth::send(shared, up, false).await {
+    let cause = match shared.client.send(up, How::default()).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
-            auth::served(shared, parts, target, repo).await;
+            access::served(shared, parts, target, repo).await;
             let digest = header_str(resp.headers(), DOCKER_CONTENT_DIGEST);
             if digest == Some(record.digest.to_string()) {
                 save_tag(shared, name, &record).await;
                 match answer_from(&record, parts, target, repo, ask, shared, false).await {
-                    Some(Ok(resp)) => return (resp, "REVALIDATED"),
-                    Some(Err(refused)) => return (refused, "FORWARD"),
+                    Some(Ok(resp)) => return (resp, Outcome::Revalidated),
+                    Some(Err(refused)) => return (refused, Outcome::Refused),
                     None => {}
                 }
             }
@@ -143,21 +144,21 @@ async fn revalidate(
         }
         Ok(resp) => {
             let answer = head_answer(resp, &parts.method, &target.authority());
-            return (answer, "FORWARD");
+            return (answer, Outcome::Forward);
         }
-        Err(e) if !e.is_outage() => return (bad_gateway(target, &e), "FORWARD"),
+        Err(e) if !e.is_outage() => return (bad_gateway(target, &e), Outcome::Failed),
         Err(e) => e.to_string(),
     };
     tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
     match answer_from(&record, parts, target, repo, ask, shared, true).await {
-        Some(Ok(resp)) => (resp, "STALE"),
-        Some(Err(refused)) => (refused, "FORWARD"),
+        Some(Ok(resp)) => (resp, Outcome::Stale),
+        Some(Err(refused)) => (refused, Outcome::Refused),
         None => (
             text(
                 StatusCode::BAD_GATEWAY,
                 format!("upstream {}: {cause}", target.authority()),
             ),
-            "FORWARD",
+            Outcome::Failed,
         ),
     }
 }
@@ -177,9 +178,9 @@ async fn fetch(
     };
     let up = match fetch_request(target, parts, method) {
         Ok(r) => r,
-        Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), "FORWARD"),
+        Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused),
     };
-    let resp = match auth::send(shared, up, false).await {
+    let resp = match shared.client.send(up, How::default()).await {
         Ok(r) if upstream_is_down(r.status()) => {
             let cause = format!("upstream status {}", r.status());
             return stale_any(parts, target, name, ask, shared, cause, client_response(r)).await;
@@ -189,17 +190,17 @@ async fn fetch(
             let fallback = bad_gateway(target, &e);
             return stale_any(parts, target, name, ask, shared, e.to_string(), fallback).await;
         }
-        Err(e) => return (bad_gateway(target, &e), "FORWARD"),
+        Err(e) => return (bad_gateway(target, &e), Outcome::Failed),
     };
     if resp.status() != StatusCode::OK {
-        return (client_response(resp), "FORWARD");
+        return (client_response(resp), Outcome::Forward);
     }
-    auth::served(shared, parts, target, name.repo).await;
+    access::served(shared, parts, target, name.repo).await;
     if ask.head_only {
         if let Some(record) = record_from(resp.headers(), None) {
             save_tag(shared, name, &record).await;
         }
-        return (client_response(resp), "MISS");
+        return (client_response(resp), Outcome::Miss);
     }
     let (head, incoming) = resp.into_parts();
     let read = Limited::new(incoming, MAX_MANIFEST).collect();
@@ -207,24 +208,24 @@ async fn fetch(
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(e)) => {
             let reason = format!("manifest body from upstream: {e}");
-            return (text(StatusCode::BAD_GATEWAY, reason), "FORWARD");
+            return (text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed);
         }
         Err(_) => {
             let reason = "manifest body from upstream timed out";
-            return (text(StatusCode::GATEWAY_TIMEOUT, reason), "FORWARD");
+            return (text(StatusCode::GATEWAY_TIMEOUT, reason), Outcome::Failed);
         }
     };
     let Some(record) = record_from(&head.headers, Some(&data)) else {
         let reason = "upstream manifest does not match its Docker-Content-Digest";
         tracing::warn!(tag = %name.tag, "{reason}");
-        return (text(StatusCode::BAD_GATEWAY, reason), "FORWARD");
+        return (text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed);
     };
     // The source first: a hit without it would be taken for another origin's bytes.
     let origin = Origin::new(target.authority(), name.repo);
     shared.cache.store.add_source(&record.digest, &origin).await;
     store_manifest(shared, &record, &data).await;
     save_tag(shared, name, &record).await;
-    (manifest_response(&record, data), "MISS")
+    (manifest_response(&record, data), Outcome::Miss)
 }
 
 /// The upstream cannot answer and this client's Accept class has no record: serve a record
@@ -251,13 +252,13 @@ async fn stale_any(
         match answer_from(record, parts, target, name.repo, ask, shared, true).await {
             Some(Ok(resp)) => {
                 tracing::warn!(cause = %cause, tag = %name.tag, "upstream cannot answer; serving the tag stale");
-                return (resp, "STALE");
+                return (resp, Outcome::Stale);
             }
-            Some(Err(refused)) => return (refused, "FORWARD"),
+            Some(Err(refused)) => return (refused, Outcome::Refused),
             None => {}
         }
     }
-    (fallback, "FORWARD")
+    (fallback, Outcome::Forward)
 }
 
 /// Whether the client's `Accept` admits `media_type` (no `Accept`, or `*/*`, admits anything).
@@ -344,10 +345,10 @@ async fn answer_from(
             Provenance::of(shared, &record.digest, None, &origin).await
         }
     };
-    match auth::allowed(shared, parts, target, repo, prov, stale).await {
-        Access::Serve => {}
-        Access::Refuse(refused) => return Some(Err(refused)),
-        Access::Miss => return None,
+    match access::allowed(shared, parts, target, repo, prov, stale).await {
+        Verdict::Serve => {}
+        Verdict::Refuse(refused) => return Some(Err(refused)),
+        Verdict::Miss => return None,
     }
     let mut resp = match hit {
         None => {

@@ -1,6 +1,7 @@
 //! The upstream side: a pooled, verified HTTP client (h2 where offered) with resolve overrides.
 
 pub mod auth;
+pub mod client;
 mod connector;
 pub mod resolve;
 
@@ -9,11 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::Client as Pool;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
+pub use client::{Client, How};
 pub use connector::{tls_reason, ConnectError, Connector};
 pub use resolve::Resolver;
 
@@ -57,10 +59,10 @@ pub struct OwnConnection;
 /// The pooled client that every upstream request goes through.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, Body>,
+    client: Pool<Connector, Body>,
     // HTTP/1.1 only: a response that a client may leave unread for long holds one connection,
     // not the flow-control window of the h2 connection every other request shares.
-    own_connections: Client<Connector, Body>,
+    own_connections: Pool<Connector, Body>,
     metrics: Arc<crate::metrics::Metrics>,
     timeout: std::time::Duration,
 }
@@ -83,13 +85,13 @@ impl Upstream {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let timeout = config.connect_timeout;
         let own = Connector::new(resolver.clone(), Arc::new(h1_only), timeout);
-        let own_connections = Client::builder(TokioExecutor::new())
+        let own_connections = Pool::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.idle_timeout)
             .build(own);
         let connector = Connector::new(resolver, Arc::new(tls), timeout);
-        let client = Client::builder(TokioExecutor::new())
+        let client = Pool::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.idle_timeout)

@@ -1,0 +1,263 @@
+//! Who may read what: the facts the upstreams gave about clients and repositories (who was
+//! served, what is public), and the decision, for each request the cache could answer, whether
+//! this client may have those bytes (see [`allowed`]). The facts about where bytes came from are
+//! the cache's ([`crate::cache::Origin`]); the rules are here.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap};
+use http::{request, Method, Request, Response, StatusCode};
+
+use crate::body::{text, Body};
+use crate::cache::{Digest, Origin};
+use crate::credentials::ProxyUser;
+use crate::exchange::{fetch_request, head_answer, upstream_is_down, Target};
+use crate::upstream::{How, UpstreamError};
+use crate::Shared;
+
+/// How long a client's authorization for a repository, or a repository's public status, is
+/// remembered.
+const ALLOWED_FOR: Duration = Duration::from_secs(300);
+
+/// What the upstreams said recently about clients and repositories.
+#[derive(Debug, Default)]
+pub struct Access {
+    allowed: Mutex<HashMap<(String, String, String), Instant>>,
+    public: Mutex<HashMap<(String, String), (bool, Instant)>>,
+}
+
+impl Access {
+    fn was_allowed(&self, key: &(String, String, String)) -> bool {
+        let allowed = self.allowed.lock().unwrap_or_else(|p| p.into_inner());
+        allowed
+            .get(key)
+            .is_some_and(|at| at.elapsed() < ALLOWED_FOR)
+    }
+
+    fn allow(&self, key: (String, String, String)) {
+        let mut allowed = self.allowed.lock().unwrap_or_else(|p| p.into_inner());
+        allowed.retain(|_, at| at.elapsed() < ALLOWED_FOR);
+        allowed.insert(key, Instant::now());
+    }
+
+    /// What was last found about the repository, if recently (a repository can go private).
+    fn is_public(&self, host: &str, repo: &str) -> Option<bool> {
+        let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        let (value, at) = public.get(&(host.to_owned(), repo.to_owned()))?;
+        (at.elapsed() < ALLOWED_FOR).then_some(*value)
+    }
+
+    fn set_public(&self, host: &str, repo: &str, value: bool) {
+        let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        public.retain(|_, (_, at)| at.elapsed() < ALLOWED_FOR);
+        public.insert((host.to_owned(), repo.to_owned()), (value, Instant::now()));
+    }
+}
+
+/// Who a client is to the upstream: a hash of its `Authorization` (empty: anonymous).
+fn client_key(headers: &HeaderMap) -> String {
+    use sha2::Digest as _;
+    match headers.get(header::AUTHORIZATION) {
+        None => String::new(),
+        Some(v) => hex::encode(&sha2::Sha256::digest(v.as_bytes())[..16]),
+    }
+}
+
+/// Records that the upstream served `repo` to this client (called when a fetch succeeded with
+/// the client's own headers): an anonymous success makes the repository public.
+pub async fn served(shared: &Shared, parts: &request::Parts, target: &Target, repo: &str) {
+    served_to(shared, &parts.headers, target, repo).await
+}
+
+/// [`served`], from the headers the upstream request carried.
+pub async fn served_to(shared: &Shared, headers: &HeaderMap, target: &Target, repo: &str) {
+    let host = target.authority();
+    // Whatever credentials the request went with, a repository they may read is not public.
+    if shared
+        .client
+        .credentials()
+        .injected(&host, repo, None)
+        .is_some()
+    {
+        return;
+    }
+    let who = client_key(headers);
+    if who.is_empty() && shared.access.is_public(&host, repo) != Some(true) {
+        shared.access.set_public(&host, repo, true);
+        shared.cache.store.set_public(&host, repo).await;
+    }
+    shared.access.allow((who, host, repo.to_owned()));
+}
+
+/// What may be done with cached (or downloading) bytes for one client.
+pub enum Verdict {
+    /// Serve them.
+    Serve,
+    /// Answer this instead: the upstream's refusal, or why it could not be asked.
+    Refuse(Response<Body>),
+    /// The origin asked never served these bytes, which are not public: it must serve its own
+    /// (verified as they stream), or nothing.
+    Miss,
+}
+
+/// What is known of where an object's bytes came from, as it concerns the origin a client asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Provenance {
+    /// That origin served these very bytes (or the answer holds nothing but its own claims).
+    pub bound: bool,
+    /// When not bound: some origin serves them to anonymous clients, so they are no secret.
+    pub public: bool,
+}
+
+impl Provenance {
+    /// For an answer made only of the asked origin's own claims, such as a tag's record.
+    pub const OWN: Provenance = Provenance {
+        bound: true,
+        public: false,
+    };
+
+    /// The provenance of `digest` (cached, or downloading from `in_flight`) for `asked`.
+    pub async fn of(
+        shared: &Shared,
+        digest: &Digest,
+        in_flight: Option<&Origin>,
+        asked: &Origin,
+    ) -> Provenance {
+        let mut sources = shared.cache.store.sources(digest).await;
+        sources.extend(in_flight.cloned());
+        if sources.contains(asked) {
+            return Provenance::OWN;
+        }
+        let mut public = false;
+        for source in &sources {
+            public = match shared.access.is_public(&source.host, &source.repo) {
+                Some(known) => known,
+                None => {
+                    let store = &shared.cache.store;
+                    store.is_public(&source.host, &source.repo).await
+                }
+            };
+            if public {
+                break;
+            }
+        }
+        Provenance {
+            bound: false,
+            public,
+        }
+    }
+}
+
+/// Decides whether a client may have cached bytes of `repo` on the target, given where the bytes
+/// came from (`prov`).
+///
+/// Bytes that this origin never served are a [`Verdict::Miss`] unless they are public: another
+/// upstream's headers never unlock private bytes. Bytes it served go to clients it authorizes:
+/// shortcuts (injected credentials, a public repository, this client allowed recently), else one
+/// `HEAD` of the exact URL with the client's own credentials, whose redirects are followed and
+/// whose final answer must be a 2xx (a redirect is not an authorization). A refusal is the
+/// upstream's own answer (its 401 challenge included), with none of the cached bytes.
+///
+/// `upstream_down` skips the `HEAD` when the caller already knows it cannot be answered.
+pub async fn allowed(
+    shared: &Shared,
+    parts: &request::Parts,
+    target: &Target,
+    repo: &str,
+    prov: Provenance,
+    upstream_down: bool,
+) -> Verdict {
+    if !prov.bound && !prov.public {
+        return Verdict::Miss;
+    }
+    let host = target.authority();
+    let user = parts.extensions.get::<ProxyUser>();
+    let injected = shared
+        .client
+        .credentials()
+        .injected(&host, repo, user)
+        .is_some();
+    let key = (client_key(&parts.headers), host.clone(), repo.to_owned());
+    let public_repo = shared.access.is_public(&host, repo) == Some(true);
+    if (prov.bound && (injected || public_repo)) || shared.access.was_allowed(&key) {
+        return Verdict::Serve;
+    }
+    let answer = if upstream_down {
+        Err(UpstreamError::Connect("the upstream is down".into()))
+    } else {
+        match fetch_request(target, parts, Method::HEAD) {
+            Ok(head) => shared.client.send(head, How::following()).await,
+            Err(reason) => return Verdict::Refuse(text(StatusCode::BAD_REQUEST, reason)),
+        }
+    };
+    match answer {
+        Ok(resp) if resp.status().is_success() => {
+            served(shared, parts, target, repo).await;
+            Verdict::Serve
+        }
+        Ok(resp) if resp.status().is_redirection() => Verdict::Refuse(text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "{host} answered {} to the authorization check for {repo}, and a redirect is \
+                 not an authorization",
+                resp.status()
+            ),
+        )),
+        Ok(resp) if !upstream_is_down(resp.status()) => {
+            if key.0.is_empty() {
+                // Refused to an anonymous client: not (or no longer) public.
+                shared.access.set_public(&host, repo, false);
+                shared.cache.store.clear_public(&host, repo).await;
+            }
+            tracing::info!(repo, status = %resp.status(), "cached content refused: the upstream does not authorize this client");
+            Verdict::Refuse(head_answer(resp, &parts.method, &host))
+        }
+        outcome => {
+            // The upstream cannot say: only what is known public (or injected) may be served.
+            if prov.bound && (injected || shared.cache.store.is_public(&host, repo).await) {
+                return Verdict::Serve;
+            }
+            let cause =
+                outcome.map_or_else(|e| e.to_string(), |r| format!("status {}", r.status()));
+            Verdict::Refuse(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot confirm with {host} that you may read {repo}: {cause}"),
+            ))
+        }
+    }
+}
+
+/// Finds out whether anonymous clients may pull `repo` (registries like Docker Hub want an
+/// anonymous token even then), so that its cached content can be served while the upstream is
+/// down. Done once per repository every few minutes, after a client with credentials was served.
+pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &str) {
+    let host = target.authority();
+    let injected = shared
+        .client
+        .credentials()
+        .injected(&host, repo, None)
+        .is_some();
+    if injected || shared.access.is_public(&host, repo).is_some() {
+        return;
+    }
+    let Ok(req) = Request::head(format!("https://{host}{path}")).body(crate::body::empty()) else {
+        return;
+    };
+    // Redirects are followed, and an anonymous token is fetched when the registry wants one:
+    // only a final 2xx says anonymous clients may pull.
+    let how = How {
+        follow: true,
+        anonymous: true,
+    };
+    let public = shared
+        .client
+        .send(req, how)
+        .await
+        .is_ok_and(|r| r.status().is_success());
+    shared.access.set_public(&host, repo, public);
+    if public {
+        shared.cache.store.set_public(&host, repo).await;
+    }
+}
