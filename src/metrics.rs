@@ -1,10 +1,19 @@
 //! Counters and gauges for the admin endpoint's `/metrics`, in the Prometheus text format.
 //! Labels are registry hosts, outcomes and statuses: never paths, users or tokens.
+//!
+//! The numbers live in plain atomics and maps (the cap on series needs the maps); on each
+//! scrape they are read into prometheus-client's constant metrics, and its encoder writes the
+//! exposition.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
 
 /// Every number regproxy exports.
 #[derive(Debug, Default)]
@@ -62,7 +71,7 @@ fn label<V>(map: &BTreeMap<(String, V), u64>, registry: &str) -> String {
 impl Metrics {
     /// Counts one answered request on `registry` with `outcome` (HIT, MISS, …, TUNNEL).
     pub fn request(&self, registry: &str, outcome: &'static str, bytes: u64) {
-        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.requests);
         let registry = label(&map, registry);
         *map.entry((registry, outcome)).or_default() += 1;
         if outcome == "HIT" {
@@ -72,10 +81,7 @@ impl Metrics {
 
     /// Counts one upstream response (`status` is the code, or `error` when none came).
     pub fn upstream(&self, registry: &str, status: &str) {
-        let mut map = self
-            .upstream_requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.upstream_requests);
         let registry = label(&map, registry);
         *map.entry((registry, status.to_owned())).or_default() += 1;
     }
@@ -83,7 +89,7 @@ impl Metrics {
     /// Records the rate-limit headers of an upstream response, if it carried them.
     pub fn ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
         if let Some(rl) = parse_ratelimit(headers) {
-            let mut map = self.ratelimit.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = lock(&self.ratelimit);
             if map.contains_key(registry) || map.len() < MAX_SERIES {
                 map.insert(registry.to_owned(), rl);
             }
@@ -92,163 +98,103 @@ impl Metrics {
 
     /// The last rate-limit state `registry` reported.
     pub fn ratelimit_of(&self, registry: &str) -> Option<RateLimit> {
-        let map = self.ratelimit.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(registry).copied()
+        lock(&self.ratelimit).get(registry).copied()
     }
 
-    /// The Prometheus text exposition; `leaves` is the CA's issuance count.
+    /// The Prometheus text exposition (version 0.0.4); `leaves` is the CA's issuance count.
     pub fn render(&self, leaves: u64) -> String {
+        let requests = lock(&self.requests)
+            .iter()
+            .map(|((registry, outcome), n)| {
+                let labels = [
+                    ("registry", registry.clone()),
+                    ("outcome", (*outcome).into()),
+                ];
+                (labels, ConstCounter::new(*n))
+            })
+            .collect();
+        let upstream = lock(&self.upstream_requests)
+            .iter()
+            .map(|((registry, status), n)| {
+                let labels = [("registry", registry.clone()), ("status", status.clone())];
+                (labels, ConstCounter::new(*n))
+            })
+            .collect();
+        let limits = lock(&self.ratelimit).clone();
+        let ratelimit = |value: fn(&RateLimit) -> u64| {
+            let series = limits.iter().map(|(registry, rl)| {
+                ([("registry", registry.clone())], ConstGauge::new(value(rl)))
+            });
+            Series(series.collect())
+        };
+        let counter = |a: &AtomicU64| ConstCounter::new(a.load(Ordering::Relaxed));
+        let gauge = |a: &AtomicU64| ConstGauge::new(a.load(Ordering::Relaxed));
+        let open = |a: &AtomicI64| ConstGauge::new(a.load(Ordering::Relaxed));
+
+        // Counters are registered without `_total`: the encoder appends it (and a full stop
+        // to each help text).
+        let mut r = Registry::with_prefix("regproxy");
+        let help = "Requests answered, by registry and outcome";
+        r.register("requests", help, Series(requests));
+        let help = "Upstream responses, by registry and status";
+        r.register("upstream_requests", help, Series(upstream));
+        let help = "Pulls left in the window, as the upstream last reported";
+        r.register("ratelimit_remaining", help, ratelimit(|rl| rl.remaining));
+        let help = "Pulls allowed per window, as the upstream last reported";
+        r.register("ratelimit_limit", help, ratelimit(|rl| rl.limit));
+        let help = "Body bytes served from the cache";
+        r.register("bytes_from_cache", help, counter(&self.bytes_from_cache));
+        let help = "Bytes downloaded from upstreams into the cache";
+        r.register(
+            "bytes_from_upstream",
+            help,
+            counter(&self.bytes_from_upstream),
+        );
+        let help = "Requests that joined a download in flight";
+        r.register("singleflight_joins", help, counter(&self.joins));
+        let help = "Objects evicted to keep the cache within bounds";
+        r.register("evictions", help, counter(&self.evictions));
+        let help =
+            "Objects streamed past the cache, verified but not stored, for want of disk room";
+        r.register("passthrough", help, counter(&self.passthrough));
+        let help = "Bytes of verified objects in the cache";
+        r.register("cache_bytes", help, gauge(&self.cache_bytes));
+        let help = "Verified objects in the cache";
+        r.register("cache_entries", help, gauge(&self.cache_entries));
+        let help = "Leaf certificates issued";
+        r.register("leaves_issued", help, ConstCounter::new(leaves));
+        let help = "Client connections open";
+        r.register("open_connections", help, open(&self.open_connections));
+        let help = "Blind tunnels open";
+        r.register("open_tunnels", help, open(&self.open_tunnels));
+
         let mut out = String::new();
-        let requests = self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        family(
-            &mut out,
-            "regproxy_requests_total",
-            "counter",
-            "Requests answered, by registry and outcome.",
-        );
-        for ((registry, outcome), n) in requests {
-            let _ = writeln!(
-                out,
-                "regproxy_requests_total{{registry=\"{}\",outcome=\"{outcome}\"}} {n}",
-                esc(&registry)
-            );
-        }
-        let upstream = self
-            .upstream_requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        family(
-            &mut out,
-            "regproxy_upstream_requests_total",
-            "counter",
-            "Upstream responses, by registry and status.",
-        );
-        for ((registry, status), n) in upstream {
-            let _ = writeln!(
-                out,
-                "regproxy_upstream_requests_total{{registry=\"{}\",status=\"{}\"}} {n}",
-                esc(&registry),
-                esc(&status)
-            );
-        }
-        let limits = self
-            .ratelimit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        family(
-            &mut out,
-            "regproxy_ratelimit_remaining",
-            "gauge",
-            "Pulls left in the window, as the upstream last reported.",
-        );
-        for (registry, rl) in &limits {
-            let _ = writeln!(
-                out,
-                "regproxy_ratelimit_remaining{{registry=\"{}\"}} {}",
-                esc(registry),
-                rl.remaining
-            );
-        }
-        family(
-            &mut out,
-            "regproxy_ratelimit_limit",
-            "gauge",
-            "Pulls allowed per window, as the upstream last reported.",
-        );
-        for (registry, rl) in &limits {
-            let _ = writeln!(
-                out,
-                "regproxy_ratelimit_limit{{registry=\"{}\"}} {}",
-                esc(registry),
-                rl.limit
-            );
-        }
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let scalars: [(&str, &str, &str, i64); 10] = [
-            (
-                "regproxy_bytes_from_cache_total",
-                "counter",
-                "Body bytes served from the cache.",
-                load(&self.bytes_from_cache) as i64,
-            ),
-            (
-                "regproxy_bytes_from_upstream_total",
-                "counter",
-                "Bytes downloaded from upstreams into the cache.",
-                load(&self.bytes_from_upstream) as i64,
-            ),
-            (
-                "regproxy_singleflight_joins_total",
-                "counter",
-                "Requests that joined a download in flight.",
-                load(&self.joins) as i64,
-            ),
-            (
-                "regproxy_evictions_total",
-                "counter",
-                "Objects evicted to keep the cache within bounds.",
-                load(&self.evictions) as i64,
-            ),
-            (
-                "regproxy_passthrough_total",
-                "counter",
-                "Objects streamed past the cache, verified but not stored, for want of disk room.",
-                load(&self.passthrough) as i64,
-            ),
-            (
-                "regproxy_cache_bytes",
-                "gauge",
-                "Bytes of verified objects in the cache.",
-                load(&self.cache_bytes) as i64,
-            ),
-            (
-                "regproxy_cache_entries",
-                "gauge",
-                "Verified objects in the cache.",
-                load(&self.cache_entries) as i64,
-            ),
-            (
-                "regproxy_leaves_issued_total",
-                "counter",
-                "Leaf certificates issued.",
-                leaves as i64,
-            ),
-            (
-                "regproxy_open_connections",
-                "gauge",
-                "Client connections open.",
-                self.open_connections.load(Ordering::Relaxed),
-            ),
-            (
-                "regproxy_open_tunnels",
-                "gauge",
-                "Blind tunnels open.",
-                self.open_tunnels.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, kind, help, value) in scalars {
-            family(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {value}");
-        }
+        prometheus_text::encode(&mut out, &r).expect("encoding into a String cannot fail");
         out
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One family's series, in the order given (sorted, as the maps hold them). Unlike
+/// prometheus-client's `Family`, it keeps that order and shows HELP and TYPE when empty.
+#[derive(Debug)]
+struct Series<L, M>(Vec<(L, M)>);
+
+impl<L: EncodeLabelSet, M: EncodeMetric + TypedMetric> EncodeMetric for Series<L, M> {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        for (labels, metric) in &self.0 {
+            metric.encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
 }
 
-/// Escapes a label value.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Locks `m`, going on past a panic elsewhere: counts stay usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Parses `ratelimit-limit: 100;w=21600` and `ratelimit-remaining: 76;w=21600`.
@@ -312,6 +258,30 @@ mod tests {
     }
 
     use super::*;
+
+    /// Dashboards and alerts name these: the 0.0.4 text keeps `_total` in HELP and TYPE too,
+    /// as the hand-written renderer did, and has no OpenMetrics `# EOF`.
+    #[test]
+    fn family_lines_are_as_before() {
+        let m = Metrics::default();
+        m.upstream("docker.io", "200");
+        let text = m.render(0);
+        for line in [
+            "# HELP regproxy_requests_total Requests answered, by registry and outcome.",
+            "# TYPE regproxy_requests_total counter",
+            "# TYPE regproxy_ratelimit_remaining gauge",
+            "regproxy_upstream_requests_total{registry=\"docker.io\",status=\"200\"} 1",
+            "# TYPE regproxy_open_tunnels gauge",
+            "regproxy_open_tunnels 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        assert!(
+            !text.contains("# EOF") && !text.contains("_total_total"),
+            "{text}"
+        );
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 14);
+    }
 
     #[test]
     fn renders_and_parses_ratelimits() {
