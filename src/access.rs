@@ -3,8 +3,8 @@
 //! this client may have those bytes (see [`allowed`]). The facts about where bytes came from are
 //! the cache's ([`crate::cache::Origin`]); the rules are here.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
@@ -30,27 +30,27 @@ pub struct Access {
 
 impl Access {
     fn was_allowed(&self, key: &(String, String, String)) -> bool {
-        let allowed = self.allowed.lock().unwrap_or_else(|p| p.into_inner());
+        let allowed = self.allowed.lock();
         allowed
             .get(key)
             .is_some_and(|at| at.elapsed() < ALLOWED_FOR)
     }
 
     fn allow(&self, key: (String, String, String)) {
-        let mut allowed = self.allowed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut allowed = self.allowed.lock();
         allowed.retain(|_, at| at.elapsed() < ALLOWED_FOR);
         allowed.insert(key, Instant::now());
     }
 
     /// What was last found about the repository, if recently (a repository can go private).
     fn is_public(&self, host: &str, repo: &str) -> Option<bool> {
-        let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        let public = self.public.lock();
         let (value, at) = public.get(&(host.to_owned(), repo.to_owned()))?;
         (at.elapsed() < ALLOWED_FOR).then_some(*value)
     }
 
     fn set_public(&self, host: &str, repo: &str, value: bool) {
-        let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        let mut public = self.public.lock();
         public.retain(|_, (_, at)| at.elapsed() < ALLOWED_FOR);
         public.insert((host.to_owned(), repo.to_owned()), (value, Instant::now()));
     }

@@ -7,7 +7,9 @@ use std::num::NonZeroUsize;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -163,7 +165,7 @@ impl CertAuthority {
 
     /// Number of leaves held in the in-memory cache (at most [`LEAF_CACHE_CAPACITY`]).
     pub fn leaves_cached(&self) -> usize {
-        self.leaves.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.leaves.lock().len()
     }
 
     /// The TLS server config presenting a leaf for `host`, issued once and cached until near expiry.
@@ -172,7 +174,7 @@ impl CertAuthority {
         let now = SystemTime::now();
         // The lock is held while issuing so that concurrent handshakes for one host issue once;
         // issuing is a single ECDSA signature, so other hosts wait well under a millisecond.
-        let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+        let mut leaves = self.leaves.lock();
         if let Some(leaf) = leaves.get(&host) {
             if leaf.refresh_at > now {
                 return Ok(leaf.config.clone());

@@ -252,13 +252,10 @@ fn ratelimit(
     warn: Option<u64>,
     critical: Option<u64>,
 ) -> anyhow::Result<()> {
-    let host = match registry {
-        "docker.io" | "index.docker.io" => "registry-1.docker.io",
-        other => other,
-    };
+    let host = crate::dockerhub::api_host(registry);
     let image = match image {
         Some(i) => i,
-        None if host == "registry-1.docker.io" => crate::ratelimit::DOCKER_HUB_PROBE.to_owned(),
+        None if host == crate::dockerhub::API_HOST => crate::ratelimit::DOCKER_HUB_PROBE.to_owned(),
         None => anyhow::bail!("name an image on {registry} with --image REPO:TAG"),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -146,8 +146,8 @@ fn prefetch(
     images: &[String],
 ) -> anyhow::Result<()> {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use parking_lot::Mutex;
     use std::collections::HashMap;
-    use std::sync::Mutex;
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let shared = crate::Shared::new(config.clone(), config.listen)?;
@@ -166,7 +166,7 @@ fn prefetch(
     };
     let events = |event: crate::prefetch::Event| {
         use crate::prefetch::Event;
-        let mut bars = bars.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bars = bars.lock();
         match event {
             Event::Start { digest, size } if tty => {
                 let bar = multi.add(ProgressBar::new(size.unwrap_or(0)).with_style(style.clone()));
@@ -241,7 +241,7 @@ pub fn containerd_config(
         )
     });
     if registries.is_empty() {
-        registries.push("docker.io".into());
+        registries.push(crate::dockerhub::NAME.into());
         if let Ok(store) = Store::open(&config.cache_dir, Arc::default()) {
             registries.extend(ops::registries(&store));
         }
@@ -250,13 +250,14 @@ pub fn containerd_config(
     let mut seen = std::collections::BTreeSet::new();
     for registry in registries {
         // containerd names Docker Hub docker.io; its API host is registry-1.docker.io.
-        let (dir, server) = match registry.as_str() {
-            "docker.io" | "registry-1.docker.io" | "index.docker.io" => (
-                "docker.io".to_string(),
-                "https://registry-1.docker.io".to_string(),
+        let (dir, server) = match crate::dockerhub::is_hub(&registry) {
+            true => (
+                crate::dockerhub::NAME.to_string(),
+                crate::dockerhub::API_HOST.to_string(),
             ),
-            other => (other.to_string(), format!("https://{other}")),
+            false => (registry.clone(), registry.clone()),
         };
+        let server = format!("https://{server}");
         if !seen.insert(dir.clone()) {
             continue;
         }

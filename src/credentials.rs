@@ -148,8 +148,8 @@ const REFRESH_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_sec
 pub struct Credentials {
     registries: BTreeMap<String, RegistryConfig>,
     docker_config: Option<PathBuf>,
-    current: std::sync::RwLock<Arc<Logins>>,
-    loaded_at: std::sync::Mutex<std::time::Instant>,
+    current: parking_lot::RwLock<Arc<Logins>>,
+    loaded_at: parking_lot::Mutex<std::time::Instant>,
 }
 
 impl Credentials {
@@ -162,17 +162,14 @@ impl Credentials {
         Ok(Credentials {
             registries: registries.clone(),
             docker_config: docker_config.map(Path::to_owned),
-            current: std::sync::RwLock::new(Arc::new(logins)),
-            loaded_at: std::sync::Mutex::new(std::time::Instant::now()),
+            current: parking_lot::RwLock::new(Arc::new(logins)),
+            loaded_at: parking_lot::Mutex::new(std::time::Instant::now()),
         })
     }
 
     /// The credentials in force now.
     pub fn current(&self) -> Arc<Logins> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().clone()
     }
 
     /// The credentials injected for `repo` on `authority` for `user` (any user when `None`),
@@ -192,21 +189,16 @@ impl Credentials {
     /// Reads every source again (blocking: files, helpers); on failure the credentials in force
     /// stay, and the error says why.
     pub fn reload(&self) -> Result<(), CredentialsError> {
-        *self.loaded_at.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        *self.loaded_at.lock() = std::time::Instant::now();
         let fresh = Logins::load(&self.registries, self.docker_config.as_deref())?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        *self.current.write() = Arc::new(fresh);
         Ok(())
     }
 
     /// Reads the sources again after an upstream refused the credentials in force, unless that
     /// was done moments ago; whether it was done.
     pub async fn reload_after_refusal(self: &Arc<Self>) -> bool {
-        let recent = self
-            .loaded_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            < REFRESH_AFTER_REFUSAL;
+        let recent = self.loaded_at.lock().elapsed() < REFRESH_AFTER_REFUSAL;
         if recent {
             return false;
         }
@@ -264,11 +256,10 @@ pub fn canonical(host: &str) -> String {
         .next()
         .unwrap_or("")
         .to_ascii_lowercase();
-    match h.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".into()
-        }
-        _ => h,
+    if crate::dockerhub::is_hub(&h) {
+        crate::dockerhub::NAME.into()
+    } else {
+        h
     }
 }
 

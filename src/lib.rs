@@ -12,6 +12,7 @@ pub mod cli;
 mod cli_cache;
 pub mod config;
 pub mod credentials;
+pub mod dockerhub;
 pub mod exchange;
 pub mod listener;
 pub mod metrics;

@@ -5,9 +5,9 @@
 //! scrape they are read into prometheus-client's constant metrics, and its encoder writes the
 //! exposition.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -194,7 +194,7 @@ impl<L: EncodeLabelSet, M: EncodeMetric + TypedMetric> EncodeMetric for Series<L
 
 /// Locks `m`, going on past a panic elsewhere: counts stay usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 /// Parses `ratelimit-limit: 100;w=21600` and `ratelimit-remaining: 76;w=21600`.

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 
 use crate::body::Body;
 use crate::body::Outcome;
+use crate::dockerhub;
 use crate::exchange::Target;
 use crate::registry::route::Route;
 use crate::Shared;
@@ -46,14 +47,11 @@ pub fn parse_image(s: &str) -> Result<ImageRef, String> {
         Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => {
             (h.to_owned(), r.to_owned())
         }
-        _ => ("docker.io".to_owned(), name.to_owned()),
+        _ => (dockerhub::NAME.to_owned(), name.to_owned()),
     };
-    let host = match host.as_str() {
-        "docker.io" | "index.docker.io" => "registry-1.docker.io".to_owned(),
-        _ => host,
-    };
-    let repo = if host == "registry-1.docker.io" && !repo.contains('/') {
-        format!("library/{repo}")
+    let host = dockerhub::api_host(&host).to_owned();
+    let repo = if host == dockerhub::API_HOST {
+        dockerhub::qualified(&repo)
     } else {
         repo
     };

@@ -7,7 +7,9 @@ use std::io::{Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -161,7 +163,7 @@ impl Flight {
     /// Keeps `data`, received after everything before, for readers; forgets the oldest beyond
     /// RECENT once the writer has put it in the file, so that what is not here can be read there.
     fn remember(&self, data: Bytes) {
-        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.recent.lock();
         r.len += data.len() as u64;
         r.chunks.push_back(data);
         r.forget_written(self.on_disk.load(Ordering::Acquire));
@@ -169,13 +171,13 @@ impl Flight {
 
     /// Forgets what [`Flight::remember`] would, now that the writer may have caught up.
     fn trim(&self) {
-        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.recent.lock();
         r.forget_written(self.on_disk.load(Ordering::Acquire));
     }
 
     /// Up to `n` bytes from `pos`, if they are still in memory.
     fn recent_at(&self, pos: u64, n: usize) -> Option<Bytes> {
-        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.recent.lock();
         if pos < r.start || pos >= r.start + r.len {
             return None;
         }
@@ -213,7 +215,7 @@ pub enum Join {
 impl Flights {
     /// Joins the download of `digest`, or registers the caller as the one to do it.
     pub fn join(self: &Arc<Self>, digest: &Digest) -> Join {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.map.lock();
         if let Some(f) = map.get(digest) {
             return Join::Follower(f.clone());
         }
@@ -229,7 +231,7 @@ impl Flights {
 
     /// The download of `digest` in progress, if any.
     pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.lock();
         map.get(digest).cloned()
     }
 
@@ -254,7 +256,7 @@ impl Flights {
     }
 
     fn remove(&self, digest: &Digest) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.map.lock();
         map.remove(digest);
     }
 }
@@ -643,7 +645,7 @@ mod tests {
         flight.on_disk.store(9 * 512 * 1024, Ordering::Release);
         flight.remember(chunk);
         {
-            let r = flight.recent.lock().unwrap();
+            let r = flight.recent.lock();
             assert!(r.len <= RECENT, "the tail shrinks back once written");
             assert_eq!(r.start + r.len, 10 * 512 * 1024);
         }
@@ -652,7 +654,7 @@ mod tests {
         flight.remember(Bytes::from(vec![7u8; 512 * 1024]));
         flight.on_disk.store(u64::MAX, Ordering::Release);
         flight.trim();
-        assert!(flight.recent.lock().unwrap().len <= RECENT);
+        assert!(flight.recent.lock().len <= RECENT);
     }
 
     /// Two callers waiting for the downloads to settle at once both return.

@@ -3,7 +3,9 @@
 //! A leader that fails leaves its followers to try for themselves.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio::sync::watch;
 
@@ -35,7 +37,7 @@ pub struct Follow(watch::Receiver<()>);
 impl Herd {
     /// Leads the work on `key`, or follows whoever already does.
     pub fn turn(self: &Arc<Self>, key: String) -> Turn {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.running.lock();
         if let Some(rx) = running.get(&key) {
             return Turn::Follow(Follow(rx.clone()));
         }
@@ -58,7 +60,7 @@ impl Follow {
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        let mut running = self.herd.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.herd.running.lock();
         running.remove(&self.key);
     }
 }

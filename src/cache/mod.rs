@@ -4,6 +4,7 @@ pub mod digest;
 pub mod evict;
 pub mod flight;
 pub mod herd;
+pub mod keys;
 pub mod ops;
 pub mod store;
 pub mod verified;
@@ -18,6 +19,10 @@ pub use store::{
 };
 
 use crate::metrics::Metrics;
+
+/// Manifests above this size are not accepted or parsed (the OCI spec lets registries refuse
+/// them too).
+pub const MAX_MANIFEST: u64 = 4 << 20;
 
 /// The store and its in-flight downloads, shared by every connection.
 #[derive(Clone)]

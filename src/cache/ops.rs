@@ -8,9 +8,7 @@ use std::time::SystemTime;
 use super::digest::Digest;
 use super::evict::{self, Bounds, Report};
 use super::store::{OnDisk, Store, StoreError};
-
-/// Larger objects are never parsed as manifests.
-const MAX_MANIFEST: u64 = 4 << 20;
+use super::{keys, MAX_MANIFEST};
 
 /// One cached object as `cache ls` shows it.
 #[derive(Debug, Clone)]
@@ -77,7 +75,7 @@ pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, String> {
             removed.push(d);
         }
     }
-    let key = format!("regproxy:tag:{what}");
+    let key = keys::tag(what);
     cacache::index::delete(store.dir(), &key).map_err(|e| e.to_string())?;
     Ok(removed)
 }
@@ -138,7 +136,7 @@ fn object_metadata(store: &Store) -> BTreeMap<String, Option<String>> {
     cacache::index::ls(store.dir())
         .flatten()
         .filter_map(|m| {
-            let digest = m.key.strip_prefix("regproxy:object:")?.to_owned();
+            let digest = keys::object_digest(&m.key)?.to_owned();
             let ct = m
                 .metadata
                 .get("content_type")
@@ -154,7 +152,7 @@ fn tag_records(store: &Store) -> BTreeMap<String, Vec<String>> {
     cacache::index::ls(store.dir())
         .flatten()
         .filter_map(|m| {
-            let name = m.key.strip_prefix("regproxy:tag:")?.to_owned();
+            let name = keys::tag_name(&m.key)?.to_owned();
             let entry: super::store::TagEntry = serde_json::from_value(m.metadata).ok()?;
             let digests = entry
                 .by_accept

@@ -10,13 +10,16 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cacache::WriteOpts;
 use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
+use super::keys;
 use crate::metrics::Metrics;
 
 /// What the store could not do; never holds content or secrets.
@@ -131,7 +134,7 @@ pub struct Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pins = self.pins.lock();
         if let Some(n) = pins.get_mut(&self.path) {
             *n -= 1;
             if *n == 0 {
@@ -204,7 +207,7 @@ impl Store {
 
     /// Marks `path` as being served until the returned guard is dropped.
     pub fn pin(&self, path: &Path) -> Pin {
-        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pins = self.pins.lock();
         *pins.entry(path.to_owned()).or_default() += 1;
         Pin {
             pins: self.pins.clone(),
@@ -214,7 +217,7 @@ impl Store {
 
     /// Whether `path` is being served.
     pub fn is_pinned(&self, path: &Path) -> bool {
-        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let pins = self.pins.lock();
         pins.contains_key(path)
     }
 
@@ -230,7 +233,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("remove", &object.path)(e)),
         }
-        cacache::index::delete(&self.dir, &object_key(&object.digest))
+        cacache::index::delete(&self.dir, &keys::object(&object.digest))
             .map_err(|e| StoreError::Index(e.to_string()))
     }
 
@@ -290,7 +293,7 @@ impl Store {
         let v: serde_json::Value = serde_json::from_str(json).ok()?;
         let key = v.get("key")?.as_str()?.to_owned();
         let mut live = !v.get("integrity").map_or(true, |i| i.is_null());
-        if let Some(d) = key.strip_prefix("regproxy:object:") {
+        if let Some(d) = keys::object_digest(&key) {
             live &= Digest::parse(d).is_ok_and(|d| self.content_path(&d).exists());
         }
         Some((key, live))
@@ -325,7 +328,7 @@ impl Store {
         &self,
         digest: &Digest,
     ) -> Result<Option<(std::fs::File, Entry)>, StoreError> {
-        let Some(found) = self.find(&object_key(digest)).await? else {
+        let Some(found) = self.find(&keys::object(digest)).await? else {
             return Ok(None);
         };
         let Ok(meta) = serde_json::from_value::<ObjectMeta>(found.metadata) else {
@@ -388,7 +391,7 @@ impl Store {
             .integrity(digest.integrity())
             .size(meta.size as usize)
             .metadata(json);
-        cacache::index::insert_async(&self.dir, &object_key(digest), opts)
+        cacache::index::insert_async(&self.dir, &keys::object(digest), opts)
             .await
             .map_err(|e| StoreError::Index(e.to_string()))?;
         Ok(())
@@ -465,7 +468,7 @@ impl Store {
     /// Remembers that `repo` on `host` was served to an anonymous client (it is public), so that
     /// its cached content may be served while the upstream is down.
     pub async fn set_public(&self, host: &str, repo: &str) {
-        let key = format!("regproxy:public:{host}/{repo}");
+        let key = keys::public(host, repo);
         let opts = WriteOpts::new().integrity(cacache::Integrity::from(key.as_bytes()));
         if let Err(e) = cacache::index::insert_async(&self.dir, &key, opts).await {
             tracing::warn!(error = %e, "cannot record a public repository");
@@ -474,7 +477,7 @@ impl Store {
 
     /// Forgets that `repo` on `host` is public.
     pub async fn clear_public(&self, host: &str, repo: &str) {
-        let key = format!("regproxy:public:{host}/{repo}");
+        let key = keys::public(host, repo);
         let _ = cacache::index::delete_async(&self.dir, &key).await;
     }
 
@@ -487,30 +490,23 @@ impl Store {
             return;
         }
         sources.push(origin.clone());
-        self.sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(digest.clone(), sources.clone());
+        self.sources.lock().insert(digest.clone(), sources.clone());
         let names: Vec<String> = sources.iter().map(Origin::to_string).collect();
         let opts = WriteOpts::new()
             .integrity(digest.integrity())
             .metadata(serde_json::Value::from(names));
-        if let Err(e) = cacache::index::insert_async(&self.dir, &source_key(digest), opts).await {
+        if let Err(e) = cacache::index::insert_async(&self.dir, &keys::sources(digest), opts).await
+        {
             tracing::warn!(error = %e, "cannot record where an object came from");
         }
     }
 
     /// The origins known to have served `digest` (verified).
     pub async fn sources(&self, digest: &Digest) -> Vec<Origin> {
-        if let Some(known) = self
-            .sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-        {
+        if let Some(known) = self.sources.lock().get(digest) {
             return known.clone();
         }
-        let Ok(Some(found)) = self.find(&source_key(digest)).await else {
+        let Ok(Some(found)) = self.find(&keys::sources(digest)).await else {
             return Vec::new();
         };
         let names: Vec<String> = serde_json::from_value(found.metadata).unwrap_or_default();
@@ -519,7 +515,7 @@ impl Store {
 
     /// Whether `repo` on `host` was recorded public.
     pub async fn is_public(&self, host: &str, repo: &str) -> bool {
-        let key = format!("regproxy:public:{host}/{repo}");
+        let key = keys::public(host, repo);
         matches!(self.find(&key).await, Ok(Some(_)))
     }
 
@@ -581,7 +577,7 @@ pub struct TagName<'a> {
 impl TagName<'_> {
     /// The index key: `regproxy:tag:HOST/REPO:TAG`.
     pub fn key(&self) -> String {
-        format!("regproxy:tag:{}/{}:{}", self.host, self.repo, self.tag)
+        keys::tag(&format!("{}/{}:{}", self.host, self.repo, self.tag))
     }
 }
 
@@ -609,14 +605,6 @@ pub fn accept_class(headers: &http::HeaderMap) -> String {
     } else {
         types.join(",")
     }
-}
-
-fn source_key(digest: &Digest) -> String {
-    format!("regproxy:from:{digest}")
-}
-
-fn object_key(digest: &Digest) -> String {
-    format!("regproxy:object:{digest}")
 }
 
 /// Records an access in the file's mtime (what LRU eviction sorts by), at most once a minute.

@@ -9,11 +9,9 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::body::{text, Body};
+use crate::dockerhub;
 use crate::exchange::Target;
 use crate::Shared;
-
-/// Where Docker Hub's registry API lives.
-const DOCKER_HUB: &str = "registry-1.docker.io";
 
 /// Serves a `/v2/…` request sent to regproxy as a registry mirror.
 pub async fn handle(
@@ -45,10 +43,7 @@ fn upstream_of(uri: &Uri, config: &crate::Config) -> Result<(Target, Uri), (Stat
         .find_map(|kv| kv.strip_prefix("ns="))
         .map(|v| v.replace("%3A", ":").replace("%3a", ":"));
     let ns = ns.unwrap_or_else(|| config.mirror_default.clone());
-    let host = match ns.to_ascii_lowercase().as_str() {
-        "docker.io" | "index.docker.io" => DOCKER_HUB.to_owned(),
-        other => other.to_owned(),
-    };
+    let host = dockerhub::api_host(&ns.to_ascii_lowercase()).to_owned();
     let (name, port) = match host.rsplit_once(':') {
         Some((h, p)) => {
             let port = p
@@ -73,7 +68,7 @@ fn upstream_of(uri: &Uri, config: &crate::Config) -> Result<(Target, Uri), (Stat
         ));
     }
     let mut path = uri.path().to_owned();
-    if name == DOCKER_HUB {
+    if name == dockerhub::API_HOST {
         path = with_library(&path);
     }
     let rest: Vec<&str> = query
@@ -100,8 +95,8 @@ fn with_library(path: &str) -> String {
     for marker in ["/manifests/", "/blobs/", "/tags/"] {
         if let Some(at) = rest.find(marker) {
             let repo = &rest[..at];
-            if !repo.is_empty() && !repo.contains('/') {
-                return format!("/v2/library/{rest}");
+            if !repo.is_empty() {
+                return format!("/v2/{}{}", dockerhub::qualified(repo), &rest[at..]);
             }
             break;
         }

@@ -13,14 +13,11 @@ use super::{bad_gateway, Outcome};
 use crate::access::{self, Provenance, Verdict};
 use crate::body::{self, text, Body};
 use crate::cache::herd::Turn;
-use crate::cache::{accept_class, Digest, ObjectMeta, Origin, TagName, TagRecord};
+use crate::cache::{accept_class, Digest, ObjectMeta, Origin, TagName, TagRecord, MAX_MANIFEST};
 use crate::exchange::{client_response, Target};
 use crate::exchange::{fetch_request, head_answer, upstream_is_down, DOCKER_CONTENT_DIGEST};
 use crate::upstream::How;
 use crate::Shared;
-
-/// Manifests above this size are not accepted (the OCI spec lets registries refuse them too).
-const MAX_MANIFEST: usize = 4 << 20;
 
 /// What a tag request asks for, besides the name.
 struct Ask {
@@ -203,7 +200,7 @@ async fn fetch(
         return (client_response(resp), Outcome::Miss);
     }
     let (head, incoming) = resp.into_parts();
-    let read = Limited::new(incoming, MAX_MANIFEST).collect();
+    let read = Limited::new(incoming, MAX_MANIFEST as usize).collect();
     let data = match tokio::time::timeout(shared.config.upstream_timeout, read).await {
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(e)) => {

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderValue};
@@ -271,7 +273,7 @@ impl Client {
             }
         };
         let header = sensitive(&value)?;
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tokens = self.tokens.lock();
         let now = Instant::now();
         tokens.retain(|_, (_, until)| *until > now);
         tokens.insert(key.clone(), (value, now + valid));
@@ -279,7 +281,7 @@ impl Client {
     }
 
     fn token(&self, key: &(String, String)) -> Option<HeaderValue> {
-        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let tokens = self.tokens.lock();
         let (value, until) = tokens.get(key)?;
         (Instant::now() < *until)
             .then(|| sensitive(value).ok())

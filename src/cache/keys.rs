@@ -1,0 +1,39 @@
+//! The keys regproxy writes in cacache's index, in one place: what each names, and how the
+//! `cache` commands read them back.
+
+use super::digest::Digest;
+
+const OBJECT: &str = "regproxy:object:";
+const TAG: &str = "regproxy:tag:";
+const SOURCE: &str = "regproxy:from:";
+const PUBLIC: &str = "regproxy:public:";
+
+/// A verified object: its metadata (media type, size).
+pub fn object(digest: &Digest) -> String {
+    format!("{OBJECT}{digest}")
+}
+
+/// The digest an object key names.
+pub fn object_digest(key: &str) -> Option<&str> {
+    key.strip_prefix(OBJECT)
+}
+
+/// A tag's records (one per Accept class), for `HOST/REPO:TAG`.
+pub fn tag(name: &str) -> String {
+    format!("{TAG}{name}")
+}
+
+/// The `HOST/REPO:TAG` a tag key names.
+pub fn tag_name(key: &str) -> Option<&str> {
+    key.strip_prefix(TAG)
+}
+
+/// The origins (`HOST/REPO`) that served an object's bytes.
+pub fn sources(digest: &Digest) -> String {
+    format!("{SOURCE}{digest}")
+}
+
+/// The record that `repo` on `host` serves anonymous clients.
+pub fn public(host: &str, repo: &str) -> String {
+    format!("{PUBLIC}{host}/{repo}")
+}
