@@ -3,26 +3,26 @@
 //! [`run`] is the whole server: tests call it with their own listener and config, and `main.rs`
 //! calls it through [`cli`].
 
-pub mod access;
-pub mod admin;
-pub mod body;
+pub(crate) mod access;
+pub(crate) mod admin;
+pub(crate) mod body;
 pub mod ca;
-pub mod cache;
+pub(crate) mod cache;
 pub mod cli;
 mod cli_cache;
 pub mod config;
 pub mod credentials;
-pub mod dockerhub;
-pub mod exchange;
-pub mod listener;
-pub mod metrics;
-pub mod prefetch;
-pub mod proxy;
-pub mod ratelimit;
-pub mod registry;
+pub(crate) mod dockerhub;
+pub(crate) mod exchange;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod prefetch;
+pub(crate) mod proxy;
+pub(crate) mod ratelimit;
+pub(crate) mod registry;
 pub mod secret;
-pub mod trust;
-pub mod upstream;
+pub(crate) mod trust;
+pub(crate) mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,7 +31,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use cache::StoreError;
 pub use config::Config;
+pub use upstream::UpstreamError;
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +59,7 @@ pub enum Error {
 }
 
 /// State shared by every connection.
-pub struct Shared {
+pub(crate) struct Shared {
     /// The effective configuration.
     pub config: Config,
     /// Issues leaf certificates for intercepted hosts.
@@ -107,7 +109,7 @@ impl Shared {
 
 /// The upstream client for `config` and its resolver, which refuses `own` (the proxy's listen
 /// address). It needs no CA and no cache: what `regproxy ratelimit` uses alone.
-pub fn upstream_client(
+pub(crate) fn upstream_client(
     config: &Config,
     own: std::net::SocketAddr,
     metrics: Arc<metrics::Metrics>,
@@ -124,7 +126,7 @@ pub fn upstream_client(
 }
 
 /// The rustls crypto provider used on both sides.
-pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -96,11 +96,6 @@ impl Metrics {
         }
     }
 
-    /// The last rate-limit state `registry` reported.
-    pub fn ratelimit_of(&self, registry: &str) -> Option<RateLimit> {
-        lock(&self.ratelimit).get(registry).copied()
-    }
-
     /// The Prometheus text exposition (version 0.0.4); `leaves` is the CA's issuance count.
     pub fn render(&self, leaves: u64) -> String {
         let requests = lock(&self.requests)
@@ -307,13 +302,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("regproxy_leaves_issued_total 3"), "{text}");
-        assert_eq!(
-            m.ratelimit_of("docker.io"),
-            Some(RateLimit {
-                limit: 100,
-                remaining: 76,
-                window: Some(21600)
-            })
-        );
     }
 }

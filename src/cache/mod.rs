@@ -14,9 +14,7 @@ use std::sync::Arc;
 
 pub use digest::Digest;
 pub use flight::{Flight, Flights, Head, Join, State};
-pub use store::{
-    accept_class, Entry, ObjectMeta, OnDisk, Origin, Store, StoreError, TagName, TagRecord,
-};
+pub use store::{accept_class, Entry, ObjectMeta, Origin, Store, StoreError, TagName, TagRecord};
 
 use crate::metrics::Metrics;
 

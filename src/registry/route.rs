@@ -59,11 +59,6 @@ impl Route {
         }
         Route::Other
     }
-
-    /// Whether redirects are followed by the proxy (blob downloads go to CDNs and object stores).
-    pub fn follows_redirects(&self) -> bool {
-        matches!(self, Route::Blob { .. })
-    }
 }
 
 #[cfg(test)]
@@ -229,7 +224,6 @@ mod tests {
                     prop_assert_eq!(format!("/v2/{repo}/manifests/{tag}"), path.clone());
                 }
             }
-            prop_assert_eq!(route.follows_redirects(), matches!(route, Route::Blob { .. }));
         }
 
         #[test]

@@ -16,7 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 pub use client::{Client, How};
-pub use connector::{tls_reason, ConnectError, Connector};
+pub use connector::{ConnectError, Connector};
 pub use resolve::Resolver;
 
 use crate::body::Body;
