@@ -1,11 +1,20 @@
 //! Configuration: one TOML file, `REGPROXY_*` environment variables and flags, merged into a
 //! validated [`Config`]. Precedence is flag > environment > file > built-in default.
+//!
+//! Every key is declared once, as a row of the `keys!` table below: its flag, variable, file
+//! key, help, checked type, how its layers combine and its default. The table generates
+//! [`Settings`] (one layer, as clap and serde read it), [`Config`] and what `config check` prints.
 
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::credentials::RegistryConfig;
 
 /// Hosts intercepted by default: the public registries and the auth hosts they send clients to.
 pub const DEFAULT_INTERCEPT: &[&str] = &[
@@ -62,66 +71,318 @@ pub enum LogFormat {
     Json,
 }
 
-/// The effective, validated configuration the proxy runs with.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Address of the proxy listener.
-    pub listen: SocketAddr,
-    /// Address of the admin endpoint (health, metrics, CA download).
-    pub admin_listen: SocketAddr,
-    /// Directory holding `ca.crt` and `ca.key`.
-    pub ca_dir: PathBuf,
-    /// Directory of the on-disk cache.
-    pub cache_dir: PathBuf,
-    /// Host patterns whose TLS is terminated: exact names or `*.suffix` (a `*` matches one or more labels).
-    pub intercept: Vec<String>,
-    /// Resolve overrides: `host:port` to the socket address to connect to instead.
-    pub resolve: Vec<(String, SocketAddr)>,
-    /// Extra PEM root certificates trusted for upstream TLS, besides the platform's.
-    pub upstream_ca: Vec<PathBuf>,
-    /// Ports that CONNECT may reach (443 is always included).
-    pub allow_port: Vec<u16>,
-    /// How long a tag → digest mapping is fresh.
-    pub tag_ttl: Duration,
-    /// Per-registry or per-repository freshness: `host/repo` glob (`*` matches anything) and its
-    /// time; the first match wins over `tag_ttl`.
-    pub tag_ttl_rules: Vec<(String, Duration)>,
-    /// Upper bound of the cache size in bytes, if any.
-    pub max_cache_size: Option<u64>,
-    /// Free space the cache leaves on its file system, if any.
-    pub min_free_disk: Option<u64>,
-    /// Log line format.
-    pub log_format: LogFormat,
-    /// Timeout for establishing an upstream TCP+TLS connection.
-    pub connect_timeout: Duration,
-    /// How long an idle client connection (no request) or pooled upstream connection is kept.
-    pub idle_timeout: Duration,
-    /// How long an upstream may take to answer a request (the response head) or a manifest body.
-    pub upstream_timeout: Duration,
-    /// How long in-flight transfers may run on after a shutdown signal.
-    pub shutdown_grace: Duration,
-    /// The upstream of mirror requests that name none (`?ns=`): docker's `registry-mirrors`.
-    pub mirror_default: String,
-    /// A separate listener for mirror mode, if any (the proxy listener serves it too).
-    pub mirror_listen: Option<SocketAddr>,
-    /// Certificate and key (PEM) for TLS on the mirror listener; plain HTTP without them.
-    pub mirror_tls: Option<(PathBuf, PathBuf)>,
-    /// Upstream credentials per registry host (`[registries."HOST"]` in the file).
-    pub registries: std::collections::BTreeMap<String, crate::credentials::RegistryConfig>,
-    /// A docker `config.json` to take upstream credentials from.
-    pub docker_config: Option<PathBuf>,
-    /// Client networks allowed to use the proxy (empty: anyone who can connect).
-    pub allow_cidr: Vec<Cidr>,
-    /// A file of `user:password` lines; clients must send one as `Proxy-Authorization: Basic`.
-    pub proxy_credentials_file: Option<PathBuf>,
-    /// Destinations reachable although refused by default (loopback, link-local, ...).
-    pub allow_destination: Vec<Cidr>,
-    /// Destinations never reached; wins over `allow_destination` and `resolve`.
-    pub deny_destination: Vec<Cidr>,
-    /// Client connections each client listener (proxy, mirror) holds at once; more wait to be
-    /// accepted.
-    pub max_connections: usize,
+/// Generates [`Settings`], [`Config`], the merging of layers and the `config check` lines from one
+/// row per key:
+///
+/// ```text
+/// /// Help, one line (--help shows it, with "[default: TEXT]" added when there is a default)
+/// #[arg(env = "REGPROXY_KEY", value_name = "NAME")]    (more clap attributes as needed)
+/// key: RAW => field: TYPE = MODE(PARSE, ...) [then FINISH] [, default "TEXT"];
+/// ```
+///
+/// `key` is the file key, `--key` (dashes for underscores) the flag. `RAW` is a value as clap and
+/// serde read it (`Vec<_>` for a repeatable key); `field: TYPE` is the checked [`Config`] field.
+/// `MODE` says how the layers combine ([`One`], [`Opt`], [`List`]), `PARSE` checks one value
+/// (a failure names the key), `FINISH` tidies a whole list, and a default is written as a user
+/// would write it. A row without `=> ...` is a key that [`Settings::resolve`] combines by hand
+/// (and [`Config::show_part`] prints). `Settings { .. }` and `Config { .. }` add fields that are
+/// not keys of their own.
+macro_rules! keys {
+    (
+        $(
+            #[doc = $doc:literal]
+            #[arg($($arg:tt)*)]
+            $key:ident: $raw:ty $(=> $field:ident: $ty:ty = $mode:ident($($how:expr),*)
+                $(then $finish:path)? $(, default $default:literal)?)?;
+        )*
+        Settings { $($(#[$sattr:meta])* $sfield:ident: $sty:ty,)* }
+        Config { $(#[doc = $cdoc:literal] $cfield:ident: $cty:ty,)* }
+    ) => {
+        /// One layer of settings, as written in the file or given by flags and environment.
+        ///
+        /// The same struct is parsed by clap (flags with `REGPROXY_*` fallbacks) and by serde (the
+        /// TOML file), so a key has one name everywhere: `--cache-dir`, `REGPROXY_CACHE_DIR`,
+        /// `cache_dir`.
+        #[derive(Debug, Default, Clone, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $(
+                #[doc = $doc]
+                #[arg(global = true, long, $($arg)*)]
+                $($(#[arg(help = concat!($doc, " [default: ", $default, "]").trim_start())])?)?
+                pub $key: Option<$raw>,
+            )*
+            $($(#[$sattr])* pub $sfield: $sty,)*
+        }
+
+        /// The effective, validated configuration the proxy runs with.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $($(
+                #[doc = $doc]
+                $(#[doc = concat!("[default: ", $default, "]")])?
+                pub $field: $ty,
+            )?)*
+            $(#[doc = $cdoc] pub $cfield: $cty,)*
+        }
+
+        /// Every key, in the order `--help` and `config check` show them.
+        const KEYS: &[&str] = &[$(stringify!($key)),*];
+
+        impl Settings {
+            /// `self` (flags and environment) over `file` over the defaults, key by key; the
+            /// fields that are not keys come from [`Settings::resolve`].
+            #[allow(clippy::let_and_return)]
+            fn merge(self, file: Settings, $($cfield: $cty),*) -> Result<Config, ConfigError> {
+                Ok(Config {
+                    $($($field: {
+                        let v = $mode::merge(
+                            stringify!($key), self.$key, file.$key, $($how),* $(, $default)?
+                        )?;
+                        $(let v = $finish(v);)?
+                        v
+                    },)?)*
+                    $($cfield,)*
+                })
+            }
+        }
+
+        impl Config {
+            /// A key's value as `config check` prints it; `None` leaves the key out.
+            fn show(&self, key: &str) -> Option<String> {
+                match key {
+                    $($(stringify!($key) => $mode::show(&self.$field),)?)*
+                    _ => self.show_part(key),
+                }
+            }
+        }
+    };
 }
+
+keys! {
+    /// Proxy listen address
+    #[arg(env = "REGPROXY_LISTEN", value_name = "ADDR")]
+    listen: String => listen: SocketAddr = One(parse_addr), default "127.0.0.1:3128";
+    /// Admin endpoint listen address
+    #[arg(env = "REGPROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: String => admin_listen: SocketAddr = One(parse_addr), default "127.0.0.1:3129";
+    /// Directory holding ca.crt and ca.key
+    #[arg(env = "REGPROXY_CA_DIR", value_name = "DIR")]
+    ca_dir: PathBuf => ca_dir: PathBuf = One(as_is), default "certs";
+    /// Cache directory
+    #[arg(env = "REGPROXY_CACHE_DIR", value_name = "DIR")]
+    cache_dir: PathBuf => cache_dir: PathBuf = One(as_is), default "cache";
+    /// Extra host pattern to intercept (exact or *.suffix); adds to the default list
+    #[arg(env = "REGPROXY_INTERCEPT", value_name = "PATTERN", value_delimiter = ',')]
+    intercept: Vec<String> => intercept: Vec<String> =
+        List(parse_pattern, DEFAULT_INTERCEPT) then unique;
+    /// Resolve override HOST:PORT=IP:PORT
+    #[arg(env = "REGPROXY_RESOLVE", value_name = "HOST:PORT=IP:PORT", value_delimiter = ',')]
+    resolve: Vec<String> => resolve: Vec<(String, SocketAddr)> = List(parse_resolve, &[]);
+    /// Extra PEM root CA file for upstream TLS
+    #[arg(env = "REGPROXY_UPSTREAM_CA", value_name = "FILE", value_delimiter = ',')]
+    upstream_ca: Vec<PathBuf> => upstream_ca: Vec<PathBuf> = List(as_is, &[]);
+    /// Extra port CONNECT may reach, besides 443
+    #[arg(env = "REGPROXY_ALLOW_PORT", value_name = "PORT", value_delimiter = ',')]
+    allow_port: Vec<u16> => allow_port: Vec<u16> = List(as_is, &["443"]) then sorted;
+    /// How long a tag stays fresh, e.g. 5m
+    #[arg(env = "REGPROXY_TAG_TTL", value_name = "DURATION")]
+    tag_ttl: String => tag_ttl: Duration = One(parse_duration), default "5m";
+    /// Tag freshness for matching repositories, PATTERN=DURATION (PATTERN is host/repo, `*` matches anything; first match wins), e.g. docker.io/library/*=1h
+    #[arg(env = "REGPROXY_TAG_TTL_RULE", value_name = "PATTERN=DURATION", value_delimiter = ',')]
+    tag_ttl_rule: Vec<String> => tag_ttl_rules: Vec<(String, Duration)> =
+        List(parse_ttl_rule, &[]);
+    /// Cache size bound, e.g. 50GiB [default: unbounded]
+    #[arg(env = "REGPROXY_MAX_CACHE_SIZE", value_name = "SIZE")]
+    max_cache_size: String => max_cache_size: Option<u64> = Opt(parse_size);
+    /// Free space to leave on the cache's file system, e.g. 5GiB [default: none]
+    #[arg(env = "REGPROXY_MIN_FREE_DISK", value_name = "SIZE")]
+    min_free_disk: String => min_free_disk: Option<u64> = Opt(parse_size);
+    /// Log format: text or json
+    #[arg(env = "REGPROXY_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: String => log_format: LogFormat = One(parse_log_format), default "text";
+    /// Upstream connect timeout, e.g. 10s
+    #[arg(env = "REGPROXY_CONNECT_TIMEOUT", value_name = "DURATION")]
+    connect_timeout: String => connect_timeout: Duration = One(parse_duration), default "10s";
+    /// Idle time after which client and pooled upstream connections close
+    #[arg(env = "REGPROXY_IDLE_TIMEOUT", value_name = "DURATION")]
+    idle_timeout: String => idle_timeout: Duration = One(parse_duration), default "90s";
+    /// Time an upstream may take to start answering before it counts as down
+    #[arg(env = "REGPROXY_UPSTREAM_TIMEOUT", value_name = "DURATION")]
+    upstream_timeout: String => upstream_timeout: Duration = One(parse_duration), default "60s";
+    /// Upstream of mirror requests without ?ns= (docker's registry-mirrors)
+    #[arg(env = "REGPROXY_MIRROR_DEFAULT", value_name = "HOST")]
+    mirror_default: String => mirror_default: String = One(lowercase), default "docker.io";
+    /// Separate listener for mirror mode (the proxy listener serves /v2/ too)
+    #[arg(env = "REGPROXY_MIRROR_LISTEN", value_name = "ADDR")]
+    mirror_listen: String => mirror_listen: Option<SocketAddr> = Opt(parse_addr);
+    /// PEM certificate for TLS on --mirror-listen (with --mirror-tls-key)
+    #[arg(env = "REGPROXY_MIRROR_TLS_CERT", value_name = "FILE")]
+    mirror_tls_cert: PathBuf;
+    /// PEM key for TLS on --mirror-listen
+    #[arg(env = "REGPROXY_MIRROR_TLS_KEY", value_name = "FILE")]
+    mirror_tls_key: PathBuf;
+    /// A docker config.json to take upstream credentials from (auths, credHelpers, credsStore)
+    #[arg(env = "REGPROXY_DOCKER_CONFIG", value_name = "FILE")]
+    docker_config: PathBuf => docker_config: Option<PathBuf> = Opt(as_is);
+    /// Client network allowed to use the proxy, CIDR; repeatable [default: anyone who can connect]
+    #[arg(env = "REGPROXY_ALLOW_CIDR", value_name = "CIDR", value_delimiter = ',')]
+    allow_cidr: Vec<String> => allow_cidr: Vec<Cidr> = List(Cidr::parse, &[]);
+    /// File of user:password lines; clients must send Proxy-Authorization: Basic with one
+    #[arg(env = "REGPROXY_PROXY_CREDENTIALS_FILE", value_name = "FILE")]
+    proxy_credentials_file: PathBuf => proxy_credentials_file: Option<PathBuf> = Opt(as_is);
+    /// Destination network reachable although refused by default (loopback, link-local, unspecified, multicast), CIDR; repeatable
+    #[arg(env = "REGPROXY_ALLOW_DESTINATION", value_name = "CIDR", value_delimiter = ',')]
+    allow_destination: Vec<String> => allow_destination: Vec<Cidr> = List(Cidr::parse, &[]);
+    /// Destination network never reached (wins over --allow-destination and --resolve), CIDR; repeatable
+    #[arg(env = "REGPROXY_DENY_DESTINATION", value_name = "CIDR", value_delimiter = ',')]
+    deny_destination: Vec<String> => deny_destination: Vec<Cidr> = List(Cidr::parse, &[]);
+    /// Client connections held at once; more wait to be accepted
+    #[arg(env = "REGPROXY_MAX_CONNECTIONS", value_name = "N")]
+    max_connections: usize => max_connections: usize = One(at_least_one), default "4096";
+    /// Grace time for in-flight transfers on SIGTERM/SIGINT
+    #[arg(env = "REGPROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
+    shutdown_grace: String => shutdown_grace: Duration = One(parse_duration), default "30s";
+
+    Settings {
+        /// Upstream credentials per registry (config file only: [registries."HOST"])
+        #[arg(skip)]
+        registries: Option<BTreeMap<String, RegistryConfig>>,
+    }
+    Config {
+        /// Certificate and key (PEM) for TLS on the mirror listener; plain HTTP without them.
+        mirror_tls: Option<(PathBuf, PathBuf)>,
+        /// Upstream credentials per registry host (`[registries."HOST"]` in the file).
+        registries: BTreeMap<String, RegistryConfig>,
+    }
+}
+
+/// A key with one value: the flag's (or the environment's), else the file's, else the default.
+struct One;
+
+impl One {
+    fn merge<R: Raw + Borrow<Q>, Q: ?Sized, T>(
+        key: &'static str,
+        flag: Option<R>,
+        file: Option<R>,
+        parse: impl Fn(&Q) -> Result<T, String>,
+        default: &str,
+    ) -> Result<T, ConfigError> {
+        check(key, flag.or(file).unwrap_or_else(|| raw(default)), parse)
+    }
+
+    fn show(value: &impl Show) -> Option<String> {
+        Some(value.show())
+    }
+}
+
+/// A key that may be unset: the flag's (or the environment's), else the file's, else none.
+struct Opt;
+
+impl Opt {
+    fn merge<R: Raw + Borrow<Q>, Q: ?Sized, T>(
+        key: &'static str,
+        flag: Option<R>,
+        file: Option<R>,
+        parse: impl Fn(&Q) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        flag.or(file).map(|r| check(key, r, parse)).transpose()
+    }
+
+    fn show<T: Show>(value: &Option<T>) -> Option<String> {
+        value.as_ref().map(Show::show)
+    }
+}
+
+/// A repeatable key: the default entries, then the file's, then the flags' (or the environment's,
+/// comma-separated).
+struct List;
+
+impl List {
+    fn merge<R: Raw + Borrow<Q>, Q: ?Sized, T>(
+        key: &'static str,
+        flag: Option<Vec<R>>,
+        file: Option<Vec<R>>,
+        parse: impl Fn(&Q) -> Result<T, String>,
+        default: &[&str],
+    ) -> Result<Vec<T>, ConfigError> {
+        let defaults = default.iter().map(|d| raw(d));
+        defaults
+            .chain(file.into_iter().flatten())
+            .chain(flag.into_iter().flatten())
+            .map(|r| check(key, r, &parse))
+            .collect()
+    }
+
+    fn show<T: Show>(values: &[T]) -> Option<String> {
+        let shown: Vec<String> = values.iter().map(Show::show).collect();
+        Some(format!("[{}]", shown.join(", ")))
+    }
+}
+
+/// Parses one value of `key`; a failure names the key and quotes the value.
+fn check<R: Raw + Borrow<Q>, Q: ?Sized, T>(
+    key: &'static str,
+    raw: R,
+    parse: impl Fn(&Q) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    parse(raw.borrow()).map_err(|reason| invalid(key, &raw.text(), reason))
+}
+
+/// A value as clap and serde hand it over, before it is checked.
+trait Raw: FromStr {
+    /// The value as an error message quotes it.
+    fn text(&self) -> String;
+}
+
+/// A built-in default, written as a user would write it.
+fn raw<R: Raw>(text: &str) -> R {
+    text.parse()
+        .unwrap_or_else(|_| panic!("built-in default {text:?} does not parse"))
+}
+
+/// How `config check` writes a value: as the file takes it.
+trait Show {
+    fn show(&self) -> String;
+}
+
+/// A TOML string (Rust's escapes are TOML's for what these values hold).
+fn quote(s: impl std::fmt::Display) -> String {
+    format!("{:?}", s.to_string())
+}
+
+/// Implements `TRAIT::METHOD(&self) -> String` for each `TYPE: |self| BODY`.
+macro_rules! to_text {
+    ($tr:ident::$method:ident { $($ty:ty: |$v:pat_param| $body:expr;)* }) => {$(
+        impl $tr for $ty {
+            fn $method(&self) -> String {
+                let $v = self;
+                $body
+            }
+        }
+    )*};
+}
+
+to_text!(Raw::text {
+    String: |s| s.clone();
+    PathBuf: |p| p.display().to_string();
+    u16: |n| n.to_string();
+    usize: |n| n.to_string();
+});
+
+to_text!(Show::show {
+    String: |s| quote(s);
+    SocketAddr: |a| quote(a);
+    Cidr: |c| quote(c);
+    PathBuf: |p| quote(p.display());
+    Duration: |d| quote(humantime::format_duration(*d));
+    u64: |size| quote(size); // a size in bytes: a string in the file, as `50GiB` is
+    u16: |n| n.to_string();
+    usize: |n| n.to_string();
+    LogFormat: |f| quote(if *f == LogFormat::Json { "json" } else { "text" });
+    (String, SocketAddr): |(host, addr)| quote(format!("{host}={addr}"));
+    (String, Duration): |(p, d)| quote(format!("{p}={}", humantime::format_duration(*d)));
+});
 
 /// An IP network, `ADDR/PREFIX` (a bare address is a single host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,256 +432,12 @@ impl std::fmt::Display for Cidr {
 }
 
 impl Default for Config {
+    /// What [`Settings::resolve`] makes of no settings at all.
     fn default() -> Self {
-        Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 3129)),
-            ca_dir: PathBuf::from("certs"),
-            cache_dir: PathBuf::from("cache"),
-            intercept: DEFAULT_INTERCEPT.iter().map(|s| s.to_string()).collect(),
-            resolve: Vec::new(),
-            upstream_ca: Vec::new(),
-            allow_port: vec![443],
-            tag_ttl: Duration::from_secs(300),
-            tag_ttl_rules: Vec::new(),
-            max_cache_size: None,
-            min_free_disk: None,
-            log_format: LogFormat::Text,
-            connect_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(90),
-            upstream_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(30),
-            mirror_default: "docker.io".into(),
-            mirror_listen: None,
-            mirror_tls: None,
-            registries: Default::default(),
-            docker_config: None,
-            allow_cidr: Vec::new(),
-            proxy_credentials_file: None,
-            allow_destination: Vec::new(),
-            deny_destination: Vec::new(),
-            max_connections: 4096,
-        }
+        Settings::default()
+            .resolve(Settings::default())
+            .expect("the built-in defaults are valid")
     }
-}
-
-/// One layer of settings, as written in the file or given by flags and environment.
-///
-/// The same struct is parsed by clap (flags with `REGPROXY_*` fallbacks) and by serde (the TOML
-/// file), so a key has one name everywhere: `--cache-dir`, `REGPROXY_CACHE_DIR`, `cache_dir`.
-#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Proxy listen address [default: 127.0.0.1:3128]
-    #[arg(global = true, long, env = "REGPROXY_LISTEN", value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Admin endpoint listen address [default: 127.0.0.1:3129]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_ADMIN_LISTEN",
-        value_name = "ADDR"
-    )]
-    pub admin_listen: Option<String>,
-    /// Directory holding ca.crt and ca.key [default: certs]
-    #[arg(global = true, long, env = "REGPROXY_CA_DIR", value_name = "DIR")]
-    pub ca_dir: Option<PathBuf>,
-    /// Cache directory [default: cache]
-    #[arg(global = true, long, env = "REGPROXY_CACHE_DIR", value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Extra host pattern to intercept (exact or *.suffix); adds to the default list
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_INTERCEPT",
-        value_name = "PATTERN",
-        value_delimiter = ','
-    )]
-    pub intercept: Option<Vec<String>>,
-    /// Resolve override HOST:PORT=IP:PORT
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_RESOLVE",
-        value_name = "HOST:PORT=IP:PORT",
-        value_delimiter = ','
-    )]
-    pub resolve: Option<Vec<String>>,
-    /// Extra PEM root CA file for upstream TLS
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_UPSTREAM_CA",
-        value_name = "FILE",
-        value_delimiter = ','
-    )]
-    pub upstream_ca: Option<Vec<PathBuf>>,
-    /// Extra port CONNECT may reach, besides 443
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_ALLOW_PORT",
-        value_name = "PORT",
-        value_delimiter = ','
-    )]
-    pub allow_port: Option<Vec<u16>>,
-    /// How long a tag stays fresh, e.g. 5m [default: 5m]
-    #[arg(global = true, long, env = "REGPROXY_TAG_TTL", value_name = "DURATION")]
-    pub tag_ttl: Option<String>,
-    /// Tag freshness for matching repositories, PATTERN=DURATION (PATTERN is host/repo, `*`
-    /// matches anything; first match wins), e.g. docker.io/library/*=1h
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_TAG_TTL_RULE",
-        value_name = "PATTERN=DURATION",
-        value_delimiter = ','
-    )]
-    pub tag_ttl_rule: Option<Vec<String>>,
-    /// Cache size bound, e.g. 50GiB [default: unbounded]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_MAX_CACHE_SIZE",
-        value_name = "SIZE"
-    )]
-    pub max_cache_size: Option<String>,
-    /// Free space to leave on the cache's file system, e.g. 5GiB [default: none]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_MIN_FREE_DISK",
-        value_name = "SIZE"
-    )]
-    pub min_free_disk: Option<String>,
-    /// Log format: text or json [default: text]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_LOG_FORMAT",
-        value_name = "FORMAT"
-    )]
-    pub log_format: Option<String>,
-    /// Upstream connect timeout, e.g. 10s [default: 10s]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_CONNECT_TIMEOUT",
-        value_name = "DURATION"
-    )]
-    pub connect_timeout: Option<String>,
-    /// Idle time after which client and pooled upstream connections close [default: 90s]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_IDLE_TIMEOUT",
-        value_name = "DURATION"
-    )]
-    pub idle_timeout: Option<String>,
-    /// Time an upstream may take to start answering before it counts as down [default: 60s]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_UPSTREAM_TIMEOUT",
-        value_name = "DURATION"
-    )]
-    pub upstream_timeout: Option<String>,
-    /// Upstream of mirror requests without ?ns= (docker's registry-mirrors) [default: docker.io]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_MIRROR_DEFAULT",
-        value_name = "HOST"
-    )]
-    pub mirror_default: Option<String>,
-    /// Separate listener for mirror mode (the proxy listener serves /v2/ too)
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_MIRROR_LISTEN",
-        value_name = "ADDR"
-    )]
-    pub mirror_listen: Option<String>,
-    /// PEM certificate for TLS on --mirror-listen (with --mirror-tls-key)
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_MIRROR_TLS_CERT",
-        value_name = "FILE"
-    )]
-    pub mirror_tls_cert: Option<PathBuf>,
-    /// PEM key for TLS on --mirror-listen
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_MIRROR_TLS_KEY",
-        value_name = "FILE"
-    )]
-    pub mirror_tls_key: Option<PathBuf>,
-    /// Upstream credentials per registry (config file only: [registries."HOST"])
-    #[arg(skip)]
-    pub registries: Option<std::collections::BTreeMap<String, crate::credentials::RegistryConfig>>,
-    /// A docker config.json to take upstream credentials from (auths, credHelpers, credsStore)
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_DOCKER_CONFIG",
-        value_name = "FILE"
-    )]
-    pub docker_config: Option<PathBuf>,
-    /// Client network allowed to use the proxy, CIDR; repeatable [default: anyone who can connect]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_ALLOW_CIDR",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
-    pub allow_cidr: Option<Vec<String>>,
-    /// File of user:password lines; clients must send Proxy-Authorization: Basic with one
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_PROXY_CREDENTIALS_FILE",
-        value_name = "FILE"
-    )]
-    pub proxy_credentials_file: Option<PathBuf>,
-    /// Destination network reachable although refused by default (loopback, link-local,
-    /// unspecified, multicast), CIDR; repeatable
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_ALLOW_DESTINATION",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
-    pub allow_destination: Option<Vec<String>>,
-    /// Destination network never reached (wins over --allow-destination and --resolve), CIDR;
-    /// repeatable
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_DENY_DESTINATION",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
-    pub deny_destination: Option<Vec<String>>,
-    /// Client connections held at once; more wait to be accepted [default: 4096]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_MAX_CONNECTIONS",
-        value_name = "N"
-    )]
-    pub max_connections: Option<usize>,
-    /// Grace time for in-flight transfers on SIGTERM/SIGINT [default: 30s]
-    #[arg(
-        global = true,
-        long,
-        env = "REGPROXY_SHUTDOWN_GRACE",
-        value_name = "DURATION"
-    )]
-    pub shutdown_grace: Option<String>,
 }
 
 impl Settings {
@@ -444,21 +461,10 @@ impl Settings {
     }
 
     /// Builds the effective config: `self` (flags and environment) over `file` over defaults.
-    pub fn resolve(self, file: Settings) -> Result<Config, ConfigError> {
-        let d = Config::default();
-        let scalar = |a: Option<String>, b: Option<String>| a.or(b);
-        let list = |a: Option<Vec<String>>, b: Option<Vec<String>>| {
-            b.into_iter().chain(a).flatten().collect::<Vec<_>>()
-        };
-        let mut intercept = d.intercept;
-        intercept.extend(list(self.intercept, file.intercept));
-        let mut allow_port = d.allow_port;
-        allow_port.extend(file.allow_port.into_iter().chain(self.allow_port).flatten());
-        allow_port.sort_unstable();
-        allow_port.dedup();
+    pub fn resolve(mut self, mut file: Settings) -> Result<Config, ConfigError> {
         let mirror_tls = match (
-            self.mirror_tls_cert.or(file.mirror_tls_cert),
-            self.mirror_tls_key.or(file.mirror_tls_key),
+            self.mirror_tls_cert.take().or(file.mirror_tls_cert.take()),
+            self.mirror_tls_key.take().or(file.mirror_tls_key.take()),
         ) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -471,112 +477,8 @@ impl Settings {
                 return Err(invalid(key, "", format!("missing; {have} needs it")));
             }
         };
-        Ok(Config {
-            listen: parse_or(
-                "listen",
-                scalar(self.listen, file.listen),
-                d.listen,
-                parse_addr,
-            )?,
-            admin_listen: parse_or(
-                "admin_listen",
-                scalar(self.admin_listen, file.admin_listen),
-                d.admin_listen,
-                parse_addr,
-            )?,
-            ca_dir: self.ca_dir.or(file.ca_dir).unwrap_or(d.ca_dir),
-            cache_dir: self.cache_dir.or(file.cache_dir).unwrap_or(d.cache_dir),
-            intercept: validate_patterns(intercept)?,
-            resolve: list(self.resolve, file.resolve)
-                .iter()
-                .map(|r| parse_resolve(r).map_err(|reason| invalid("resolve", r, reason)))
-                .collect::<Result<_, _>>()?,
-            upstream_ca: file
-                .upstream_ca
-                .into_iter()
-                .chain(self.upstream_ca)
-                .flatten()
-                .collect(),
-            allow_port,
-            tag_ttl: parse_or(
-                "tag_ttl",
-                scalar(self.tag_ttl, file.tag_ttl),
-                d.tag_ttl,
-                parse_duration,
-            )?,
-            tag_ttl_rules: list(self.tag_ttl_rule, file.tag_ttl_rule)
-                .iter()
-                .map(|r| parse_ttl_rule(r).map_err(|reason| invalid("tag_ttl_rule", r, reason)))
-                .collect::<Result<_, _>>()?,
-            max_cache_size: match scalar(self.max_cache_size, file.max_cache_size) {
-                None => None,
-                Some(v) => Some(parse_size(&v).map_err(|r| invalid("max_cache_size", &v, r))?),
-            },
-            min_free_disk: match scalar(self.min_free_disk, file.min_free_disk) {
-                None => None,
-                Some(v) => Some(parse_size(&v).map_err(|r| invalid("min_free_disk", &v, r))?),
-            },
-            log_format: parse_or(
-                "log_format",
-                scalar(self.log_format, file.log_format),
-                d.log_format,
-                parse_log_format,
-            )?,
-            connect_timeout: parse_or(
-                "connect_timeout",
-                scalar(self.connect_timeout, file.connect_timeout),
-                d.connect_timeout,
-                parse_duration,
-            )?,
-            idle_timeout: parse_or(
-                "idle_timeout",
-                scalar(self.idle_timeout, file.idle_timeout),
-                d.idle_timeout,
-                parse_duration,
-            )?,
-            upstream_timeout: parse_or(
-                "upstream_timeout",
-                scalar(self.upstream_timeout, file.upstream_timeout),
-                d.upstream_timeout,
-                parse_duration,
-            )?,
-            shutdown_grace: parse_or(
-                "shutdown_grace",
-                scalar(self.shutdown_grace, file.shutdown_grace),
-                d.shutdown_grace,
-                parse_duration,
-            )?,
-            mirror_default: scalar(self.mirror_default, file.mirror_default)
-                .unwrap_or(d.mirror_default)
-                .to_ascii_lowercase(),
-            mirror_listen: match scalar(self.mirror_listen, file.mirror_listen) {
-                None => None,
-                Some(v) => Some(parse_addr(&v).map_err(|r| invalid("mirror_listen", &v, r))?),
-            },
-            mirror_tls,
-            registries: file.registries.unwrap_or_default(),
-            docker_config: self.docker_config.or(file.docker_config),
-            allow_cidr: list(self.allow_cidr, file.allow_cidr)
-                .iter()
-                .map(|c| Cidr::parse(c).map_err(|r| invalid("allow_cidr", c, r)))
-                .collect::<Result<_, _>>()?,
-            proxy_credentials_file: self.proxy_credentials_file.or(file.proxy_credentials_file),
-            allow_destination: list(self.allow_destination, file.allow_destination)
-                .iter()
-                .map(|c| Cidr::parse(c).map_err(|r| invalid("allow_destination", c, r)))
-                .collect::<Result<_, _>>()?,
-            deny_destination: list(self.deny_destination, file.deny_destination)
-                .iter()
-                .map(|c| Cidr::parse(c).map_err(|r| invalid("deny_destination", c, r)))
-                .collect::<Result<_, _>>()?,
-            max_connections: match self.max_connections.or(file.max_connections) {
-                None => d.max_connections,
-                Some(0) => {
-                    return Err(invalid("max_connections", "0", "must be at least 1".into()))
-                }
-                Some(n) => n,
-            },
-        })
+        let registries = file.registries.take().unwrap_or_default();
+        self.merge(file, mirror_tls, registries)
     }
 }
 
@@ -606,116 +508,12 @@ impl Config {
 
     /// Renders the effective config as TOML (there are no secrets in it yet; masked ones print `***`).
     pub fn to_toml(&self) -> String {
-        let quote = |s: &str| format!("{s:?}");
-        let list = |v: Vec<String>| format!("[{}]", v.join(", "));
         let mut out = String::new();
-        let mut kv = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
-        kv("listen", quote(&self.listen.to_string()));
-        kv("admin_listen", quote(&self.admin_listen.to_string()));
-        kv("ca_dir", quote(&self.ca_dir.display().to_string()));
-        kv("cache_dir", quote(&self.cache_dir.display().to_string()));
-        kv(
-            "intercept",
-            list(self.intercept.iter().map(|s| quote(s)).collect()),
-        );
-        kv(
-            "resolve",
-            list(
-                self.resolve
-                    .iter()
-                    .map(|(h, a)| quote(&format!("{h}={a}")))
-                    .collect(),
-            ),
-        );
-        kv(
-            "upstream_ca",
-            list(
-                self.upstream_ca
-                    .iter()
-                    .map(|p| quote(&p.display().to_string()))
-                    .collect(),
-            ),
-        );
-        kv(
-            "allow_port",
-            list(self.allow_port.iter().map(|p| p.to_string()).collect()),
-        );
-        kv(
-            "tag_ttl",
-            quote(&humantime::format_duration(self.tag_ttl).to_string()),
-        );
-        kv(
-            "tag_ttl_rule",
-            list(
-                self.tag_ttl_rules
-                    .iter()
-                    .map(|(p, d)| quote(&format!("{p}={}", humantime::format_duration(*d))))
-                    .collect(),
-            ),
-        );
-        if let Some(max) = self.max_cache_size {
-            kv("max_cache_size", quote(&max.to_string()));
+        for key in KEYS {
+            if let Some(value) = self.show(key) {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
         }
-        if let Some(min) = self.min_free_disk {
-            kv("min_free_disk", quote(&min.to_string()));
-        }
-        kv(
-            "log_format",
-            quote(if self.log_format == LogFormat::Json {
-                "json"
-            } else {
-                "text"
-            }),
-        );
-        kv(
-            "connect_timeout",
-            quote(&humantime::format_duration(self.connect_timeout).to_string()),
-        );
-        kv(
-            "idle_timeout",
-            quote(&humantime::format_duration(self.idle_timeout).to_string()),
-        );
-        kv(
-            "upstream_timeout",
-            quote(&humantime::format_duration(self.upstream_timeout).to_string()),
-        );
-        kv("mirror_default", quote(&self.mirror_default));
-        if let Some(addr) = self.mirror_listen {
-            kv("mirror_listen", quote(&addr.to_string()));
-        }
-        if let Some((cert, key)) = &self.mirror_tls {
-            kv("mirror_tls_cert", quote(&cert.display().to_string()));
-            kv("mirror_tls_key", quote(&key.display().to_string()));
-        }
-        if let Some(p) = &self.docker_config {
-            kv("docker_config", quote(&p.display().to_string()));
-        }
-        kv(
-            "allow_cidr",
-            list(
-                self.allow_cidr
-                    .iter()
-                    .map(|c| quote(&c.to_string()))
-                    .collect(),
-            ),
-        );
-        if let Some(p) = &self.proxy_credentials_file {
-            kv("proxy_credentials_file", quote(&p.display().to_string()));
-        }
-        for (key, nets) in [
-            ("allow_destination", &self.allow_destination),
-            ("deny_destination", &self.deny_destination),
-        ] {
-            kv(
-                key,
-                list(nets.iter().map(|c| quote(&c.to_string())).collect()),
-            );
-        }
-        kv("max_connections", self.max_connections.to_string());
-        kv(
-            "shutdown_grace",
-            quote(&humantime::format_duration(self.shutdown_grace).to_string()),
-        );
         for (host, r) in &self.registries {
             out.push_str(&format!("\n[registries.{}]\n", quote(host)));
             let mut kv = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
@@ -726,13 +524,23 @@ impl Config {
                 kv("password", quote("***"));
             }
             if let Some(f) = &r.password_file {
-                kv("password_file", quote(&f.display().to_string()));
+                kv("password_file", quote(f.display()));
             }
             if let Some(e) = &r.password_env {
                 kv("password_env", quote(e));
             }
         }
         out
+    }
+
+    /// The keys [`Settings::resolve`] combines by hand, as `config check` prints them.
+    fn show_part(&self, key: &str) -> Option<String> {
+        let (cert, tls_key) = self.mirror_tls.as_ref()?;
+        match key {
+            "mirror_tls_cert" => Some(cert.show()),
+            "mirror_tls_key" => Some(tls_key.show()),
+            _ => None,
+        }
     }
 
     /// How long a tag of `repo` on `host` stays fresh: the first matching rule, else `tag_ttl`.
@@ -794,25 +602,43 @@ fn parse_ttl_rule(s: &str) -> Result<(String, Duration), String> {
     Ok((pattern.to_owned(), parse_duration(ttl)?))
 }
 
-fn validate_patterns(patterns: Vec<String>) -> Result<Vec<String>, ConfigError> {
-    for p in &patterns {
-        let bad =
-            p.is_empty() || p.contains(char::is_whitespace) || p.contains(':') || p.contains('/');
-        if bad {
-            return Err(invalid(
-                "intercept",
-                p,
-                "expected a host name or a *.suffix pattern".into(),
-            ));
-        }
+/// An `intercept` entry: a host name or a pattern, in lower case.
+fn parse_pattern(p: &str) -> Result<String, String> {
+    let bad = p.is_empty() || p.contains(char::is_whitespace) || p.contains(':') || p.contains('/');
+    if bad {
+        return Err("expected a host name or a *.suffix pattern".into());
     }
-    let mut out: Vec<String> = patterns
-        .into_iter()
-        .map(|p| p.to_ascii_lowercase())
-        .collect();
+    Ok(p.to_ascii_lowercase())
+}
+
+/// Drops repeated entries, keeping the first.
+fn unique(mut v: Vec<String>) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
-    out.retain(|p| seen.insert(p.clone()));
-    Ok(out)
+    v.retain(|p| seen.insert(p.clone()));
+    v
+}
+
+/// Sorts and drops repeated entries.
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// A value taken as it is (paths, ports).
+fn as_is<T: Clone>(v: &T) -> Result<T, String> {
+    Ok(v.clone())
+}
+
+fn lowercase(s: &str) -> Result<String, String> {
+    Ok(s.to_ascii_lowercase())
+}
+
+fn at_least_one(n: &usize) -> Result<usize, String> {
+    match n {
+        0 => Err("must be at least 1".into()),
+        n => Ok(*n),
+    }
 }
 
 fn invalid(key: &'static str, value: &str, reason: String) -> ConfigError {
@@ -820,18 +646,6 @@ fn invalid(key: &'static str, value: &str, reason: String) -> ConfigError {
         key,
         value: value.to_owned(),
         reason,
-    }
-}
-
-fn parse_or<T>(
-    key: &'static str,
-    value: Option<String>,
-    default: T,
-    parse: fn(&str) -> Result<T, String>,
-) -> Result<T, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => parse(&v).map_err(|reason| invalid(key, &v, reason)),
     }
 }
 
@@ -1136,6 +950,64 @@ mod tests {
         assert_eq!(parse_duration("2\u{b5}s"), Ok(Duration::from_micros(2)));
         for bad in ["", " ", "5", "5m x", "5m.5s", "5m -3s", "1h 30", "soon"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The public names follow one rule: `key`, `--key` with dashes, `REGPROXY_KEY`.
+    #[test]
+    fn every_key_is_a_flag_and_a_variable_of_the_same_name() {
+        use clap::Args;
+        let cmd = Settings::augment_args(clap::Command::new("t"));
+        let args: Vec<_> = cmd.get_arguments().collect();
+        assert_eq!(args.len(), KEYS.len());
+        for (arg, key) in args.iter().zip(KEYS) {
+            assert_eq!(arg.get_id(), key);
+            assert_eq!(arg.get_long(), Some(key.replace('_', "-").as_str()));
+            let env = format!("REGPROXY_{}", key.to_ascii_uppercase());
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(&env)));
+            assert!(arg.is_global_set(), "{key}");
+        }
+    }
+
+    /// What `config check` prints is a config file that gives the same configuration.
+    #[test]
+    fn config_check_output_reads_back_as_the_same_config() {
+        let full = r#"
+            listen = "127.0.0.1:4000"
+            intercept = ["Reg.Example", "docker.io"]
+            resolve = ["r.test:5000=127.0.0.1:5001"]
+            upstream_ca = ["/a.pem"]
+            allow_port = [5000, 80]
+            tag_ttl = "90s"
+            tag_ttl_rule = ["ghcr.io/*=1h 30m"]
+            max_cache_size = "1.5GiB"
+            min_free_disk = "5GB"
+            log_format = "json"
+            mirror_default = "GHCR.io"
+            mirror_listen = "127.0.0.1:5000"
+            mirror_tls_cert = "/m.crt"
+            mirror_tls_key = "/m.key"
+            docker_config = "/d.json"
+            allow_cidr = ["10.0.0.0/8"]
+            proxy_credentials_file = "/users"
+            allow_destination = ["::1"]
+            deny_destination = ["10.0.0.0/8"]
+            max_connections = 7
+            shutdown_grace = "1s"
+            [registries."ghcr.io/org"]
+            username = "u"
+            password = "hunter2"
+        "#;
+        for text in ["", full] {
+            let settings: Settings = toml::from_str(text).unwrap();
+            let shown = settings.resolve(Settings::default()).unwrap().to_toml();
+            let again: Settings = toml::from_str(&shown).unwrap();
+            let reshown = again.resolve(Settings::default()).unwrap().to_toml();
+            assert_eq!(shown, reshown);
+            assert_eq!(
+                text.is_empty(),
+                !shown.contains("mirror_tls_key = \"/m.key\"")
+            );
         }
     }
 
