@@ -185,7 +185,7 @@ pub async fn allowed(
         return Verdict::Serve;
     }
     let answer = if upstream_down {
-        Err(UpstreamError::Connect("the upstream is down".into()))
+        Err(UpstreamError::Down)
     } else {
         match fetch_request(target, parts, Method::HEAD) {
             Ok(head) => shared.client.send(head, How::following()).await,

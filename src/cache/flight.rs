@@ -54,6 +54,26 @@ pub enum State {
     Abandoned,
 }
 
+/// Why a download was given up; nothing of it is cached.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    /// The upstream sent nothing for this long.
+    #[error("upstream sent nothing for {0:?}")]
+    Stalled(Duration),
+    /// The upstream's body ended in an error.
+    #[error("upstream body broke off")]
+    BrokeOff(#[source] hyper::Error),
+    /// The temporary file could not be written.
+    #[error("writing the cache file")]
+    Write(#[source] std::io::Error),
+    /// Fewer (or more) bytes than announced.
+    #[error("upstream sent {size} of {want} bytes")]
+    Short { size: u64, want: u64 },
+    /// The bytes are not the object.
+    #[error("the {size} bytes received do not hash to {digest}")]
+    Mismatch { size: u64, digest: Digest },
+}
+
 /// What clients are told about the object before its bytes.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -354,9 +374,10 @@ impl Fill {
                 self.flight.state.send_replace(State::Done(size));
                 self.commit(file, size).await;
             }
-            Err(reason) => {
-                tracing::warn!(digest = %self.digest, reason = %reason, "download failed; nothing cached");
+            Err(e) => {
+                tracing::warn!(digest = %self.digest, error = %e, "download failed; nothing cached");
                 let _ = tokio::fs::remove_file(&self.tmp).await;
+                let reason = crate::upstream::error_chain(&e);
                 self.flight.state.send_replace(State::Failed(reason.into()));
             }
         }
@@ -399,7 +420,7 @@ impl Fill {
         &self,
         mut body: Incoming,
         file: std::fs::File,
-    ) -> Result<(u64, std::fs::File), String> {
+    ) -> Result<(u64, std::fs::File), FillError> {
         let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
         let (flight, digest) = (self.flight.clone(), self.digest.clone());
         let store = self.store.clone();
@@ -410,8 +431,8 @@ impl Fill {
         let (mut received, mut published) = (0u64, 0u64);
         loop {
             match tokio::time::timeout(STALL, next_batch(&mut body, &mut batch)).await {
-                Err(_) => failure = Some(format!("upstream sent nothing for {STALL:?}")),
-                Ok(Err(e)) => failure = Some(format!("upstream body broke off: {e}")),
+                Err(_) => failure = Some(FillError::Stalled(STALL)),
+                Ok(Err(e)) => failure = Some(FillError::BrokeOff(e)),
                 Ok(Ok(more)) => {
                     if !batch.is_empty() {
                         let data = batch.split().freeze();
@@ -438,8 +459,8 @@ impl Fill {
         drop(tx);
         let written = writer
             .await
-            .map_err(|e| format!("disk writer failed: {e}"))?
-            .map_err(|e| format!("writing the cache file: {e}"))?;
+            .map_err(|e| FillError::Write(std::io::Error::other(e)))?
+            .map_err(FillError::Write)?;
         // Everything is in the file now: the tail shrinks back to its bound.
         self.flight.trim();
         if let Some(f) = failure {
@@ -448,14 +469,14 @@ impl Fill {
         let (size, matches, file) = written;
         if let Some(want) = self.flight.head().and_then(|h| h.length) {
             if want != size {
-                return Err(format!("upstream sent {size} of {want} bytes"));
+                return Err(FillError::Short { size, want });
             }
         }
         if !matches {
-            return Err(format!(
-                "the {size} bytes received do not hash to {}",
-                self.digest
-            ));
+            return Err(FillError::Mismatch {
+                size,
+                digest: self.digest.clone(),
+            });
         }
         Ok((size, file))
     }

@@ -26,11 +26,26 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Could not reach the upstream: DNS, refused, unreachable, timed out.
-    #[error("{0}")]
-    Connect(String),
+    #[error("{reason}")]
+    Connect {
+        /// What went wrong, as an operator reads it.
+        reason: String,
+        /// The error as it came.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
     /// The destination policy refuses the upstream's address (loopback, link-local, …).
-    #[error("refused: {0}")]
-    Refused(String),
+    #[error("refused: {reason}")]
+    Refused {
+        /// Which address, and why.
+        reason: String,
+        /// The error as it came.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The caller knows the upstream cannot answer now (it just failed to).
+    #[error("the upstream is down")]
+    Down,
     /// Authentication with the upstream failed (challenge, token endpoint).
     #[error("upstream authentication: {0}")]
     Auth(String),
@@ -41,11 +56,20 @@ pub enum UpstreamError {
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
     /// Reached it, but its TLS did not verify (or the handshake failed).
-    #[error("{0}")]
-    Tls(String),
+    #[error("{reason}")]
+    Tls {
+        /// Expired, unknown issuer, wrong name, … (see `tls_reason`).
+        reason: String,
+        /// The error as it came.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The TLS client could not be set up.
+    #[error("upstream TLS configuration: {0}")]
+    TlsConfig(#[source] rustls::Error),
     /// The request failed after connecting (reset, protocol error, ...).
-    #[error("upstream request failed: {0}")]
-    Request(String),
+    #[error("upstream request failed: {}", error_chain(.0))]
+    Request(#[source] hyper_util::client::legacy::Error),
     /// An extra root CA file is unusable.
     #[error("upstream CA file {path}: {reason}")]
     RootFile { path: PathBuf, reason: String },
@@ -77,7 +101,7 @@ impl Upstream {
         let roots = root_store(&config.upstream_ca)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls_provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| UpstreamError::Tls(e.to_string()))?
+            .map_err(UpstreamError::TlsConfig)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let mut h1_only = tls.clone();
@@ -134,25 +158,28 @@ impl Upstream {
             }
             Err(_) => self.metrics.upstream(&registry, "error"),
         }
-        result.map_err(|e| {
-            let mut source = e.source();
-            while let Some(s) = source {
-                if let Some(c) = s.downcast_ref::<ConnectError>() {
-                    return match c {
-                        ConnectError::Tls { .. } => UpstreamError::Tls(c.to_string()),
-                        ConnectError::Connect(io)
-                            if io.kind() == std::io::ErrorKind::PermissionDenied =>
-                        {
-                            UpstreamError::Refused(c.to_string())
-                        }
-                        _ => UpstreamError::Connect(c.to_string()),
-                    };
-                }
-                source = s.source();
-            }
-            UpstreamError::Request(error_chain(&e))
-        })
+        result.map_err(classify)
     }
+}
+
+/// Names a failed request by where it failed: connecting (refused by policy, TLS, or the network)
+/// or after; the original error stays as the source.
+fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(c) = s.downcast_ref::<ConnectError>() {
+            let reason = c.to_string();
+            return match c {
+                ConnectError::Tls { .. } => UpstreamError::Tls { reason, source: e },
+                ConnectError::Connect(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                    UpstreamError::Refused { reason, source: e }
+                }
+                _ => UpstreamError::Connect { reason, source: e },
+            };
+        }
+        source = s.source();
+    }
+    UpstreamError::Request(e)
 }
 
 impl UpstreamError {
@@ -166,7 +193,10 @@ impl UpstreamError {
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect(_) | UpstreamError::Request(_) | UpstreamError::Timeout(_)
+            UpstreamError::Connect { .. }
+                | UpstreamError::Down
+                | UpstreamError::Request(_)
+                | UpstreamError::Timeout(_)
         )
     }
 }
