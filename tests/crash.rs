@@ -117,6 +117,7 @@ fn kill_9_during_fills_never_leaves_a_corrupt_object() {
                 (a + 1 + rng.below(images.len() as u64 - 1) as usize) % images.len(),
             ]
         };
+        let pulls_at = Instant::now();
         let mut pulls: Vec<Child> = picks
             .iter()
             .enumerate()
@@ -132,15 +133,29 @@ fn kill_9_during_fills_never_leaves_a_corrupt_object() {
             })
             .collect();
         let delay = Duration::from_millis(max_delay_ms / 10 + rng.below(max_delay_ms));
-        thread::sleep(delay);
+        if round % 4 == 3 {
+            // At any moment of the pull.
+            thread::sleep(delay);
+        } else {
+            // Inside a download, at a random point of it: on a loaded machine a kill at a
+            // random moment of the pull lands mostly outside the short downloads.
+            let until = Instant::now() + Duration::from_secs(10);
+            while partials(&cache) == 0 && Instant::now() < until {
+                thread::sleep(Duration::from_millis(1));
+            }
+            thread::sleep(Duration::from_millis(rng.below(20)));
+        }
         proxy.kill_9();
+        let killed_after = pulls_at.elapsed();
         let in_progress = partials(&cache);
         killed_mid_download += u64::from(in_progress > 0);
         for p in &mut pulls {
             let _ = p.kill();
             let _ = p.wait();
         }
-        eprintln!("round {round}: {picks:?} killed after {delay:?}, {in_progress} download(s) cut");
+        eprintln!(
+            "round {round}: {picks:?} killed after {killed_after:?}, {in_progress} download(s) cut"
+        );
     }
     assert!(
         killed_mid_download >= ROUNDS / 4,
