@@ -1,7 +1,6 @@
 //! `regproxy cache …`: prints what [`crate::cache::ops`] finds and does.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,19 +123,31 @@ fn stats(store: &Store, admin: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The running proxy's `/metrics`, if its admin endpoint answers.
+/// The running proxy's `/metrics`, if its admin endpoint answers within a few seconds.
 fn scrape(admin: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    runtime.block_on(async {
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<Empty<bytes::Bytes>>();
+        let uri = format!("http://{admin}/metrics").parse().ok()?;
+        let get = async {
+            let resp = client.get(uri).await.ok()?;
+            if resp.status() != http::StatusCode::OK {
+                return None;
+            }
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            String::from_utf8(body.to_vec()).ok()
+        };
+        tokio::time::timeout(Duration::from_secs(3), get)
+            .await
+            .ok()
+            .flatten()
+    })
 }
 
 /// Pulls each image into the cache, with progress bars on a terminal and plain lines otherwise.

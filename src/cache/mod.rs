@@ -5,6 +5,7 @@ pub mod evict;
 pub mod flight;
 pub mod herd;
 pub mod keys;
+pub mod layout;
 pub mod ops;
 pub mod store;
 pub mod verified;

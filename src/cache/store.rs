@@ -19,7 +19,7 @@ use cacache::WriteOpts;
 use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
-use super::keys;
+use super::{keys, layout};
 use crate::metrics::Metrics;
 
 /// What the store could not do; never holds content or secrets.
@@ -177,32 +177,15 @@ impl Store {
 
     /// Every content file in the store (a blocking directory walk).
     pub fn objects_on_disk(&self) -> Vec<OnDisk> {
-        let root = self.dir.join("content-v2");
-        let mut out = Vec::new();
-        for alg in ["sha256", "sha512"] {
-            for entry in walkdir::WalkDir::new(root.join(alg))
-                .min_depth(3)
-                .max_depth(3)
-            {
-                let Ok(entry) = entry else { continue };
-                let Ok(meta) = entry.metadata() else { continue };
-                let rel = entry
-                    .path()
-                    .strip_prefix(root.join(alg))
-                    .unwrap_or(entry.path());
-                let hex: String = rel.iter().map(|c| c.to_string_lossy()).collect();
-                let Ok(digest) = Digest::parse(&format!("{alg}:{hex}")) else {
-                    continue;
-                };
-                out.push(OnDisk {
-                    digest,
-                    path: entry.path().to_owned(),
-                    size: meta.len(),
-                    accessed: meta.modified().unwrap_or(UNIX_EPOCH),
-                });
-            }
-        }
-        out
+        layout::content_files(&self.dir)
+            .into_iter()
+            .map(|(digest, path, meta)| OnDisk {
+                digest,
+                path,
+                size: meta.len(),
+                accessed: meta.modified().unwrap_or(UNIX_EPOCH),
+            })
+            .collect()
     }
 
     /// Marks `path` as being served until the returned guard is dropped.
@@ -242,61 +225,18 @@ impl Store {
         self.committed.clone()
     }
 
-    /// Rewrites index buckets to their latest entry per key, dropping removed keys and objects
-    /// whose content is gone: cacache's index only ever appends (blocking I/O).
-    ///
-    /// An entry appended by another process between the read and the rename of a bucket is lost;
-    /// for an object that means a re-download, never a wrong answer.
+    /// Rewrites the index to its latest entry per key, dropping removed keys and objects whose
+    /// content is gone: cacache's index only ever appends (blocking I/O).
     pub fn compact_index(&self) -> Result<(), StoreError> {
-        let root = self.dir.join("index-v5");
-        for bucket in walkdir::WalkDir::new(&root).min_depth(3).max_depth(3) {
-            let Ok(bucket) = bucket else { continue };
-            if bucket.file_type().is_file() {
-                self.compact_bucket(bucket.path())?;
-            }
-        }
-        Ok(())
-    }
-
-    fn compact_bucket(&self, path: &Path) -> Result<(), StoreError> {
-        let text = std::fs::read_to_string(path).map_err(io_err("read", path))?;
-        let lines: Vec<&str> = text.split('\n').filter(|l| !l.is_empty()).collect();
-        let mut latest: Vec<(String, &str, bool)> = Vec::new();
-        for line in &lines {
-            let Some((key, live)) = self.index_line(line) else {
-                continue;
-            };
-            latest.retain(|(k, _, _)| *k != key);
-            latest.push((key, line, live));
-        }
-        let keep: Vec<&str> = latest.iter().filter(|e| e.2).map(|e| e.1).collect();
-        if keep.len() == lines.len() {
-            return Ok(());
-        }
-        if keep.is_empty() {
-            return std::fs::remove_file(path).map_err(io_err("compact", path));
-        }
-        let tmp = path.with_extension("compact");
-        let body: String = keep.iter().map(|l| format!("\n{l}")).collect();
-        std::fs::write(&tmp, body).map_err(io_err("compact", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err("compact", path))
-    }
-
-    /// An index line's key, and whether it is live (not a removal, content present); `None` for
-    /// a torn or foreign line.
-    fn index_line(&self, line: &str) -> Option<(String, bool)> {
-        use sha2::Digest as _;
-        let (hash, json) = line.split_once('\t')?;
-        if hex::encode(sha2::Sha256::digest(json.as_bytes())) != hash {
-            return None;
-        }
-        let v: serde_json::Value = serde_json::from_str(json).ok()?;
-        let key = v.get("key")?.as_str()?.to_owned();
-        let mut live = !v.get("integrity").map_or(true, |i| i.is_null());
-        if let Some(d) = keys::object_digest(&key) {
-            live &= Digest::parse(d).is_ok_and(|d| self.content_path(&d).exists());
-        }
-        Some((key, live))
+        let live = |key: &str| match keys::object_digest(key) {
+            Some(d) => Digest::parse(d).is_ok_and(|d| self.content_path(&d).exists()),
+            None => true,
+        };
+        layout::compact_index(&self.dir, live).map_err(|(what, path, source)| StoreError::Io {
+            what,
+            path,
+            source,
+        })
     }
 
     /// The metrics the store keeps current.
@@ -309,15 +249,9 @@ impl Store {
         &self.dir
     }
 
-    /// The content file of `digest` in cacache's layout (`content-v2/<alg>/<xx>/<yy>/<rest>`).
+    /// The content file of `digest` in cacache's layout.
     pub fn content_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.dir
-            .join("content-v2")
-            .join(digest.alg().name())
-            .join(&hex[0..2])
-            .join(&hex[2..4])
-            .join(&hex[4..])
+        layout::content_path(&self.dir, digest)
     }
 
     /// The verified object `digest`, if cached and its file is still there.
