@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
 use super::digest::Digest;
@@ -60,9 +59,9 @@ pub enum FillError {
     /// The upstream sent nothing for this long.
     #[error("upstream sent nothing for {0:?}")]
     Stalled(Duration),
-    /// The upstream's body ended in an error.
+    /// The source's body ended in an error.
     #[error("upstream body broke off")]
-    BrokeOff(#[source] hyper::Error),
+    BrokeOff(#[source] BoxError),
     /// The temporary file could not be written.
     #[error("writing the cache file")]
     Write(#[source] std::io::Error),
@@ -301,7 +300,7 @@ impl Leader {
         mut self,
         store: &Store,
         head: Head,
-        body: Incoming,
+        body: Body,
         origin: Origin,
     ) -> std::io::Result<Arc<Flight>> {
         let tmp = store.new_tmp_path();
@@ -362,7 +361,7 @@ impl Drop for Fill {
 }
 
 impl Fill {
-    async fn run(mut self, body: Incoming, file: std::fs::File) {
+    async fn run(mut self, body: Body, file: std::fs::File) {
         match self.download(body, file).await {
             Ok((size, file)) => {
                 self.store
@@ -418,7 +417,7 @@ impl Fill {
     /// returns the verified size and the file.
     async fn download(
         &self,
-        mut body: Incoming,
+        mut body: Body,
         file: std::fs::File,
     ) -> Result<(u64, std::fs::File), FillError> {
         let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
@@ -485,7 +484,7 @@ impl Fill {
 /// Waits for at least one data frame, then takes whatever further frames are ready at once, up
 /// to [`BATCH`] bytes, into `batch`: fewer, larger hand-offs to the writer and the readers than
 /// one per (often 16 KiB) h2 frame. `Ok(false)` at the end of the body.
-async fn next_batch(body: &mut Incoming, batch: &mut BytesMut) -> Result<bool, hyper::Error> {
+async fn next_batch(body: &mut Body, batch: &mut BytesMut) -> Result<bool, BoxError> {
     std::future::poll_fn(|cx| loop {
         match std::pin::Pin::new(&mut *body).poll_frame(cx) {
             std::task::Poll::Ready(Some(Ok(frame))) => {

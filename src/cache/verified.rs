@@ -14,7 +14,7 @@ use crate::body::{Body, BoxError};
 /// An upstream object's body that is hashed as it streams, with its last chunk held back until
 /// the size and digest check out: a mismatch ends the stream with an error, never cleanly.
 pub struct Verified {
-    inner: hyper::body::Incoming,
+    inner: Body,
     digest: super::Digest,
     hasher: Option<super::digest::Hasher>,
     want: Option<u64>,
@@ -27,7 +27,7 @@ pub struct Verified {
 /// Wraps `inner`, which must be the whole object `digest` (`length` bytes when announced);
 /// `on_verified` runs once the bytes proved to be it.
 pub fn verified(
-    inner: hyper::body::Incoming,
+    inner: Body,
     digest: super::Digest,
     length: Option<u64>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -109,7 +109,7 @@ impl HttpBody for Verified {
                 Some(Err(e)) => {
                     this.hasher = None;
                     this.held = None;
-                    return Poll::Ready(Some(Err(Box::new(e))));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 None => {
                     if let Err(e) = this.check() {

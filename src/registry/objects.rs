@@ -106,7 +106,7 @@ impl Ask<'_> {
         };
         let metrics = shared.metrics.clone();
         let verified = crate::cache::verified::verified(
-            resp.into_body(),
+            body::incoming(resp.into_body()),
             self.digest.clone(),
             length,
             metrics,
@@ -246,7 +246,12 @@ async fn lead(
         return;
     }
     let origin = Origin::new(target.authority(), repo.as_str());
-    if let Err(e) = leader.start(&shared.cache.store, head, resp.into_body(), origin) {
+    if let Err(e) = leader.start(
+        &shared.cache.store,
+        head,
+        body::incoming(resp.into_body()),
+        origin,
+    ) {
         let _ = answer.send(Answer::Upstream(text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot create a cache file: {e}"),
