@@ -22,9 +22,19 @@
 //! regproxy fetches tokens straight from the token server. [`TokenServer::http_realm`] avoids
 //! the trust question altogether.
 
-use super::*;
-
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::*;
 
 /// The host name of the token server (through regproxy, with [`TokenServer::configure_proxy`]).
 pub const TOKEN_HOST: &str = "auth.test";
