@@ -31,6 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
@@ -63,8 +66,9 @@ struct Shared {
     password: String,
     ttl_secs: Arc<AtomicU64>,
     requests: Arc<Mutex<Vec<String>>>,
-    key: rcgen::KeyPair,
-    cert_der: Vec<u8>,
+    key: EncodingKey,
+    /// The signing certificate, base64 DER, as the `x5c` header carries it.
+    x5c: String,
     tls: Arc<rustls::ServerConfig>,
     jti: AtomicU64,
 }
@@ -88,7 +92,7 @@ impl TokenServer {
             "regproxy test token server CA",
             &[TOKEN_HOST, "127.0.0.1", "localhost"],
         );
-        let (key, cert_der) = make_signing_cert(dir);
+        let (key, x5c) = make_signing_cert(dir);
         let ttl_secs = Arc::new(AtomicU64::new(ttl.as_secs()));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::new(Shared {
@@ -97,7 +101,7 @@ impl TokenServer {
             ttl_secs: ttl_secs.clone(),
             requests: requests.clone(),
             key,
-            cert_der,
+            x5c,
             tls: server_tls_config(&tls_dir),
             jti: AtomicU64::new(0),
         });
@@ -262,8 +266,9 @@ fn jwt_part(token: &str, i: usize) -> serde_json::Value {
         .split('.')
         .nth(i)
         .unwrap_or_else(|| panic!("not a JWT: {token:?}"));
-    let bytes =
-        base64_decode(part).unwrap_or_else(|| panic!("JWT part is not base64url: {part:?}"));
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap_or_else(|e| panic!("JWT part is not base64url: {part:?}: {e}"));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("JWT part is not JSON: {e}"))
 }
 
@@ -492,7 +497,7 @@ fn basic_user(head: &str, shared: &Shared) -> Result<Option<String>, ()> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return Ok(None);
     }
-    let decoded = base64_decode(creds.trim()).ok_or(())?;
+    let decoded = STANDARD.decode(creds.trim()).map_err(|_| ())?;
     let decoded = String::from_utf8(decoded).map_err(|_| ())?;
     match decoded.split_once(':') {
         Some((u, p)) if u == shared.user && p == shared.password => Ok(Some(u.to_string())),
@@ -582,8 +587,9 @@ fn percent_decode(s: &str) -> String {
 // JWT
 // ---------------------------------------------------------------------------------------------
 
-/// A P-256 key and a self-signed certificate for it (`signing.crt`, `signing.key` in `dir`).
-fn make_signing_cert(dir: &Path) -> (rcgen::KeyPair, Vec<u8>) {
+/// A P-256 key and a self-signed certificate for it (`signing.crt`, `signing.key` in `dir`): the
+/// key to sign with, and the certificate (base64 DER) for `x5c`.
+fn make_signing_cert(dir: &Path) -> (EncodingKey, String) {
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, KeyUsagePurpose};
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -602,120 +608,19 @@ fn make_signing_cert(dir: &Path) -> (rcgen::KeyPair, Vec<u8>) {
         key.serialize_pem().as_bytes(),
         0o600,
     );
-    (key, cert.der().to_vec())
-}
-
-/// `base64url(header).base64url(claims).base64url(r||s)`, ES256, with the signing certificate
-/// in `x5c`.
-fn sign_jwt(claims: &serde_json::Value, shared: &Shared) -> String {
-    use rcgen::SigningKey;
-    let header = serde_json::json!({
-        "typ": "JWT",
-        "alg": "ES256",
-        "x5c": [base64_encode(&shared.cert_der, STD_ALPHABET, true)],
-    });
-    let signing_input = format!(
-        "{}.{}",
-        base64_encode(header.to_string().as_bytes(), URL_ALPHABET, false),
-        base64_encode(claims.to_string().as_bytes(), URL_ALPHABET, false)
-    );
-    // rcgen signs P-256 keys with ring's ECDSA_P256_SHA256_ASN1_SIGNING: a DER
-    // `SEQUENCE { INTEGER r, INTEGER s }`, which JWS wants as the fixed-size r||s.
-    let der = shared.key.sign(signing_input.as_bytes()).unwrap();
-    let raw = ecdsa_der_to_raw(&der, 32).expect("ECDSA signature in DER");
-    format!(
-        "{signing_input}.{}",
-        base64_encode(&raw, URL_ALPHABET, false)
+    (
+        EncodingKey::from_ec_der(&key.serialize_der()),
+        STANDARD.encode(cert.der()),
     )
 }
 
-/// DER `SEQUENCE { INTEGER r, INTEGER s }` → `r || s`, each left-padded to `n` bytes.
-fn ecdsa_der_to_raw(der: &[u8], n: usize) -> Option<Vec<u8>> {
-    fn read_len(d: &[u8], i: &mut usize) -> Option<usize> {
-        let first = *d.get(*i)?;
-        *i += 1;
-        if first < 0x80 {
-            return Some(first as usize);
-        }
-        let count = (first & 0x7f) as usize;
-        let mut len = 0usize;
-        for _ in 0..count {
-            len = (len << 8) | *d.get(*i)? as usize;
-            *i += 1;
-        }
-        Some(len)
-    }
-    let mut i = 0;
-    if *der.get(i)? != 0x30 {
-        return None;
-    }
-    i += 1;
-    read_len(der, &mut i)?;
-    let mut out = Vec::with_capacity(2 * n);
-    for _ in 0..2 {
-        if *der.get(i)? != 0x02 {
-            return None;
-        }
-        i += 1;
-        let len = read_len(der, &mut i)?;
-        let mut int = der.get(i..i + len)?;
-        i += len;
-        while int.len() > n && int[0] == 0 {
-            int = &int[1..];
-        }
-        if int.len() > n {
-            return None;
-        }
-        out.extend(std::iter::repeat(0).take(n - int.len()));
-        out.extend_from_slice(int);
-    }
-    Some(out)
-}
-
-const STD_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const URL_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-fn base64_encode(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        let chars = chunk.len() + 1;
-        for k in 0..4 {
-            if k < chars {
-                out.push(alphabet[(n >> (18 - 6 * k) & 63) as usize] as char);
-            } else if pad {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard or URL-safe base64, padded or not.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|&c| c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32;
-        acc = acc << 6 | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+/// An ES256 JWT with the signing certificate in `x5c` (no `kid`, no `jwk`): distribution 2.8
+/// verifies the `x5c` chain against its `rootcertbundle` (the certificate itself), then the
+/// signature (the fixed-size `r||s` of JWS) with the certificate's key.
+fn sign_jwt(claims: &serde_json::Value, shared: &Shared) -> String {
+    let header = Header {
+        x5c: Some(vec![shared.x5c.clone()]),
+        ..Header::new(Algorithm::ES256)
+    };
+    jsonwebtoken::encode(&header, claims, &shared.key).expect("signing a token")
 }
