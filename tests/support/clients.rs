@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -79,17 +79,24 @@ pub fn try_skopeo_copy_via(
     all: bool,
     extra: &[&str],
 ) -> Output {
-    let mut args: Vec<String> = vec!["copy".into()];
+    let mut options = vec![
+        "--src-cert-dir".into(),
+        proxy.cert_dir().display().to_string(),
+    ];
+    options.extend(extra.iter().map(|s| s.to_string()));
+    skopeo(&copy_args(all, options, src, dst), Some(proxy))
+}
+
+/// `copy [--all] --preserve-digests OPTIONS… SRC DST`: the arguments of a skopeo copy.
+pub(super) fn copy_args(all: bool, options: Vec<String>, src: &str, dst: &str) -> Vec<String> {
+    let mut args = vec!["copy".to_string()];
     if all {
         args.push("--all".into());
     }
     args.push("--preserve-digests".into());
-    args.push("--src-cert-dir".into());
-    args.push(proxy.cert_dir().display().to_string());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.push(src.into());
-    args.push(dst.into());
-    skopeo(&args, Some(proxy))
+    args.extend(options);
+    args.extend([src.to_string(), dst.to_string()]);
+    args
 }
 
 /// Copies `src` (`docker://registry.test:PORT/…`) to `dst` (`oci:DIR:latest`) through `proxy`,
@@ -165,15 +172,12 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
+        let child = log_output(
+            Command::new("containerd").arg("--config").arg(&config),
+            &dir.join("containerd.log"),
+        )
+        .spawn()
+        .expect("starting containerd");
         wait_for(
             START_TIMEOUT,
             || socket.exists().then_some(()),
@@ -212,7 +216,6 @@ impl Dockerd {
             .tempdir_in("/tmp")
             .unwrap();
         let log = log_dir.join("dockerd.log");
-        let out = fs::File::create(&log).unwrap();
         let mut cmd = Command::new("dockerd");
         proxy_env(&mut cmd, proxy);
         cmd.args(["--iptables=false", "--bridge=none", "--storage-driver=vfs"])
@@ -224,11 +227,10 @@ impl Dockerd {
             .arg("--pidfile")
             .arg(short.path().join("d.pid"))
             .arg("-H")
-            .arg(format!("unix://{}", short.path().join("d.sock").display()))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        let child = cmd.spawn().expect("starting dockerd");
+            .arg(format!("unix://{}", short.path().join("d.sock").display()));
+        let child = log_output(&mut cmd, &log)
+            .spawn()
+            .expect("starting dockerd");
         let dockerd = Dockerd { child, short, log };
         wait_for(
             Duration::from_secs(60),

@@ -35,12 +35,39 @@ pub fn read_head(s: &mut impl Read) -> (u16, String) {
         }
     }
     let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
+    let status = status_code(&head).expect("status code");
     (status, head)
+}
+
+/// Reads a request head (through the blank line, at most 64 KiB) byte by byte, so that nothing
+/// after it is consumed; `None` if the stream ends, fails or goes on too long first.
+pub(super) fn read_request_head(s: &mut impl Read) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 64 << 10 || s.read_exact(&mut b).is_err() {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The value of header `name` (case-insensitive) in a request or response head, if present.
+pub(super) fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Ends a served TLS connection cleanly: flushes, sends close_notify.
+pub(super) fn close_tls(mut tls: rustls::StreamOwned<rustls::ServerConnection, TcpStream>) {
+    let _ = tls.flush();
+    tls.conn.send_close_notify();
+    let _ = tls.conn.complete_io(&mut tls.sock);
 }
 
 /// Sends raw bytes, reads the whole answer (the request must ask for Connection: close).
@@ -50,16 +77,17 @@ pub fn raw(proxy: SocketAddr, request: &[u8]) -> (u16, String) {
     read_response(s)
 }
 
+/// The status code of a response (`HTTP/1.1 200 OK…`).
+fn status_code(response: &str) -> Option<u16> {
+    response.split(' ').nth(1)?.parse().ok()
+}
+
 /// Reads a whole response to the end of the stream: its status and its text.
 pub fn read_response(mut s: impl Read) -> (u16, String) {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let status = status_code(&text).unwrap_or_else(|| panic!("no status in {text:?}"));
     (status, text)
 }
 
@@ -147,20 +175,7 @@ pub fn tiny_https(
     answer: impl Fn(&str, &mut dyn Write) + Send + Sync + 'static,
 ) -> (u16, Arc<Mutex<Vec<String>>>) {
     make_test_certs(dir, "tiny test CA", names);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
-    );
+    let config = Arc::new(server_tls_config(dir));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -172,20 +187,12 @@ pub fn tiny_https(
                 tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
                 let conn = rustls::ServerConnection::new(config).unwrap();
                 let mut tls = rustls::StreamOwned::new(conn, tcp);
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tls.read_exact(&mut b).is_err() {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
+                let Some(head) = read_request_head(&mut tls) else {
+                    return;
+                };
                 record.lock().unwrap().push(head.clone());
                 answer(&head, &mut tls);
-                let _ = tls.flush();
-                tls.conn.send_close_notify();
-                let _ = tls.conn.complete_io(&mut tls.sock);
+                close_tls(tls);
             });
         }
     });
@@ -204,12 +211,7 @@ pub struct RawResponse {
 impl RawResponse {
     /// The value of header `name` (case-insensitive), if present.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        header_value(&self.head, name)
     }
 }
 

@@ -181,6 +181,18 @@ impl Drop for TestDir {
     }
 }
 
+/// Closes `cmd`'s stdin and appends its stdout and stderr to the file `log` (created if missing).
+pub(super) fn log_output<'c>(cmd: &'c mut Command, log: &Path) -> &'c mut Command {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+}
+
 pub(super) fn write_file(path: &Path, data: &[u8], mode: u32) {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = fs::OpenOptions::new()

@@ -4,7 +4,7 @@
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -138,7 +138,7 @@ impl Proxy {
                     describe_exit(result)
                 );
             }
-            if fs::read_to_string(&ca).is_ok_and(|pem| pem.contains("-----END CERTIFICATE-----")) {
+            if ca_written(&ca) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -227,6 +227,11 @@ impl Proxy {
     }
 }
 
+/// Whether the proxy has written its CA certificate to `path` (whole).
+fn ca_written(path: &Path) -> bool {
+    fs::read_to_string(path).is_ok_and(|pem| pem.contains("-----END CERTIFICATE-----"))
+}
+
 fn describe_exit(result: thread::Result<Result<(), String>>) -> String {
     match result {
         Ok(Ok(())) => "run returned Ok".to_string(),
@@ -268,11 +273,6 @@ impl ProxyProcess {
     /// [`ProxyProcess::start`] with a descriptor limit and extra flags.
     pub fn start_with(state: &Path, registry: &Registry, options: &ProxyOptions) -> ProxyProcess {
         fs::create_dir_all(state).unwrap();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(state.join("regproxy.log"))
-            .unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let bin = env!("CARGO_BIN_EXE_regproxy");
         let mut cmd = match options.nofile {
@@ -286,8 +286,7 @@ impl ProxyProcess {
             }
             None => Command::new(bin),
         };
-        let child = cmd
-            .env_remove("REGPROXY_CONFIG")
+        cmd.env_remove("REGPROXY_CONFIG")
             .arg("run")
             .args(["--listen", &addr.to_string()])
             .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
@@ -296,10 +295,8 @@ impl ProxyProcess {
             .arg("--cache-dir")
             .arg(state.join("cache"))
             .args(registry.proxy_args())
-            .args(&options.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .args(&options.args);
+        let child = log_output(&mut cmd, &state.join("regproxy.log"))
             .spawn()
             .expect("starting the regproxy binary");
         let mut proxy = ProxyProcess {
@@ -317,9 +314,7 @@ impl ProxyProcess {
                         proxy.log()
                     );
                 }
-                let written = fs::read_to_string(&ca)
-                    .is_ok_and(|pem| pem.contains("-----END CERTIFICATE-----"));
-                (written && TcpStream::connect(addr).is_ok()).then_some(())
+                (ca_written(&ca) && TcpStream::connect(addr).is_ok()).then_some(())
             },
             || {
                 let log = fs::read_to_string(state.join("regproxy.log")).unwrap_or_default();
@@ -349,9 +344,15 @@ impl ProxyProcess {
         let mut cmd = skopeo_command(None);
         cmd.env("HTTPS_PROXY", self.url())
             .env("https_proxy", self.url())
-            .args(["copy", "--preserve-digests", "--src-cert-dir"])
-            .arg(self.cert_dir())
-            .args([src, dst]);
+            .args(copy_args(
+                false,
+                vec![
+                    "--src-cert-dir".into(),
+                    self.cert_dir().display().to_string(),
+                ],
+                src,
+                dst,
+            ));
         cmd
     }
 

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -183,19 +182,11 @@ http:
 
     /// Spawns the registry and waits until `/v2/` answers; on failure returns the log.
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let log_path = self.log_path();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve")
             .arg(self.dir.join("config.yml"))
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .current_dir(&self.dir);
+        let child = log_output(&mut cmd, &self.log_path())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run docker-registry: {e} ({INSTALL_HINT})"));
         self.child = Some(child);
@@ -350,12 +341,7 @@ http:
     /// `registry.test`, resolve it to 127.0.0.1:PORT, trust the registry CA upstream, allow CONNECT
     /// to PORT.
     pub fn configure_proxy(&self, config: &mut Config) {
-        config.intercept.push(REGISTRY_HOST.to_string());
-        config
-            .resolve
-            .push((self.host(), SocketAddr::from(([127, 0, 0, 1], self.port))));
-        config.upstream_ca.push(self.ca_cert_path());
-        config.allow_port.push(self.port);
+        reach_test_host(config, REGISTRY_HOST, self.port, self.ca_cert_path());
     }
 }
 
@@ -484,20 +470,15 @@ pub fn oci_ref(dir: impl AsRef<Path>) -> String {
 /// Pushes the OCI layout `oci_dir` (tag `latest`) straight to the registry (by IP, no proxy) as
 /// `repo_tag` (`"test/img:latest"`), digests preserved; `all` copies every image of an index.
 pub fn push(oci_dir: impl AsRef<Path>, registry: &Registry, repo_tag: &str, all: bool) {
-    let mut args: Vec<String> = vec!["copy".into()];
-    if all {
-        args.push("--all".into());
-    }
-    args.push("--preserve-digests".into());
-    args.push("--dest-cert-dir".into());
-    args.push(registry.cert_dir().display().to_string());
+    let mut options = vec![
+        "--dest-cert-dir".into(),
+        registry.cert_dir().display().to_string(),
+    ];
     if let Some(c) = registry.creds_arg() {
-        args.push("--dest-creds".into());
-        args.push(c);
+        options.extend(["--dest-creds".into(), c]);
     }
-    args.push(oci_ref(oci_dir));
-    args.push(registry.direct_image(repo_tag));
-    let out = skopeo(&args, None);
+    let (src, dst) = (oci_ref(oci_dir), registry.direct_image(repo_tag));
+    let out = skopeo(&copy_args(all, options, &src, &dst), None);
     assert_success(
         &out,
         &format!("pushing {repo_tag} to {}", registry.direct_host()),

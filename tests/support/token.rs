@@ -34,8 +34,6 @@ use std::time::Duration;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 
 use super::*;
 
@@ -92,7 +90,9 @@ impl TokenServer {
             "regproxy test token server CA",
             &[TOKEN_HOST, "127.0.0.1", "localhost"],
         );
-        let (key, x5c) = make_signing_cert(dir);
+        let mut tls = server_tls_config(&tls_dir);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let (key, cert) = make_signing_cert(dir, "signing", "regproxy test token signer");
         let ttl_secs = Arc::new(AtomicU64::new(ttl.as_secs()));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::new(Shared {
@@ -100,9 +100,9 @@ impl TokenServer {
             password: password.to_string(),
             ttl_secs: ttl_secs.clone(),
             requests: requests.clone(),
-            key,
-            x5c,
-            tls: server_tls_config(&tls_dir),
+            key: EncodingKey::from_ec_der(&key.serialize_der()),
+            x5c: STANDARD.encode(cert.der()),
+            tls: Arc::new(tls),
             jti: AtomicU64::new(0),
         });
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -208,12 +208,7 @@ impl TokenServer {
     /// Makes a proxy config reach the token server as `auth.test:PORT`: intercept `auth.test`,
     /// resolve it to 127.0.0.1:PORT, trust the token server's CA upstream, allow CONNECT to PORT.
     pub fn configure_proxy(&self, config: &mut Config) {
-        config.intercept.push(TOKEN_HOST.to_string());
-        config
-            .resolve
-            .push((self.host(), SocketAddr::from(([127, 0, 0, 1], self.port))));
-        config.upstream_ca.push(self.ca_cert_path());
-        config.allow_port.push(self.port);
+        reach_test_host(config, TOKEN_HOST, self.port, self.ca_cert_path());
     }
 
     /// Changes the lifetime of tokens issued from now on.
@@ -276,24 +271,6 @@ fn jwt_part(token: &str, i: usize) -> serde_json::Value {
 // Serving
 // ---------------------------------------------------------------------------------------------
 
-fn server_tls_config(tls_dir: &Path) -> Arc<rustls::ServerConfig> {
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(tls_dir.join("server.crt"))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(tls_dir.join("server.key")).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
-}
-
 /// One request per connection: TLS when the first byte is a TLS handshake record, else HTTP.
 fn serve_connection(tcp: TcpStream, shared: &Shared) {
     tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -307,9 +284,7 @@ fn serve_connection(tcp: TcpStream, shared: &Shared) {
         let conn = rustls::ServerConnection::new(shared.tls.clone()).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         serve_request(&mut tls, shared);
-        let _ = tls.flush();
-        tls.conn.send_close_notify();
-        let _ = tls.conn.complete_io(&mut tls.sock);
+        close_tls(tls);
     } else {
         let mut tcp = tcp;
         serve_request(&mut tcp, shared);
@@ -318,17 +293,11 @@ fn serve_connection(tcp: TcpStream, shared: &Shared) {
 }
 
 fn serve_request(s: &mut (impl Read + Write), shared: &Shared) {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read_exact(&mut b).is_err() || head.len() > 64 << 10 {
-            return;
-        }
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let Some(head) = read_request_head(s) else {
+        return;
+    };
     shared.requests.lock().unwrap().push(head.clone());
-    let body = match header(&head, "content-length").and_then(|l| l.parse::<usize>().ok()) {
+    let body = match header_value(&head, "content-length").and_then(|l| l.parse::<usize>().ok()) {
         Some(n) if n <= 1 << 20 => {
             let mut body = vec![0u8; n];
             if s.read_exact(&mut body).is_err() {
@@ -488,7 +457,7 @@ fn answer(head: &str, body: &str, shared: &Shared) -> Answer {
 /// `Ok(Some(user))` for the right Basic credentials, `Ok(None)` without Basic credentials,
 /// `Err` for wrong ones.
 fn basic_user(head: &str, shared: &Shared) -> Result<Option<String>, ()> {
-    let Some(value) = header(head, "authorization") else {
+    let Some(value) = header_value(head, "authorization") else {
         return Ok(None);
     };
     let Some((scheme, creds)) = value.split_once(' ') else {
@@ -529,15 +498,6 @@ fn grant(scope: &str, authenticated: bool) -> Option<serde_json::Value> {
 fn request_path(head: &str) -> Option<&str> {
     let target = head.lines().next()?.split(' ').nth(1)?;
     Some(target.split('?').next().unwrap_or(target))
-}
-
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
 }
 
 fn param(params: &[(String, String)], name: &str) -> String {
@@ -586,33 +546,6 @@ fn percent_decode(s: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // JWT
 // ---------------------------------------------------------------------------------------------
-
-/// A P-256 key and a self-signed certificate for it (`signing.crt`, `signing.key` in `dir`): the
-/// key to sign with, and the certificate (base64 DER) for `x5c`.
-fn make_signing_cert(dir: &Path) -> (EncodingKey, String) {
-    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, KeyUsagePurpose};
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "regproxy test token signer");
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(30);
-    let cert = params.self_signed(&key).unwrap();
-    write_file(&dir.join("signing.crt"), cert.pem().as_bytes(), 0o644);
-    write_file(
-        &dir.join("signing.key"),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    );
-    (
-        EncodingKey::from_ec_der(&key.serialize_der()),
-        STANDARD.encode(cert.der()),
-    )
-}
 
 /// An ES256 JWT with the signing certificate in `x5c` (no `kid`, no `jwk`): distribution 2.8
 /// verifies the `x5c` chain against its `rootcertbundle` (the certificate itself), then the
