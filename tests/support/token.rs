@@ -22,9 +22,20 @@
 //! regproxy fetches tokens straight from the token server. [`TokenServer::http_realm`] avoids
 //! the trust question altogether.
 
-use super::*;
-
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+use super::*;
 
 /// The host name of the token server (through regproxy, with [`TokenServer::configure_proxy`]).
 pub const TOKEN_HOST: &str = "auth.test";
@@ -53,8 +64,9 @@ struct Shared {
     password: String,
     ttl_secs: Arc<AtomicU64>,
     requests: Arc<Mutex<Vec<String>>>,
-    key: rcgen::KeyPair,
-    cert_der: Vec<u8>,
+    key: EncodingKey,
+    /// The signing certificate, base64 DER, as the `x5c` header carries it.
+    x5c: String,
     tls: Arc<rustls::ServerConfig>,
     jti: AtomicU64,
 }
@@ -78,7 +90,9 @@ impl TokenServer {
             "regproxy test token server CA",
             &[TOKEN_HOST, "127.0.0.1", "localhost"],
         );
-        let (key, cert_der) = make_signing_cert(dir);
+        let mut tls = server_tls_config(&tls_dir);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let (key, cert) = make_signing_cert(dir, "signing", "regproxy test token signer");
         let ttl_secs = Arc::new(AtomicU64::new(ttl.as_secs()));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::new(Shared {
@@ -86,9 +100,9 @@ impl TokenServer {
             password: password.to_string(),
             ttl_secs: ttl_secs.clone(),
             requests: requests.clone(),
-            key,
-            cert_der,
-            tls: server_tls_config(&tls_dir),
+            key: EncodingKey::from_ec_der(&key.serialize_der()),
+            x5c: STANDARD.encode(cert.der()),
+            tls: Arc::new(tls),
             jti: AtomicU64::new(0),
         });
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -194,12 +208,7 @@ impl TokenServer {
     /// Makes a proxy config reach the token server as `auth.test:PORT`: intercept `auth.test`,
     /// resolve it to 127.0.0.1:PORT, trust the token server's CA upstream, allow CONNECT to PORT.
     pub fn configure_proxy(&self, config: &mut Config) {
-        config.intercept.push(TOKEN_HOST.to_string());
-        config
-            .resolve
-            .push((self.host(), SocketAddr::from(([127, 0, 0, 1], self.port))));
-        config.upstream_ca.push(self.ca_cert_path());
-        config.allow_port.push(self.port);
+        reach_test_host(config, TOKEN_HOST, self.port, self.ca_cert_path());
     }
 
     /// Changes the lifetime of tokens issued from now on.
@@ -252,32 +261,15 @@ fn jwt_part(token: &str, i: usize) -> serde_json::Value {
         .split('.')
         .nth(i)
         .unwrap_or_else(|| panic!("not a JWT: {token:?}"));
-    let bytes =
-        base64_decode(part).unwrap_or_else(|| panic!("JWT part is not base64url: {part:?}"));
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap_or_else(|e| panic!("JWT part is not base64url: {part:?}: {e}"));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("JWT part is not JSON: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Serving
 // ---------------------------------------------------------------------------------------------
-
-fn server_tls_config(tls_dir: &Path) -> Arc<rustls::ServerConfig> {
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(tls_dir.join("server.crt"))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(tls_dir.join("server.key")).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
-}
 
 /// One request per connection: TLS when the first byte is a TLS handshake record, else HTTP.
 fn serve_connection(tcp: TcpStream, shared: &Shared) {
@@ -292,9 +284,7 @@ fn serve_connection(tcp: TcpStream, shared: &Shared) {
         let conn = rustls::ServerConnection::new(shared.tls.clone()).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         serve_request(&mut tls, shared);
-        let _ = tls.flush();
-        tls.conn.send_close_notify();
-        let _ = tls.conn.complete_io(&mut tls.sock);
+        close_tls(tls);
     } else {
         let mut tcp = tcp;
         serve_request(&mut tcp, shared);
@@ -303,17 +293,11 @@ fn serve_connection(tcp: TcpStream, shared: &Shared) {
 }
 
 fn serve_request(s: &mut (impl Read + Write), shared: &Shared) {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read_exact(&mut b).is_err() || head.len() > 64 << 10 {
-            return;
-        }
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let Some(head) = read_request_head(s) else {
+        return;
+    };
     shared.requests.lock().unwrap().push(head.clone());
-    let body = match header(&head, "content-length").and_then(|l| l.parse::<usize>().ok()) {
+    let body = match header_value(&head, "content-length").and_then(|l| l.parse::<usize>().ok()) {
         Some(n) if n <= 1 << 20 => {
             let mut body = vec![0u8; n];
             if s.read_exact(&mut body).is_err() {
@@ -473,7 +457,7 @@ fn answer(head: &str, body: &str, shared: &Shared) -> Answer {
 /// `Ok(Some(user))` for the right Basic credentials, `Ok(None)` without Basic credentials,
 /// `Err` for wrong ones.
 fn basic_user(head: &str, shared: &Shared) -> Result<Option<String>, ()> {
-    let Some(value) = header(head, "authorization") else {
+    let Some(value) = header_value(head, "authorization") else {
         return Ok(None);
     };
     let Some((scheme, creds)) = value.split_once(' ') else {
@@ -482,7 +466,7 @@ fn basic_user(head: &str, shared: &Shared) -> Result<Option<String>, ()> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return Ok(None);
     }
-    let decoded = base64_decode(creds.trim()).ok_or(())?;
+    let decoded = STANDARD.decode(creds.trim()).map_err(|_| ())?;
     let decoded = String::from_utf8(decoded).map_err(|_| ())?;
     match decoded.split_once(':') {
         Some((u, p)) if u == shared.user && p == shared.password => Ok(Some(u.to_string())),
@@ -516,15 +500,6 @@ fn request_path(head: &str) -> Option<&str> {
     Some(target.split('?').next().unwrap_or(target))
 }
 
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
-}
-
 fn param(params: &[(String, String)], name: &str) -> String {
     params
         .iter()
@@ -535,177 +510,20 @@ fn param(params: &[(String, String)], name: &str) -> String {
 
 /// `a=b&c=d` (query string or form body), percent- and `+`-decoded.
 fn parse_form(s: &str) -> Vec<(String, String)> {
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match std::str::from_utf8(&b[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(v) => {
-                    out.push(v);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(s.as_bytes()).into_owned().collect()
 }
 
 // ---------------------------------------------------------------------------------------------
 // JWT
 // ---------------------------------------------------------------------------------------------
 
-/// A P-256 key and a self-signed certificate for it (`signing.crt`, `signing.key` in `dir`).
-fn make_signing_cert(dir: &Path) -> (rcgen::KeyPair, Vec<u8>) {
-    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, KeyUsagePurpose};
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "regproxy test token signer");
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(30);
-    let cert = params.self_signed(&key).unwrap();
-    write_file(&dir.join("signing.crt"), cert.pem().as_bytes(), 0o644);
-    write_file(
-        &dir.join("signing.key"),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    );
-    (key, cert.der().to_vec())
-}
-
-/// `base64url(header).base64url(claims).base64url(r||s)`, ES256, with the signing certificate
-/// in `x5c`.
+/// An ES256 JWT with the signing certificate in `x5c` (no `kid`, no `jwk`): distribution 2.8
+/// verifies the `x5c` chain against its `rootcertbundle` (the certificate itself), then the
+/// signature (the fixed-size `r||s` of JWS) with the certificate's key.
 fn sign_jwt(claims: &serde_json::Value, shared: &Shared) -> String {
-    use rcgen::SigningKey;
-    let header = serde_json::json!({
-        "typ": "JWT",
-        "alg": "ES256",
-        "x5c": [base64_encode(&shared.cert_der, STD_ALPHABET, true)],
-    });
-    let signing_input = format!(
-        "{}.{}",
-        base64_encode(header.to_string().as_bytes(), URL_ALPHABET, false),
-        base64_encode(claims.to_string().as_bytes(), URL_ALPHABET, false)
-    );
-    // rcgen signs P-256 keys with ring's ECDSA_P256_SHA256_ASN1_SIGNING: a DER
-    // `SEQUENCE { INTEGER r, INTEGER s }`, which JWS wants as the fixed-size r||s.
-    let der = shared.key.sign(signing_input.as_bytes()).unwrap();
-    let raw = ecdsa_der_to_raw(&der, 32).expect("ECDSA signature in DER");
-    format!(
-        "{signing_input}.{}",
-        base64_encode(&raw, URL_ALPHABET, false)
-    )
-}
-
-/// DER `SEQUENCE { INTEGER r, INTEGER s }` → `r || s`, each left-padded to `n` bytes.
-fn ecdsa_der_to_raw(der: &[u8], n: usize) -> Option<Vec<u8>> {
-    fn read_len(d: &[u8], i: &mut usize) -> Option<usize> {
-        let first = *d.get(*i)?;
-        *i += 1;
-        if first < 0x80 {
-            return Some(first as usize);
-        }
-        let count = (first & 0x7f) as usize;
-        let mut len = 0usize;
-        for _ in 0..count {
-            len = (len << 8) | *d.get(*i)? as usize;
-            *i += 1;
-        }
-        Some(len)
-    }
-    let mut i = 0;
-    if *der.get(i)? != 0x30 {
-        return None;
-    }
-    i += 1;
-    read_len(der, &mut i)?;
-    let mut out = Vec::with_capacity(2 * n);
-    for _ in 0..2 {
-        if *der.get(i)? != 0x02 {
-            return None;
-        }
-        i += 1;
-        let len = read_len(der, &mut i)?;
-        let mut int = der.get(i..i + len)?;
-        i += len;
-        while int.len() > n && int[0] == 0 {
-            int = &int[1..];
-        }
-        if int.len() > n {
-            return None;
-        }
-        out.extend(std::iter::repeat(0).take(n - int.len()));
-        out.extend_from_slice(int);
-    }
-    Some(out)
-}
-
-const STD_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const URL_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-fn base64_encode(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        let chars = chunk.len() + 1;
-        for k in 0..4 {
-            if k < chars {
-                out.push(alphabet[(n >> (18 - 6 * k) & 63) as usize] as char);
-            } else if pad {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard or URL-safe base64, padded or not.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|&c| c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32;
-        acc = acc << 6 | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    let header = Header {
+        x5c: Some(vec![shared.x5c.clone()]),
+        ..Header::new(Algorithm::ES256)
+    };
+    jsonwebtoken::encode(&header, claims, &shared.key).expect("signing a token")
 }
