@@ -15,6 +15,7 @@ pub mod credentials;
 pub(crate) mod dockerhub;
 pub(crate) mod exchange;
 pub(crate) mod listener;
+pub(crate) mod manifest;
 pub(crate) mod metrics;
 pub(crate) mod prefetch;
 pub(crate) mod proxy;

@@ -13,6 +13,7 @@ use crate::body::Body;
 use crate::body::Outcome;
 use crate::dockerhub;
 use crate::exchange::Target;
+use crate::manifest::{Platform, Ref, Refs};
 use crate::registry::route::Route;
 use crate::Shared;
 
@@ -86,14 +87,15 @@ impl Platforms {
         Platforms::One(format!("linux/{arch}"))
     }
 
-    fn wants(&self, platform: &serde_json::Value) -> bool {
+    fn wants(&self, platform: &Platform) -> bool {
         let Platforms::One(want) = self else {
             return true;
         };
-        let field = |k: &str| platform.get(k).and_then(|v| v.as_str()).unwrap_or("");
-        let have = format!("{}/{}", field("os"), field("architecture"));
-        let variant = field("variant");
-        want == &have || (!variant.is_empty() && *want == format!("{have}/{variant}"))
+        let have = format!("{}/{}", platform.os, platform.architecture);
+        match &platform.variant {
+            Some(variant) => want == &have || *want == format!("{have}/{variant}"),
+            None => want == &have,
+        }
     }
 }
 
@@ -153,50 +155,38 @@ pub async fn prefetch(
         .await?;
     done.insert(top.digest.clone());
     let mut manifests = vec![top];
-    if let Some(entries) = manifests[0]
-        .json
-        .get("manifests")
-        .and_then(|m| m.as_array())
-    {
-        let chosen: Vec<(String, Option<u64>)> = entries
+    if let Some(Refs::Index(entries)) = &manifests[0].refs {
+        let chosen: Vec<Ref> = entries
             .iter()
-            .filter(|e| e.get("platform").map_or(true, |p| platforms.wants(p)))
-            .filter_map(|e| {
-                Some((
-                    e.get("digest")?.as_str()?.to_owned(),
-                    e.get("size")?.as_u64(),
-                ))
-            })
+            .filter(|e| e.platform.as_ref().map_or(true, |p| platforms.wants(p)))
+            .cloned()
             .collect();
         if chosen.is_empty() {
             return Err(PrefetchError::Other(format!(
                 "no manifest for {platforms:?} in the index"
             )));
         }
-        for (digest, size) in chosen {
-            let m = client.fetch("manifests", &digest, size, events).await?;
+        for entry in chosen {
+            let size = Some(entry.size);
+            let m = client
+                .fetch("manifests", &entry.digest, size, events)
+                .await?;
             done.insert(m.digest.clone());
             manifests.push(m);
         }
     }
     for m in &manifests {
-        let blobs = m
-            .json
-            .get("layers")
-            .and_then(|l| l.as_array())
-            .into_iter()
-            .flatten()
-            .chain(m.json.get("config"));
+        let Some(Refs::Manifest(blobs)) = &m.refs else {
+            continue;
+        };
         for blob in blobs {
-            let Some(digest) = blob.get("digest").and_then(|d| d.as_str()) else {
-                continue;
-            };
-            if done.contains(digest) {
+            if done.contains(&blob.digest) {
                 continue;
             }
-            let size = blob.get("size").and_then(|s| s.as_u64());
-            client.fetch("blobs", digest, size, events).await?;
-            done.insert(digest.to_owned());
+            client
+                .fetch("blobs", &blob.digest, Some(blob.size), events)
+                .await?;
+            done.insert(blob.digest.clone());
         }
     }
     Ok(done)
@@ -204,7 +194,8 @@ pub async fn prefetch(
 
 struct Fetched {
     digest: String,
-    json: serde_json::Value,
+    /// What it refers to, for a manifest or an index.
+    refs: Option<Refs>,
 }
 
 /// Requests as a client would make them, with an anonymous token when the registry asks.
@@ -271,13 +262,13 @@ impl Client {
                 "MISS"
             },
         });
-        let json = if is_manifest {
-            serde_json::from_slice(&kept)
-                .map_err(|e| PrefetchError::Other(format!("{path}: not a manifest: {e}")))?
-        } else {
-            serde_json::Value::Null
+        let refs = match is_manifest {
+            true => Some(Refs::of(&kept).ok_or_else(|| {
+                PrefetchError::Other(format!("{path}: not a manifest or an index"))
+            })?),
+            false => None,
         };
-        Ok(Fetched { digest, json })
+        Ok(Fetched { digest, refs })
     }
 
     async fn get(&self, path: &str) -> Result<(Response<Body>, Outcome), PrefetchError> {
@@ -349,7 +340,11 @@ mod tests {
 
     #[test]
     fn platform_selection() {
-        let p = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        let p = Platform {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+            variant: Some("v8".into()),
+        };
         assert!(Platforms::One("linux/arm64".into()).wants(&p));
         assert!(Platforms::One("linux/arm64/v8".into()).wants(&p));
         assert!(!Platforms::One("linux/amd64".into()).wants(&p));

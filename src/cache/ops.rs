@@ -201,17 +201,10 @@ fn tree(store: &Store, root: &str) -> BTreeSet<String> {
         let Ok(data) = std::fs::read(&path) else {
             continue;
         };
-        // Layers are not JSON (or are, by chance, without these fields): nothing to follow.
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) else {
-            continue;
-        };
-        let children = ["manifests", "layers", "blobs"]
-            .iter()
-            .filter_map(|k| v.get(*k)?.as_array())
-            .flatten()
-            .chain(v.get("config"))
-            .filter_map(|c| c.get("digest")?.as_str());
-        todo.extend(children.map(str::to_owned));
+        // Layers are not manifests: nothing to follow.
+        if let Some(refs) = crate::manifest::Refs::of(&data) {
+            todo.extend(refs.all().iter().map(|r| r.digest.clone()));
+        }
     }
     seen
 }
