@@ -37,8 +37,17 @@ impl Access {
     }
 
     fn allow(&self, key: (String, String, String)) {
+        // Clients choose their keys (any Authorization): expired entries go once the map has
+        // grown, and a map that is still too large starts over (a re-check, never a wrong answer).
+        const PRUNE_AT: usize = 4_096;
+        const MAX: usize = 65_536;
         let mut allowed = self.allowed.lock();
-        allowed.retain(|_, at| at.elapsed() < ALLOWED_FOR);
+        if allowed.len() >= PRUNE_AT {
+            allowed.retain(|_, at| at.elapsed() < ALLOWED_FOR);
+            if allowed.len() >= MAX {
+                allowed.clear();
+            }
+        }
         allowed.insert(key, Instant::now());
     }
 
@@ -56,39 +65,47 @@ impl Access {
     }
 }
 
-/// Who a client is to the upstream: a hash of its `Authorization` (empty: anonymous).
-fn client_key(headers: &HeaderMap) -> String {
+/// Who a client is to the upstream: a hash of its `Authorization`, and its proxy user, whose
+/// injected credentials may differ from another's: the same headers from two proxy users are
+/// two clients.
+fn client_key(headers: &HeaderMap, user: Option<&ProxyUser>) -> String {
     use sha2::Digest as _;
-    match headers.get(header::AUTHORIZATION) {
+    let auth = match headers.get(header::AUTHORIZATION) {
         None => String::new(),
         Some(v) => hex::encode(&sha2::Sha256::digest(v.as_bytes())[..16]),
+    };
+    match user {
+        Some(u) => format!("{auth}|{}", u.name),
+        None => auth,
     }
 }
 
 /// Records that the upstream served `repo` to this client (called when a fetch succeeded with
 /// the client's own headers): an anonymous success makes the repository public.
 pub async fn served(shared: &Shared, parts: &request::Parts, target: &Target, repo: &str) {
-    served_to(shared, &parts.headers, target, repo).await
+    let user = parts.extensions.get::<ProxyUser>();
+    served_to(shared, &parts.headers, user, target, repo).await
 }
 
-/// [`served`], from the headers the upstream request carried.
-pub async fn served_to(shared: &Shared, headers: &HeaderMap, target: &Target, repo: &str) {
+/// [`served`], from the headers the upstream request carried and the client's proxy user.
+pub async fn served_to(
+    shared: &Shared,
+    headers: &HeaderMap,
+    user: Option<&ProxyUser>,
+    target: &Target,
+    repo: &str,
+) {
     let host = target.authority();
-    // Whatever credentials the request went with, a repository they may read is not public.
-    if shared
-        .client
-        .credentials()
-        .injected(&host, repo, None)
-        .is_some()
-    {
-        return;
-    }
-    let who = client_key(headers);
-    if who.is_empty() && shared.access.is_public(&host, repo) != Some(true) {
+    // A success with credentials injected (for any user) says nothing of anonymous clients.
+    let injected = shared.client.credentials().injected(&host, repo, None);
+    let anonymous = !headers.contains_key(header::AUTHORIZATION) && injected.is_none();
+    if anonymous && shared.access.is_public(&host, repo) != Some(true) {
         shared.access.set_public(&host, repo, true);
         shared.cache.store.set_public(&host, repo).await;
     }
-    shared.access.allow((who, host, repo.to_owned()));
+    shared
+        .access
+        .allow((client_key(headers, user), host, repo.to_owned()));
 }
 
 /// What may be done with cached (or downloading) bytes for one client.
@@ -174,14 +191,17 @@ pub async fn allowed(
     }
     let host = target.authority();
     let user = parts.extensions.get::<ProxyUser>();
-    let injected = shared
-        .client
-        .credentials()
-        .injected(&host, repo, user)
-        .is_some();
-    let key = (client_key(&parts.headers), host.clone(), repo.to_owned());
+    // Injected credentials are no shortcut: bytes bound here may have come with another
+    // client's own credentials, which the injected ones (or this user's share of them) may
+    // not match. The HEAD below goes with whatever this client's requests go with.
+    let injected = shared.client.credentials().injected(&host, repo, user);
+    let key = (
+        client_key(&parts.headers, user),
+        host.clone(),
+        repo.to_owned(),
+    );
     let public_repo = shared.access.is_public(&host, repo) == Some(true);
-    if (prov.bound && (injected || public_repo)) || shared.access.was_allowed(&key) {
+    if (prov.bound && public_repo) || shared.access.was_allowed(&key) {
         return Verdict::Serve;
     }
     let answer = if upstream_down {
@@ -206,8 +226,11 @@ pub async fn allowed(
             ),
         )),
         Ok(resp) if !upstream_is_down(resp.status()) => {
-            if key.0.is_empty() {
-                // Refused to an anonymous client: not (or no longer) public.
+            let anonymous =
+                !parts.headers.contains_key(header::AUTHORIZATION) && injected.is_none();
+            if anonymous && matches!(resp.status().as_u16(), 401 | 403) {
+                // Refused to an anonymous client: not (or no longer) public. (A 404 says only
+                // that this repository lacks the object.)
                 shared.access.set_public(&host, repo, false);
                 shared.cache.store.clear_public(&host, repo).await;
             }
@@ -215,8 +238,8 @@ pub async fn allowed(
             Verdict::Refuse(head_answer(resp, &parts.method, &host))
         }
         outcome => {
-            // The upstream cannot say: only what is known public (or injected) may be served.
-            if prov.bound && (injected || shared.cache.store.is_public(&host, repo).await) {
+            // The upstream cannot say: only what is known public may be served.
+            if prov.bound && shared.cache.store.is_public(&host, repo).await {
                 return Verdict::Serve;
             }
             let cause =

@@ -2,6 +2,7 @@
 //! that is written when a response body finishes.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -271,10 +272,13 @@ impl Budget {
     }
 
     /// Takes `n` bytes of both caps, waiting while either is spent; `None` if `n` is beyond
-    /// what a cap can ever give.
-    pub async fn reserve(&self, n: usize) -> Option<Reserved> {
+    /// what a cap can ever give, or if the connection's own cap stays spent for `stall` (its
+    /// client reads nothing). Waiting for the process's cap has no such limit: others' stalled
+    /// clients must not cost this one its response.
+    pub async fn reserve(&self, n: usize, stall: std::time::Duration) -> Option<Reserved> {
         let n = u32::try_from(n).ok()?;
-        let connection = self.connection.clone().acquire_many_owned(n).await.ok()?;
+        let connection = self.connection.clone().acquire_many_owned(n);
+        let connection = tokio::time::timeout(stall, connection).await.ok()?.ok()?;
         let process = PROCESS.clone().acquire_many_owned(n).await.ok()?;
         Some(Reserved {
             _connection: connection,
@@ -316,15 +320,44 @@ impl AsRef<[u8]> for Charged {
 pub struct ChannelBody {
     rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
     remaining: Option<u64>,
+    finished: Arc<AtomicBool>,
 }
 
 /// A bounded channel whose receiving end is a response body of `len` bytes (if known).
-pub fn channel(
-    capacity: usize,
-    len: Option<u64>,
-) -> (tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>, Body) {
+pub fn channel(capacity: usize, len: Option<u64>) -> (Feed, Body) {
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-    (tx, ChannelBody { rx, remaining: len }.boxed_unsync())
+    let finished = Arc::new(AtomicBool::new(false));
+    let body = ChannelBody {
+        rx,
+        remaining: len,
+        finished: finished.clone(),
+    };
+    (Feed { tx, finished }, body.boxed_unsync())
+}
+
+/// The sending end of a [`channel`] body. The body ends cleanly only after [`Feed::finish`]: a
+/// feeder that gives up (or is dropped) without it aborts the response, even one whose length
+/// was not announced.
+pub struct Feed {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+    finished: Arc<AtomicBool>,
+}
+
+impl Feed {
+    /// Queues bytes (or an error that aborts the response); `Err` once the client has gone.
+    pub async fn send(&self, item: Result<Bytes, BoxError>) -> Result<(), ()> {
+        self.tx.send(item).await.map_err(|_| ())
+    }
+
+    /// Resolves when the client has gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
+    /// Ends the body cleanly after what was queued.
+    pub fn finish(self) {
+        self.finished.store(true, Ordering::Release);
+    }
 }
 
 impl HttpBody for ChannelBody {
@@ -346,6 +379,9 @@ impl HttpBody for ChannelBody {
             Poll::Ready(None) if self.remaining.is_some_and(|r| r > 0) => {
                 Poll::Ready(Some(Err("body ended before its announced length".into())))
             }
+            Poll::Ready(None) if !self.finished.load(Ordering::Acquire) => {
+                Poll::Ready(Some(Err("body ended before it was finished".into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -355,6 +391,28 @@ impl HttpBody for ChannelBody {
         match self.remaining {
             Some(r) => SizeHint::with_exact(r),
             None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A feeder that gives up without finishing aborts the body, even one of unknown length;
+    /// one that finishes ends it cleanly.
+    #[tokio::test]
+    async fn a_channel_body_ends_cleanly_only_when_finished() {
+        for finish in [false, true] {
+            let (feed, body) = channel(4, None);
+            feed.send(Ok(Bytes::from_static(b"partial"))).await.unwrap();
+            if finish {
+                feed.finish();
+            } else {
+                drop(feed);
+            }
+            let collected = body.collect().await;
+            assert_eq!(collected.is_ok(), finish, "finish = {finish}");
         }
     }
 }

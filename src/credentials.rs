@@ -83,14 +83,6 @@ impl Logins {
         self.by_scope.get(&canonical(authority))
     }
 
-    /// Whether any credentials are configured for `authority` (`host` or `host:port`).
-    pub fn any_for_host(&self, authority: &str) -> bool {
-        let host = canonical(authority);
-        self.by_scope
-            .keys()
-            .any(|k| k == &host || k.starts_with(&format!("{host}/")))
-    }
-
     /// The credentials for `repo` on `authority` and the scope they are configured for: the
     /// longest repository prefix that matches, else the host's own.
     pub fn for_repo(&self, authority: &str, repo: &str) -> Option<(&str, &Login)> {
@@ -198,9 +190,13 @@ impl Credentials {
     /// Reads the sources again after an upstream refused the credentials in force, unless that
     /// was done moments ago; whether it was done.
     pub async fn reload_after_refusal(self: &Arc<Self>) -> bool {
-        let recent = self.loaded_at.lock().elapsed() < REFRESH_AFTER_REFUSAL;
-        if recent {
-            return false;
+        {
+            // Checked and claimed at once: concurrent refusals read the sources once.
+            let mut loaded_at = self.loaded_at.lock();
+            if loaded_at.elapsed() < REFRESH_AFTER_REFUSAL {
+                return false;
+            }
+            *loaded_at = std::time::Instant::now();
         }
         let me = self.clone();
         match tokio::task::spawn_blocking(move || me.reload()).await {

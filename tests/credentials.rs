@@ -647,3 +647,88 @@ fn injected_credentials_never_push_or_delete() {
     );
     assert_eq!(resp.status, 200, "{}", resp.head);
 }
+
+/// Bytes that one proxy user's own credentials fetched are not served to another user on the
+/// strength of injected credentials: the injected ones (wrong here) must be accepted upstream for
+/// that repository first.
+#[test]
+fn injected_credentials_are_checked_not_assumed() {
+    let dir = TestDir::new();
+    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
+    let digest = mkimage(dir.join("src"), 1, "64KiB", None, 98);
+    push(dir.join("src"), &registry, "team/private:v1", false);
+    let manifest = std::fs::read(
+        dir.join("src/blobs/sha256")
+            .join(&digest["sha256:".len()..]),
+    )
+    .unwrap();
+    let host = registry.host();
+    let users = dir.join("users");
+    std::fs::write(
+        &users,
+        format!("dev:dev-pass inject=\nci:ci-pass inject={host}\n"),
+    )
+    .unwrap();
+    let proxy = Proxy::for_registry_with(&registry, |c| {
+        c.registries.insert(
+            host.clone(),
+            RegistryConfig {
+                username: Some(USER.into()),
+                password: Some(regproxy::secret::Secret::new("a-bot-without-access")),
+                ..Default::default()
+            },
+        );
+        c.proxy_credentials_file = Some(users.clone());
+    });
+    let path = format!("/v2/team/private/manifests/{digest}");
+    let own = format!("{USER}:{PASSWORD}");
+    let filled = get_as(
+        &proxy,
+        Some("dev:dev-pass"),
+        &registry,
+        &path,
+        Some(own.as_str()),
+    );
+    assert_eq!(filled.status, 200, "{}", filled.head);
+    let other = get_as(&proxy, Some("ci:ci-pass"), &registry, &path, None);
+    assert_eq!(other.status, 401, "{}", other.head);
+    assert!(
+        !other.body.windows(32).any(|w| w == &manifest[..32]),
+        "bytes fetched with dev's credentials reached ci through injected ones"
+    );
+}
+
+/// The operator's credentials go only to the registry API (`/v2/…`): another API on the same
+/// host (Harbor's, Artifactory's) sees the client's own, here none.
+#[test]
+fn injected_credentials_stay_on_the_registry_api() {
+    let dir = TestDir::new();
+    let (port, seen) = tiny_https(&dir.join("up"), &["api.test"], |_, w| {
+        let _ = write!(
+            w,
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    });
+    let host = format!("api.test:{port}");
+    let ca = dir.join("up/ca.crt");
+    let proxy = Proxy::start(|c| {
+        reach_test_host(c, "api.test", port, ca);
+        inject(c, host.clone());
+    });
+    for path in ["/api/v2.0/users", "/v2/team/app/manifests/v1"] {
+        let tls = tls_via(proxy.addr(), &host, "api.test", &proxy.ca_cert_path());
+        let resp = request(
+            tls,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(resp.status, 401, "{path}: {}", resp.head);
+    }
+    let heads = seen.lock().unwrap().clone();
+    let with_auth = |p: &str| {
+        heads
+            .iter()
+            .any(|h| h.contains(p) && h.to_ascii_lowercase().contains("authorization: basic"))
+    };
+    assert!(!with_auth("/api/v2.0/users"), "{heads:?}");
+    assert!(with_auth("/v2/team/app/manifests/v1"), "{heads:?}");
+}

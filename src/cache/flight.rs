@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::digest::Digest;
 use super::store::{ObjectMeta, Origin, Pin, Store, StoreError};
-use crate::body::{channel, Body, BoxError, Budget};
+use crate::body::{channel, Body, BoxError, Budget, Feed};
 
 /// Bytes read from disk per chunk sent to a client.
 const CHUNK: usize = 128 * 1024;
@@ -307,8 +307,9 @@ impl Leader {
         let writer = std::fs::File::create(&tmp)?;
         let reader = std::fs::File::open(&tmp)?;
         let _ = self.flight.file.set(Arc::new(reader));
-        let _ = self.flight.head.set(head);
+        // The origin before the head: a request that sees the head must see where it is from.
         let _ = self.flight.origin.set(origin);
+        let _ = self.flight.head.set(head);
         self.flight.state.send_replace(State::Filling(0));
         self.started = true;
         let fill = Fill {
@@ -540,13 +541,7 @@ fn write_all(
 }
 
 /// Sends `start..end` of the flight's file to a client, waiting for bytes that have not landed.
-async fn pump(
-    flight: Arc<Flight>,
-    mut pos: u64,
-    end: Option<u64>,
-    tx: mpsc::Sender<Result<Bytes, BoxError>>,
-    budget: Budget,
-) {
+async fn pump(flight: Arc<Flight>, mut pos: u64, end: Option<u64>, tx: Feed, budget: Budget) {
     let mut rx = flight.state.subscribe();
     let total = flight.head().and_then(|h| h.length);
     let Some(file) = flight.file.get().cloned() else {
@@ -580,13 +575,13 @@ async fn pump(
                 .min(CHUNK);
             // Room in the client's budget first, then the bytes: a reader held up by a client that
             // does not read holds no chunk of its own.
+            // A client that takes nothing for CLIENT_STALL gives up its response (and its share
+            // of the budget): a body that ends unfinished is aborted.
             let reserved = tokio::select! {
-                r = tokio::time::timeout(CLIENT_STALL, budget.reserve(left)) => r,
+                r = budget.reserve(left, CLIENT_STALL) => r,
                 _ = tx.closed() => return,
             };
-            // A client that takes nothing for this long gives up its response (and its share of
-            // the budget): ending the body unfinished aborts it.
-            let Ok(Some(reserved)) = reserved else { return };
+            let Some(reserved) = reserved else { return };
             let chunk = match flight.recent_at(pos, left) {
                 Some(c) => Ok(c),
                 None => {
@@ -618,6 +613,7 @@ async fn pump(
             }
         }
         if end.is_some_and(|e| pos >= e) || (done && pos >= available) {
+            tx.finish();
             return;
         }
         if rx.changed().await.is_err() {

@@ -33,6 +33,11 @@ pub fn sources(digest: &Digest) -> String {
     format!("{SOURCE}{digest}")
 }
 
+/// The digest a sources key names.
+pub fn sources_digest(key: &str) -> Option<&str> {
+    key.strip_prefix(SOURCE)
+}
+
 /// The record that `repo` on `host` serves anonymous clients.
 pub fn public(host: &str, repo: &str) -> String {
     format!("{PUBLIC}{host}/{repo}")

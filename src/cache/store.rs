@@ -106,8 +106,10 @@ pub struct Store {
     pins: Arc<Mutex<HashMap<PathBuf, usize>>>,
     // Woken on each commit, so that eviction looks at the bounds when the cache grew.
     committed: Arc<tokio::sync::Notify>,
-    // Where objects came from, as read from or written to the index by this process.
+    // Where objects came from, as read from or written to the index by this process (a bounded
+    // cache of the index), and the lock that orders its updates.
     sources: Arc<Mutex<HashMap<Digest, Vec<Origin>>>>,
+    adding: Arc<tokio::sync::Mutex<()>>,
     // This process's directory for partial downloads, and the lock that marks it alive.
     run_dir: PathBuf,
     _run_lock: Arc<std::fs::File>,
@@ -158,6 +160,7 @@ impl Store {
             pins: Arc::default(),
             committed: Arc::default(),
             sources: Arc::default(),
+            adding: Arc::default(),
             run_dir,
             _run_lock: Arc::new(run_lock),
         };
@@ -216,6 +219,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("remove", &object.path)(e)),
         }
+        self.sources.lock().remove(&object.digest);
         cacache::index::delete(&self.dir, &keys::object(&object.digest))
             .map_err(|e| StoreError::Index(e.to_string()))
     }
@@ -228,7 +232,8 @@ impl Store {
     /// Rewrites the index to its latest entry per key, dropping removed keys and objects whose
     /// content is gone: cacache's index only ever appends (blocking I/O).
     pub fn compact_index(&self) -> Result<(), StoreError> {
-        let live = |key: &str| match keys::object_digest(key) {
+        // An object's entry, and the record of its sources, go with its content.
+        let live = |key: &str| match keys::object_digest(key).or(keys::sources_digest(key)) {
             Some(d) => Digest::parse(d).is_ok_and(|d| self.content_path(&d).exists()),
             None => true,
         };
@@ -419,12 +424,14 @@ impl Store {
     /// in the index (which outlives the process). Call it only after verification: a source is
     /// what lets that origin's clients have the cached bytes.
     pub async fn add_source(&self, digest: &Digest, origin: &Origin) {
+        // One read-modify-write at a time: two origins recorded at once must both stay.
+        let _one = self.adding.lock().await;
         let mut sources = self.sources(digest).await;
         if sources.contains(origin) {
             return;
         }
         sources.push(origin.clone());
-        self.sources.lock().insert(digest.clone(), sources.clone());
+        self.remember_sources(digest, &sources);
         let names: Vec<String> = sources.iter().map(Origin::to_string).collect();
         let opts = WriteOpts::new()
             .integrity(digest.integrity())
@@ -444,7 +451,20 @@ impl Store {
             return Vec::new();
         };
         let names: Vec<String> = serde_json::from_value(found.metadata).unwrap_or_default();
-        names.iter().filter_map(|n| Origin::parse(n)).collect()
+        let sources: Vec<Origin> = names.iter().filter_map(|n| Origin::parse(n)).collect();
+        self.remember_sources(digest, &sources);
+        sources
+    }
+
+    /// Keeps what the index says of `digest`'s sources in memory, within a bound (it is only a
+    /// cache of the index).
+    fn remember_sources(&self, digest: &Digest, sources: &[Origin]) {
+        const MAX_REMEMBERED: usize = 16_384;
+        let mut known = self.sources.lock();
+        if known.len() >= MAX_REMEMBERED && !known.contains_key(digest) {
+            known.clear();
+        }
+        known.insert(digest.clone(), sources.to_vec());
     }
 
     /// Whether `repo` on `host` was recorded public.

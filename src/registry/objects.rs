@@ -90,7 +90,8 @@ impl Ask<'_> {
             return (text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed);
         }
         if let Some(sent) = sent {
-            access::served_to(shared, &sent, self.target, self.repo).await;
+            let user = self.parts.extensions.get::<crate::credentials::ProxyUser>();
+            access::served_to(shared, &sent, user, self.target, self.repo).await;
         }
         let length =
             header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
@@ -216,6 +217,10 @@ async fn lead(
     answer: oneshot::Sender<Answer>,
 ) {
     let sent = up.headers().clone();
+    let user = up
+        .extensions()
+        .get::<crate::credentials::ProxyUser>()
+        .cloned();
     let resp = match shared.client.send(up, How::following()).await {
         Ok(r) => r,
         Err(e) => {
@@ -227,7 +232,7 @@ async fn lead(
         let _ = answer.send(Answer::Upstream(not_whole(resp)));
         return;
     }
-    access::served_to(&shared, &sent, &target, &repo).await;
+    access::served_to(&shared, &sent, user.as_ref(), &target, &repo).await;
     let head = Head {
         content_type: header_str(resp.headers(), header::CONTENT_TYPE),
         length: header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),

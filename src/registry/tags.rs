@@ -55,26 +55,27 @@ pub(super) async fn serve(
         head_only: parts.method == Method::HEAD,
         range: ByteRange::from_headers(&parts.headers),
     };
-    let first = look(parts, target, &name, &ask, shared).await;
-    if let Look::Answer(answer) = first {
-        return answer;
-    }
     // One upstream request per tag and Accept list at a time (each counts against Docker Hub's
-    // pull limit): the others wait for it, then look again.
+    // pull limit): a caller that cannot be answered from the cache takes the lead, or waits for
+    // whoever has it and looks again; it goes upstream only while it holds the lead.
     let key = format!("{}\n{}", name.key(), name.accept);
-    let _lead = match shared.cache.tags.turn(key) {
-        Turn::Lead(lead) => Some(lead),
-        Turn::Follow(leader) => {
-            leader.finished().await;
-            None
+    loop {
+        if let Look::Answer(answer) = look(parts, target, &name, &ask, shared).await {
+            return answer;
         }
-    };
-    // Look again either way: a leader may have filled the cache since the first look, even
-    // one that finished just before this caller took the lead.
-    match look(parts, target, &name, &ask, shared).await {
-        Look::Answer(answer) => answer,
-        Look::Stale(record) => revalidate(parts, target, &name, record, &ask, shared).await,
-        Look::Fetch => fetch(parts, target, &name, &ask, shared).await,
+        let _lead = match shared.cache.tags.turn(key.clone()) {
+            Turn::Lead(lead) => lead,
+            Turn::Follow(leader) => {
+                leader.finished().await;
+                continue;
+            }
+        };
+        // Look again with the lead: a leader that finished just before may have filled it.
+        return match look(parts, target, &name, &ask, shared).await {
+            Look::Answer(answer) => answer,
+            Look::Stale(record) => revalidate(parts, target, &name, record, &ask, shared).await,
+            Look::Fetch => fetch(parts, target, &name, &ask, shared).await,
+        };
     }
 }
 

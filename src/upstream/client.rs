@@ -24,6 +24,10 @@ use crate::secret::{basic, Secret};
 /// Redirect hops followed upstream-side before giving up.
 const MAX_REDIRECTS: usize = 5;
 
+/// Marks a response that came from where a redirect led, away from the registry.
+#[derive(Debug, Clone, Copy)]
+struct LeftOrigin;
+
 /// How one request is sent.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct How {
@@ -94,9 +98,12 @@ impl Client {
         let repo = repo_of(req.uri().path()).to_owned();
         let user = req.extensions().get::<ProxyUser>().cloned();
         let injected = || self.credentials.injected(&authority, &repo, user.as_ref());
-        // Pulls only: a push or a delete goes with the client's own credentials, never the
-        // operator's.
-        let pull = matches!(*req.method(), Method::GET | Method::HEAD);
+        // Pulls of the registry API only: a push or a delete, or anything outside /v2/ on the
+        // same host (Harbor's, Quay's or Artifactory's own API), goes with the client's own
+        // credentials, never the operator's.
+        let path = req.uri().path();
+        let registry_api = path == "/v2/" || !repo.is_empty();
+        let pull = registry_api && matches!(*req.method(), Method::GET | Method::HEAD);
         let Some((configured, login)) = injected().filter(|_| pull) else {
             return self.anonymously(req, &repo, how).await;
         };
@@ -111,6 +118,10 @@ impl Client {
         let (StatusCode::UNAUTHORIZED, Some(mut again)) = (resp.status(), replay) else {
             return Ok(resp);
         };
+        if resp.extensions().get::<LeftOrigin>().is_some() {
+            // A challenge from where a redirect led: the registry's credentials are not for it.
+            return Ok(resp);
+        }
         let mut last = head_of(&again);
         let value = self.answer(&login, &key, resp.headers()).await?;
         again.headers_mut().insert(header::AUTHORIZATION, value);
@@ -213,6 +224,9 @@ impl Client {
             *req.extensions_mut() = parts.extensions.clone();
             resp = self.http.send(req).await?;
             current = next;
+        }
+        if current.scheme() != origin.scheme() || current.authority() != origin.authority() {
+            resp.extensions_mut().insert(LeftOrigin);
         }
         Ok(resp)
     }
