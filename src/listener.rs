@@ -55,6 +55,18 @@ impl Backoff {
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    // Requests being answered: a connection waiting on the upstream for them is not idle.
+    busy: AtomicU64,
+}
+
+/// Marks a request in progress on a connection until dropped (see [`Activity::busy`]).
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Activity {
@@ -62,7 +74,15 @@ impl Activity {
         Arc::new(Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
         })
+    }
+
+    /// A request is being answered until the guard is dropped (when its response head is
+    /// ready): the connection does not count as idle meanwhile, however long the upstream takes.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
     }
 
     fn touch(&self) {
@@ -244,7 +264,8 @@ pub async fn idle_or_shutdown(
         tokio::select! {
             _ = shutdown.cancelled() => return Ending::Shutdown,
             _ = tokio::time::sleep_until(deadline) => {
-                if activity.last() + idle <= Instant::now() {
+                let busy = activity.busy.load(Ordering::Relaxed) > 0;
+                if !busy && activity.last() + idle <= Instant::now() {
                     return Ending::Idle;
                 }
             }

@@ -105,8 +105,14 @@ pub(super) async fn serve_http<I>(
     let target = target.map(Arc::new);
     let svc_shared = shared.clone();
     let budget = crate::body::Budget::for_connection();
+    // Counted under the cap by the outer connection; tracked here for its own idle time (h2
+    // has no header timer to close an idle connection).
+    let io = Tracked::new(io);
+    let activity = io.activity();
+    let requests = activity.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let (target, shared) = (target.clone(), svc_shared.clone());
+        let busy = requests.busy();
         req.extensions_mut().insert(budget.clone());
         if let Some(user) = &user {
             // Who sent the CONNECT decides which injected credentials its requests may use.
@@ -117,6 +123,7 @@ pub(super) async fn serve_http<I>(
                 Some(t) => registry::handle(req, t, peer, &shared).await,
                 None => registry::mirror::handle(req, peer, &shared).await,
             };
+            drop(busy);
             Ok::<_, Infallible>(resp)
         }
     });
@@ -136,10 +143,6 @@ pub(super) async fn serve_http<I>(
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buf_size(MAX_SEND_BUF)
         .max_header_list_size(MAX_HEADER_LIST);
-    // Counted under the cap by the outer connection; tracked here for its own idle time (h2
-    // has no header timer to close an idle connection).
-    let io = Tracked::new(io);
-    let activity = io.activity();
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle = shared.config.idle_timeout;

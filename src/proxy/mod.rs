@@ -117,11 +117,18 @@ async fn connection(
 ) {
     let _open = crate::metrics::Open::new(&shared.metrics.open_connections);
     let svc_shared = shared.clone();
+    let activity = tcp.activity();
+    let requests = activity.clone();
     let svc = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, shared).await) }
+        // Not idle while an answer is being made, however long the upstream takes.
+        let busy = requests.busy();
+        async move {
+            let resp = handle(req, peer, shared).await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
+        }
     });
-    let activity = tcp.activity();
     // hyper's header timer also runs while a keep-alive connection waits for its next request,
     // so an idle connection closes after the shorter of the header and idle timeouts.
     let conn = http1::Builder::new()
