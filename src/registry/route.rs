@@ -17,7 +17,8 @@ pub enum Route {
     ManifestByTag { repo: String, tag: String },
     /// Anything else: pushes, catalog, tag lists, referrers, token endpoints.
     Other,
-    /// A digest reference that can never be valid.
+    /// A digest reference that can never be valid, or a repository name with an empty, `.` or
+    /// `..` component.
     Invalid(String),
 }
 
@@ -42,6 +43,11 @@ impl Route {
                 // Not this marker: `blobs` may be a component of a repository whose manifest
                 // is asked for (`/v2/a/blobs/b/manifests/latest`).
                 continue;
+            }
+            if !crate::upstream::client::plain_repository(repo) {
+                return Route::Invalid(format!(
+                    "repository name {repo:?} has an empty, '.' or '..' component"
+                ));
             }
             let (repo, reference) = (repo.to_owned(), reference.to_owned());
             return match (reference.contains(':'), is_blob) {
@@ -97,6 +103,10 @@ mod tests {
         ));
         assert!(matches!(
             Route::classify(&Method::GET, "/v2/a/blobs/sha256:abc"),
+            Route::Invalid(_)
+        ));
+        assert!(matches!(
+            Route::classify(&Method::GET, "/v2/org-a/../org-b/manifests/latest"),
             Route::Invalid(_)
         ));
     }

@@ -102,7 +102,7 @@ impl Client {
         // same host (Harbor's, Quay's or Artifactory's own API), goes with the client's own
         // credentials, never the operator's.
         let path = req.uri().path();
-        let registry_api = path == "/v2/" || !repo.is_empty();
+        let registry_api = path == "/v2/" || (!repo.is_empty() && plain_repository(&repo));
         let pull = registry_api && matches!(*req.method(), Method::GET | Method::HEAD);
         let Some((configured, login)) = injected().filter(|_| pull) else {
             return self.anonymously(req, &repo, how).await;
@@ -340,6 +340,14 @@ pub fn repo_of(path: &str) -> &str {
         .unwrap_or("")
 }
 
+/// Whether `repo` names a repository as the distribution spec spells one: no empty, `.` or `..`
+/// component, which an upstream could resolve to another repository than the one the name's
+/// prefix (and so its credentials) say.
+pub fn plain_repository(repo: &str) -> bool {
+    repo.split('/')
+        .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// Whether every resource of a token `scope` asks for `pull` and nothing more.
 fn pull_only(scope: &str) -> bool {
     scope.split(' ').all(|resource| {
@@ -386,5 +394,9 @@ mod tests {
         assert!(!pull_only("repository:a/b:pull registry:catalog:*"));
         assert_eq!(repo_of("/v2/a/b/manifests/v1"), "a/b");
         assert_eq!(repo_of("/v2/"), "");
+        assert!(plain_repository("org-a/app"));
+        for odd in ["org-a/../org-b", "org-a//x", "./a", "a/.", ""] {
+            assert!(!plain_repository(odd), "{odd}");
+        }
     }
 }
