@@ -39,14 +39,33 @@ fn token_setup(seed: u64) -> TokenSetup {
 }
 
 fn inject(config: &mut regproxy::Config, host: String) {
+    inject_as(config, host, PASSWORD);
+}
+
+/// Injects `USER` with `password` for `scope` (`HOST` or `HOST/PREFIX`).
+fn inject_as(config: &mut regproxy::Config, scope: String, password: &str) {
     config.registries.insert(
-        host,
+        scope,
         RegistryConfig {
             username: Some(USER.into()),
-            password: Some(regproxy::secret::Secret::new(PASSWORD)),
+            password: Some(regproxy::secret::Secret::new(password)),
             ..Default::default()
         },
     );
+}
+
+/// An htpasswd registry holding one small image under each of `repos`, and the image's
+/// manifest bytes.
+fn private_registry(dir: &TestDir, seed: u64, repos: &[&str]) -> (Registry, Vec<u8>) {
+    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
+    let digest = mkimage(dir.join("src"), 1, "64KiB", None, seed);
+    for repo in repos {
+        push(dir.join("src"), &registry, repo, false);
+    }
+    let manifest = dir
+        .join("src/blobs/sha256")
+        .join(&digest["sha256:".len()..]);
+    (registry, std::fs::read(manifest).unwrap())
 }
 
 /// The token server's realm is `https://127.0.0.1:PORT`, which regproxy refuses to reach
@@ -534,16 +553,7 @@ fn get_as(
 #[test]
 fn scoped_credentials_and_proxy_users() {
     let dir = TestDir::new();
-    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
-    let digest = mkimage(dir.join("src"), 1, "64KiB", None, 95);
-    for repo in ["org-a/app:v1", "org-b/app:v1"] {
-        push(dir.join("src"), &registry, repo, false);
-    }
-    let manifest = std::fs::read(
-        dir.join("src/blobs/sha256")
-            .join(&digest["sha256:".len()..]),
-    )
-    .unwrap();
+    let (registry, manifest) = private_registry(&dir, 95, &["org-a/app:v1", "org-b/app:v1"]);
     let host = registry.host();
     let users = dir.join("users");
     std::fs::write(
@@ -553,14 +563,7 @@ fn scoped_credentials_and_proxy_users() {
     .unwrap();
     let proxy = Proxy::for_registry_with(&registry, |c| {
         inject(c, format!("{host}/org-a"));
-        c.registries.insert(
-            host.clone(),
-            RegistryConfig {
-                username: Some(USER.into()),
-                password: Some(regproxy::secret::Secret::new("not-the-password")),
-                ..Default::default()
-            },
-        );
+        inject_as(c, host.clone(), "not-the-password");
         c.proxy_credentials_file = Some(users.clone());
     });
     let a = "/v2/org-a/app/manifests/v1";
@@ -590,9 +593,7 @@ fn scoped_credentials_and_proxy_users() {
 #[test]
 fn rotated_credentials_are_read_again() {
     let dir = TestDir::new();
-    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
-    mkimage(dir.join("src"), 1, "64KiB", None, 96);
-    push(dir.join("src"), &registry, "test/rotated:v1", false);
+    let (registry, _) = private_registry(&dir, 96, &["test/rotated:v1"]);
     let secret = dir.join("password");
     std::fs::write(&secret, "expired-token\n").unwrap();
     let proxy = Proxy::for_registry_with(&registry, |c| {
@@ -619,9 +620,7 @@ fn rotated_credentials_are_read_again() {
 #[test]
 fn injected_credentials_never_push_or_delete() {
     let dir = TestDir::new();
-    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
-    mkimage(dir.join("src"), 1, "64KiB", None, 97);
-    push(dir.join("src"), &registry, "test/pushed:v1", false);
+    let (registry, _) = private_registry(&dir, 97, &["test/pushed:v1"]);
     let proxy = Proxy::for_registry_with(&registry, |c| inject(c, registry.host()));
     let host = registry.host();
     for line in [
@@ -654,14 +653,8 @@ fn injected_credentials_never_push_or_delete() {
 #[test]
 fn injected_credentials_are_checked_not_assumed() {
     let dir = TestDir::new();
-    let registry = Registry::start_with_htpasswd(dir.join("registry"), USER, PASSWORD);
-    let digest = mkimage(dir.join("src"), 1, "64KiB", None, 98);
-    push(dir.join("src"), &registry, "team/private:v1", false);
-    let manifest = std::fs::read(
-        dir.join("src/blobs/sha256")
-            .join(&digest["sha256:".len()..]),
-    )
-    .unwrap();
+    let (registry, manifest) = private_registry(&dir, 98, &["team/private:v1"]);
+    let digest = sha256_digest(&manifest);
     let host = registry.host();
     let users = dir.join("users");
     std::fs::write(
@@ -670,14 +663,7 @@ fn injected_credentials_are_checked_not_assumed() {
     )
     .unwrap();
     let proxy = Proxy::for_registry_with(&registry, |c| {
-        c.registries.insert(
-            host.clone(),
-            RegistryConfig {
-                username: Some(USER.into()),
-                password: Some(regproxy::secret::Secret::new("a-bot-without-access")),
-                ..Default::default()
-            },
-        );
+        inject_as(c, host.clone(), "a-bot-without-access");
         c.proxy_credentials_file = Some(users.clone());
     });
     let path = format!("/v2/team/private/manifests/{digest}");
