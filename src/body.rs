@@ -296,7 +296,14 @@ pub struct Reserved {
 impl Reserved {
     /// `data` holding the reservation until every copy of it is dropped, which is once it has
     /// been written out to the client.
-    pub fn attach(self, data: Bytes) -> Bytes {
+    /// What was reserved beyond `data`'s length (a chunk shorter than asked for) goes back at once.
+    pub fn attach(mut self, data: Bytes) -> Bytes {
+        let held = u32::try_from(data.len()).unwrap_or(u32::MAX) as usize;
+        let extra = self._connection.num_permits().saturating_sub(held);
+        if extra > 0 {
+            drop(self._connection.split(extra));
+            drop(self._process.split(extra));
+        }
         Bytes::from_owner(Charged {
             data,
             _reserved: self,
@@ -398,6 +405,20 @@ impl HttpBody for ChannelBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chunk shorter than what was reserved for it holds only its own length.
+    #[tokio::test]
+    async fn a_chunk_holds_only_its_length_of_the_budget() {
+        let budget = Budget::for_connection();
+        let reserved = budget
+            .reserve(1000, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        let data = reserved.attach(Bytes::from_static(b"0123456789"));
+        assert_eq!(budget.connection.available_permits(), PER_CONNECTION - 10);
+        drop(data);
+        assert_eq!(budget.connection.available_permits(), PER_CONNECTION);
+    }
 
     /// A feeder that gives up without finishing aborts the body, even one of unknown length;
     /// one that finishes ends it cleanly.
