@@ -133,8 +133,11 @@ async fn forward(
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
     let mut req = upstream_request(parts, uri, body);
-    // Streamed to the client as it reads: a connection of its own (see OwnConnection).
-    req.extensions_mut().insert(crate::upstream::OwnConnection);
+    // A body streamed to the client as it reads goes on a connection of its own (see
+    // OwnConnection); a HEAD's answer has none.
+    if parts.method != http::Method::HEAD {
+        req.extensions_mut().insert(crate::upstream::OwnConnection);
+    }
     let how = How {
         follow,
         ..How::default()
