@@ -101,7 +101,7 @@ pub async fn served_to(
     let anonymous = !headers.contains_key(header::AUTHORIZATION) && injected.is_none();
     if anonymous && shared.access.is_public(&host, repo) != Some(true) {
         shared.access.set_public(&host, repo, true);
-        shared.cache.store.set_public(&host, repo).await;
+        shared.cache.set_public(&host, repo, true).await;
     }
     shared
         .access
@@ -151,10 +151,7 @@ impl Provenance {
         for source in &sources {
             public = match shared.access.is_public(&source.host, &source.repo) {
                 Some(known) => known,
-                None => {
-                    let store = &shared.cache.store;
-                    store.is_public(&source.host, &source.repo).await
-                }
+                None => shared.cache.is_public(&source.host, &source.repo).await,
             };
             if public {
                 break;
@@ -232,14 +229,14 @@ pub async fn allowed(
                 // Refused to an anonymous client: not (or no longer) public. (A 404 says only
                 // that this repository lacks the object.)
                 shared.access.set_public(&host, repo, false);
-                shared.cache.store.clear_public(&host, repo).await;
+                shared.cache.set_public(&host, repo, false).await;
             }
             tracing::info!(repo, status = %resp.status(), "cached content refused: the upstream does not authorize this client");
             Verdict::Refuse(head_answer(resp, &parts.method, &host))
         }
         outcome => {
             // The upstream cannot say: only what is known public may be served.
-            if prov.bound && shared.cache.store.is_public(&host, repo).await {
+            if prov.bound && shared.cache.is_public(&host, repo).await {
                 return Verdict::Serve;
             }
             let cause =
@@ -281,6 +278,6 @@ pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &s
         .is_ok_and(|r| r.status().is_success());
     shared.access.set_public(&host, repo, public);
     if public {
-        shared.cache.store.set_public(&host, repo).await;
+        shared.cache.set_public(&host, repo, true).await;
     }
 }

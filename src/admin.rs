@@ -76,7 +76,13 @@ async fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok"),
         "/readyz" => match ready(shared).await {
-            Ok(()) => text(StatusCode::OK, "ready"),
+            // The shared store's state is shown, but it never makes a node unready: pulls go on
+            // from the disk and the upstream without it.
+            Ok(()) => match &shared.cache.shared {
+                Some(tier) if tier.is_up() => text(StatusCode::OK, "ready; shared store up"),
+                Some(_) => text(StatusCode::OK, "ready; shared store down"),
+                None => text(StatusCode::OK, "ready"),
+            },
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason),
         },
         "/metrics" => {

@@ -58,6 +58,10 @@ pub enum Outcome {
     Miss,
     /// Joined a download already in flight.
     Joined,
+    /// From the shared store of the fleet (verified as it streamed).
+    Shared,
+    /// From the fleet member that owns the object (verified as it streamed).
+    Peer,
     /// A stale tag the upstream confirmed with a `HEAD`.
     Revalidated,
     /// A cached answer given while the upstream cannot answer.
@@ -80,6 +84,8 @@ impl Outcome {
             Outcome::Hit => "HIT",
             Outcome::Miss => "MISS",
             Outcome::Joined => "JOINED",
+            Outcome::Shared => "SHARED",
+            Outcome::Peer => "PEER",
             Outcome::Revalidated => "REVALIDATED",
             Outcome::Stale => "STALE",
             Outcome::Forward => "FORWARD",

@@ -66,6 +66,23 @@ enum Command {
     /// Inspect and maintain the cache (safe while the proxy runs)
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// The object store a fleet shares (--shared-store)
+    #[command(subcommand)]
+    SharedStore(SharedStoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SharedStoreCommand {
+    /// Print the bucket lifecycle rules to apply: objects expire by age, abandoned multipart
+    /// uploads after a day (JSON for `aws s3api put-bucket-lifecycle-configuration`)
+    Lifecycle {
+        /// Days after which an object expires (nodes upload again what they still pull)
+        #[arg(long, value_name = "DAYS", default_value_t = 30)]
+        expire_days: u32,
+        /// S3's XML instead of the AWS CLI's JSON (for tools that send it as it is)
+        #[arg(long)]
+        xml: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,9 +177,18 @@ pub fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Some(Command::SharedStore(SharedStoreCommand::Lifecycle { expire_days, xml })) => {
+            let url = config
+                .shared_store
+                .as_ref()
+                .context("no shared store is configured (--shared-store s3://BUCKET[/PREFIX])")?;
+            print!("{}", crate::cache::shared::lifecycle(url, expire_days, xml));
+            Ok(())
+        }
         Some(Command::Config(ConfigCommand::Check)) => {
             print!("{}", config.to_toml());
             config.check_exposure()?;
+            config.check_fleet()?;
             crate::credentials::Logins::load(&config.registries, config.docker_config.as_deref())?;
             Ok(())
         }

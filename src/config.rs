@@ -243,6 +243,33 @@ keys! {
     /// Grace time for in-flight transfers on SIGTERM/SIGINT
     #[arg(env = "REGPROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
     shutdown_grace: String => shutdown_grace: Duration = One(parse_duration), default "30s";
+    /// Shared object-store tier for a fleet, s3://BUCKET[/PREFIX] [default: off]
+    #[arg(env = "REGPROXY_SHARED_STORE", value_name = "s3://BUCKET[/PREFIX]")]
+    shared_store: String => shared_store: Option<StoreUrl> = Opt(StoreUrl::parse);
+    /// S3 endpoint of the shared store, e.g. http://127.0.0.1:3900 for Garage or MinIO [default: AWS]
+    #[arg(env = "REGPROXY_SHARED_STORE_ENDPOINT", value_name = "URL")]
+    shared_store_endpoint: String => shared_store_endpoint: Option<String> = Opt(parse_url);
+    /// Region of the shared store (Garage uses garage)
+    #[arg(env = "REGPROXY_SHARED_STORE_REGION", value_name = "NAME")]
+    shared_store_region: String => shared_store_region: String = One(as_is), default "us-east-1";
+    /// Access key id of the shared store [default: $AWS_ACCESS_KEY_ID]
+    #[arg(env = "REGPROXY_ACCESS_KEY_ID", value_name = "ID")]
+    access_key_id: String => access_key_id: Option<String> = Opt(as_is);
+    /// File holding the shared store's secret access key [default: $AWS_SECRET_ACCESS_KEY]
+    #[arg(env = "REGPROXY_SECRET_ACCESS_KEY_FILE", value_name = "FILE")]
+    secret_access_key_file: PathBuf => secret_access_key_file: Option<PathBuf> = Opt(as_is);
+    /// A fleet member's URL, e.g. http://10.0.0.5:3128; repeatable, this node included
+    #[arg(env = "REGPROXY_PEER", value_name = "URL", value_delimiter = ',')]
+    peer: Vec<String> => peers: Vec<String> = List(parse_url, &[]) then sorted;
+    /// This node's URL as the other fleet members reach it
+    #[arg(env = "REGPROXY_ADVERTISE", value_name = "URL")]
+    advertise: String => advertise: Option<String> = Opt(parse_url);
+    /// DNS name whose addresses are the fleet (a Kubernetes headless Service), HOST:PORT
+    #[arg(env = "REGPROXY_PEERS_DNS", value_name = "HOST:PORT")]
+    peers_dns: String => peers_dns: Option<(String, u16)> = Opt(parse_host_port);
+    /// File holding the secret fleet members authenticate each other with
+    #[arg(env = "REGPROXY_PEER_SECRET_FILE", value_name = "FILE")]
+    peer_secret_file: PathBuf => peer_secret_file: Option<PathBuf> = Opt(as_is);
 
     Settings {
         /// Upstream credentials per registry (config file only: [registries."HOST"])
@@ -382,7 +409,68 @@ to_text!(Show::show {
     LogFormat: |f| quote(if *f == LogFormat::Json { "json" } else { "text" });
     (String, SocketAddr): |(host, addr)| quote(format!("{host}={addr}"));
     (String, Duration): |(p, d)| quote(format!("{p}={}", humantime::format_duration(*d)));
+    (String, u16): |(host, port)| quote(format!("{host}:{port}"));
+    StoreUrl: |u| quote(u);
 });
+
+/// Where the shared tier lives: `s3://BUCKET[/PREFIX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix inside it, without slashes at either end (may be empty).
+    pub prefix: String,
+}
+
+impl StoreUrl {
+    /// Parses `s3://BUCKET` or `s3://BUCKET/PREFIX`.
+    pub fn parse(s: &str) -> Result<StoreUrl, String> {
+        let rest = s
+            .strip_prefix("s3://")
+            .ok_or("expected s3://BUCKET[/PREFIX]")?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+        if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+            return Err(format!(
+                "bucket {bucket:?}: 3 to 63 lower-case letters, digits, '-' and '.'"
+            ));
+        }
+        Ok(StoreUrl {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.prefix.as_str() {
+            "" => write!(f, "s3://{}", self.bucket),
+            p => write!(f, "s3://{}/{p}", self.bucket),
+        }
+    }
+}
+
+/// Parses an `http://` or `https://` URL with a host (an endpoint or a peer), without a
+/// trailing slash.
+fn parse_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.host().map_or(true, str::is_empty) {
+        return Err("expected http://HOST[:PORT] or https://HOST[:PORT]".into());
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+/// Parses `HOST:PORT`.
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s.rsplit_once(':').ok_or("expected HOST:PORT")?;
+    let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
 
 /// An IP network, `ADDR/PREFIX` (a bare address is a single host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -502,6 +590,29 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a fleet that could not work: members that cannot tell which one they are, or
+    /// that have no secret to know each other by.
+    pub fn check_fleet(&self) -> Result<(), ConfigError> {
+        let fleet = !self.peers.is_empty() || self.peers_dns.is_some();
+        if !fleet {
+            return Ok(());
+        }
+        if self.peer_secret_file.is_none() {
+            let reason = "a fleet needs peer_secret_file: peers never answer unauthenticated \
+                          peer requests";
+            return Err(invalid("peer", &self.peers.join(","), reason.into()));
+        }
+        let Some(me) = &self.advertise else {
+            let reason = "a fleet needs advertise: this node's URL as the others reach it";
+            return Err(invalid("peer", &self.peers.join(","), reason.into()));
+        };
+        if self.peers_dns.is_none() && !self.peers.contains(me) {
+            let reason = "advertise must be one of the peer URLs (the list includes this node)";
+            return Err(invalid("advertise", me, reason.into()));
         }
         Ok(())
     }

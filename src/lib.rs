@@ -14,6 +14,7 @@ pub mod config;
 pub mod credentials;
 pub(crate) mod dockerhub;
 pub(crate) mod exchange;
+pub(crate) mod fleet;
 pub(crate) mod listener;
 pub(crate) mod manifest;
 pub(crate) mod metrics;
@@ -54,6 +55,12 @@ pub enum Error {
     /// Upstream credentials could not be loaded.
     #[error(transparent)]
     Credentials(#[from] credentials::CredentialsError),
+    /// The shared tier could not be set up.
+    #[error(transparent)]
+    Shared(#[from] cache::shared::SharedError),
+    /// The fleet could not be set up.
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
     /// A socket operation failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -75,6 +82,8 @@ pub(crate) struct Shared {
     pub cache: cache::Cache,
     /// The upstream client: credentials, tokens, redirects, pooled connections.
     pub client: upstream::Client,
+    /// The other members of the fleet, when there is one.
+    pub fleet: Option<Arc<fleet::Fleet>>,
     /// Resolve overrides and the self-connection guard.
     pub resolver: Arc<upstream::Resolver>,
     /// Cancelled when shutdown starts.
@@ -88,11 +97,14 @@ impl Shared {
     /// listen address, which upstream connections refuse to reach.
     pub fn new(config: Config, own: std::net::SocketAddr) -> Result<Arc<Shared>, Error> {
         config.check_exposure()?;
+        config.check_fleet()?;
         let gate = proxy::gate::Gate::new(&config)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let (client, resolver) = upstream_client(&config, own, metrics.clone())?;
         let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
-        let cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
+        let mut cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
+        cache.shared = cache::SharedTier::from_config(&config, metrics.clone())?;
+        let fleet = fleet::Fleet::from_config(&config)?;
         Ok(Arc::new(Shared {
             config,
             gate,
@@ -101,6 +113,7 @@ impl Shared {
             metrics,
             cache,
             client,
+            fleet,
             resolver,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -184,6 +197,12 @@ pub async fn serve(
             .clone()
             .keep_fresh(shared.shutdown.clone()),
     );
+    if let (Some(fleet), Some((host, port))) = (&shared.fleet, &shared.config.peers_dns) {
+        let resolve = fleet
+            .clone()
+            .keep_resolved(host.clone(), *port, shared.shutdown.clone());
+        tokio::spawn(resolve);
+    }
     tokio::spawn(cache::evict::keep_within(
         shared.cache.store.clone(),
         shared.config.cache_bounds(),

@@ -39,6 +39,22 @@ pub struct Metrics {
     pub open_connections: AtomicI64,
     /// Blind tunnels open now.
     pub open_tunnels: AtomicI64,
+    /// Whether a shared store is configured (its gauge is shown only then).
+    pub shared_store_configured: std::sync::atomic::AtomicBool,
+    /// 1 while the shared store answers, 0 while its breaker is open.
+    pub shared_store_up: AtomicU64,
+    /// Objects read from the shared store.
+    pub shared_store_reads: AtomicU64,
+    /// Objects uploaded to the shared store.
+    pub shared_store_uploads: AtomicU64,
+    /// Writes to the shared store queued or running.
+    pub shared_store_pending: AtomicI64,
+    /// Uploads dropped: the queue was full or the store down.
+    pub shared_store_dropped: AtomicU64,
+    /// Failed or timed-out calls to the shared store.
+    pub shared_store_errors: AtomicU64,
+    /// Objects fetched from the fleet member that owns them.
+    pub peer_fetches: AtomicU64,
 }
 
 /// The rate-limit state an upstream last reported.
@@ -162,6 +178,42 @@ impl Metrics {
         r.register("open_connections", help, open(&self.open_connections));
         let help = "Blind tunnels open";
         r.register("open_tunnels", help, open(&self.open_tunnels));
+        if self.shared_store_configured.load(Ordering::Relaxed) {
+            let help = "1 while the shared store answers, 0 while pulls go on without it";
+            r.register("shared_store_up", help, gauge(&self.shared_store_up));
+        }
+        let help = "Objects read from the shared store";
+        r.register(
+            "shared_store_reads",
+            help,
+            counter(&self.shared_store_reads),
+        );
+        let help = "Objects uploaded to the shared store";
+        r.register(
+            "shared_store_uploads",
+            help,
+            counter(&self.shared_store_uploads),
+        );
+        let help = "Writes to the shared store queued or running";
+        r.register(
+            "shared_store_pending",
+            help,
+            open(&self.shared_store_pending),
+        );
+        let help = "Uploads to the shared store dropped: queue full or store down";
+        r.register(
+            "shared_store_dropped",
+            help,
+            counter(&self.shared_store_dropped),
+        );
+        let help = "Failed or timed-out calls to the shared store";
+        r.register(
+            "shared_store_errors",
+            help,
+            counter(&self.shared_store_errors),
+        );
+        let help = "Objects fetched from the fleet member that owns them";
+        r.register("peer_fetches", help, counter(&self.peer_fetches));
 
         let mut out = String::new();
         prometheus_text::encode(&mut out, &r).expect("encoding into a String cannot fail");
@@ -275,7 +327,7 @@ mod tests {
             !text.contains("# EOF") && !text.contains("_total_total"),
             "{text}"
         );
-        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 14);
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 20);
     }
 
     #[test]

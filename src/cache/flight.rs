@@ -17,7 +17,8 @@ use http_body::Body as _;
 use tokio::sync::{mpsc, watch};
 
 use super::digest::Digest;
-use super::store::{ObjectMeta, Origin, Pin, Store, StoreError};
+use super::store::{ObjectMeta, Origin, Pin, StoreError};
+use super::{Cache, Source};
 use crate::body::{channel, Body, BoxError, Budget, Feed};
 
 /// Bytes read from disk per chunk sent to a client.
@@ -93,6 +94,8 @@ pub struct Flight {
     // The upstream a download reads from: only its clients may read the bytes before they are
     // cached and their sources recorded.
     origin: OnceLock<Origin>,
+    // Where a download's bytes come from.
+    source: OnceLock<Source>,
     // Held while any reader of a cached file lives, so that eviction passes it by.
     _pin: Option<Pin>,
 }
@@ -106,6 +109,7 @@ impl Flight {
             recent: Mutex::default(),
             on_disk: AtomicU64::new(0),
             origin: OnceLock::new(),
+            source: OnceLock::new(),
             _pin: None,
         }
     }
@@ -119,6 +123,7 @@ impl Flight {
             recent: Mutex::default(),
             on_disk: AtomicU64::new(size),
             origin: OnceLock::new(),
+            source: OnceLock::new(),
             _pin: Some(pin),
         };
         Arc::new(flight)
@@ -132,6 +137,11 @@ impl Flight {
     /// The upstream a download reads from (`None` for a cached file, whose sources the store has).
     pub fn origin(&self) -> Option<&Origin> {
         self.origin.get()
+    }
+
+    /// Where a download's bytes come from (`None` for a cached file).
+    pub fn source(&self) -> Option<Source> {
+        self.source.get().copied()
     }
 
     /// Waits until the upstream answered; returns the state then (never `Pending`).
@@ -289,26 +299,32 @@ pub struct Leader {
 }
 
 impl Leader {
+    /// The digest it downloads.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
     /// The flight followers wait on.
     pub fn flight(&self) -> Arc<Flight> {
         self.flight.clone()
     }
 
-    /// Starts filling from the upstream `body` of `origin` in the background; returns the
-    /// flight to read.
+    /// Starts filling from `body`, the object as `origin` served it (by way of `source`), in
+    /// the background; returns the flight to read.
     pub fn start(
         mut self,
-        store: &Store,
+        cache: &Cache,
         head: Head,
         body: Body,
-        origin: Origin,
+        (origin, source): (Origin, Source),
     ) -> std::io::Result<Arc<Flight>> {
-        let tmp = store.new_tmp_path();
+        let tmp = cache.store.new_tmp_path();
         let writer = std::fs::File::create(&tmp)?;
         let reader = std::fs::File::open(&tmp)?;
         let _ = self.flight.file.set(Arc::new(reader));
         // The origin before the head: a request that sees the head must see where it is from.
         let _ = self.flight.origin.set(origin);
+        let _ = self.flight.source.set(source);
         let _ = self.flight.head.set(head);
         self.flight.state.send_replace(State::Filling(0));
         self.started = true;
@@ -316,7 +332,7 @@ impl Leader {
             flights: self.flights.clone(),
             flight: self.flight.clone(),
             digest: self.digest.clone(),
-            store: store.clone(),
+            cache: cache.clone(),
             tmp,
             finished: false,
         };
@@ -338,7 +354,7 @@ struct Fill {
     flights: Arc<Flights>,
     flight: Arc<Flight>,
     digest: Digest,
-    store: Store,
+    cache: Cache,
     tmp: PathBuf,
     finished: bool,
 }
@@ -365,7 +381,8 @@ impl Fill {
     async fn run(mut self, body: Body, file: std::fs::File) {
         match self.download(body, file).await {
             Ok((size, file)) => {
-                self.store
+                self.cache
+                    .store
                     .metrics()
                     .bytes_from_upstream
                     .fetch_add(size, Ordering::Relaxed);
@@ -376,6 +393,12 @@ impl Fill {
             }
             Err(e) => {
                 tracing::warn!(digest = %self.digest, error = %e, "download failed; nothing cached");
+                let corrupt = matches!(e, FillError::Mismatch { .. } | FillError::Short { .. });
+                if let (true, Some(Source::Shared), Some(tier)) =
+                    (corrupt, self.flight.source(), &self.cache.shared)
+                {
+                    tier.forget(&self.digest);
+                }
                 let _ = tokio::fs::remove_file(&self.tmp).await;
                 let reason = crate::upstream::error_chain(&e);
                 self.flight.state.send_replace(State::Failed(reason.into()));
@@ -395,12 +418,24 @@ impl Fill {
         let synced = tokio::task::spawn_blocking(move || file.sync_all())
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let source = self.flight.source().unwrap_or(Source::Upstream);
         // Before the object can be found: a hit without its source would be foreign bytes.
+        // The fleet learns it from whoever fetched from the upstream.
         if let (Ok(()), Some(origin)) = (&synced, self.flight.origin()) {
-            self.store.add_source(&self.digest, origin).await;
+            match source {
+                Source::Upstream => self.cache.add_source(&self.digest, origin).await,
+                _ => self.cache.store.add_source(&self.digest, origin).await,
+            }
         }
         let committed = match synced {
-            Ok(()) => self.store.commit(&self.tmp, &self.digest, &meta).await,
+            Ok(()) => {
+                let store = &self.cache.store;
+                let done = store.commit(&self.tmp, &self.digest, &meta).await;
+                if done.is_ok() {
+                    self.cache.after_commit(&self.digest, &meta, source);
+                }
+                done
+            }
             Err(source) => Err(StoreError::Io {
                 what: "flush",
                 path: self.tmp.clone(),
@@ -423,7 +458,7 @@ impl Fill {
     ) -> Result<(u64, std::fs::File), FillError> {
         let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
         let (flight, digest) = (self.flight.clone(), self.digest.clone());
-        let store = self.store.clone();
+        let store = self.cache.store.clone();
         let writer =
             tokio::task::spawn_blocking(move || write_all(file, rx, &flight, &digest, &store));
         let mut failure = None;
@@ -515,7 +550,7 @@ fn write_all(
     mut rx: mpsc::Receiver<Bytes>,
     flight: &Flight,
     digest: &Digest,
-    store: &Store,
+    store: &super::Store,
 ) -> std::io::Result<(u64, bool, std::fs::File)> {
     let mut hasher = digest.hasher();
     let mut written = 0u64;

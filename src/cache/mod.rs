@@ -1,4 +1,7 @@
-//! The content-addressed cache: a cacache store on disk plus the downloads in flight.
+//! The content-addressed cache in tiers: a cacache store on disk, then (optionally) an object
+//! store the fleet shares, plus the downloads in flight that fill them. Facts that access
+//! decisions rest on (where an object came from, which repositories are public) and tag records
+//! are written to both tiers, so that the rules hold and tags stay fresh across the fleet.
 
 pub mod digest;
 pub mod evict;
@@ -7,14 +10,17 @@ pub mod herd;
 pub mod keys;
 pub mod layout;
 pub mod ops;
+pub mod shared;
 pub mod store;
 pub mod verified;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use digest::Digest;
 pub use flight::{Flight, Flights, Head, Join, State};
+pub use shared::SharedTier;
 pub use store::{accept_class, Entry, ObjectMeta, Origin, Store, StoreError, TagName, TagRecord};
 
 use crate::metrics::Metrics;
@@ -32,6 +38,19 @@ pub struct Cache {
     pub flights: Arc<Flights>,
     /// Tag requests to the upstream in progress, one per tag and Accept list.
     pub tags: Arc<herd::Herd>,
+    /// The object store the fleet shares, when configured.
+    pub shared: Option<Arc<SharedTier>>,
+}
+
+/// Where a download's bytes come from; each is verified against the digest all the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The registry itself: the fill is uploaded to the shared tier once committed.
+    Upstream,
+    /// The shared tier (already there).
+    Shared,
+    /// The fleet member that owns the digest (which uploads it itself).
+    Peer,
 }
 
 impl Cache {
@@ -41,7 +60,133 @@ impl Cache {
             store: Store::open(dir, metrics)?,
             flights: Arc::new(Flights::default()),
             tags: Arc::default(),
+            shared: None,
         })
+    }
+
+    /// Records, in every tier, that `origin` served `digest` and the bytes verified.
+    pub async fn add_source(&self, digest: &Digest, origin: &Origin) {
+        self.store.add_source(digest, origin).await;
+        if let Some(tier) = &self.shared {
+            tier.add_source(digest, origin);
+        }
+    }
+
+    /// Records in every tier that anonymous clients may pull `repo` on `host`, or no longer.
+    pub async fn set_public(&self, host: &str, repo: &str, public: bool) {
+        match public {
+            true => self.store.set_public(host, repo).await,
+            false => self.store.clear_public(host, repo).await,
+        }
+        if let Some(tier) = &self.shared {
+            tier.set_public(host, repo, public);
+        }
+    }
+
+    /// Whether this node or another of the fleet found `repo` on `host` public.
+    pub async fn is_public(&self, host: &str, repo: &str) -> bool {
+        if self.store.is_public(host, repo).await {
+            return true;
+        }
+        match &self.shared {
+            Some(tier) => tier.is_public(host, repo).await,
+            None => false,
+        }
+    }
+
+    /// The freshest record of a tag in any tier, and its age; a record another node confirmed
+    /// more recently than this one did is copied to disk with its own age.
+    pub async fn tag(
+        &self,
+        name: &TagName<'_>,
+        fresh_for: Duration,
+    ) -> Option<(TagRecord, Duration)> {
+        let local = self.store.tag(name).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
+            None
+        });
+        if local.as_ref().is_some_and(|(_, age)| *age < fresh_for) {
+            return local;
+        }
+        let tier = self.shared.as_ref()?;
+        let Some((record, checked_ms)) = tier.tag(name).await else {
+            return local;
+        };
+        let age = shared::age_of(checked_ms);
+        if local.as_ref().is_some_and(|(_, mine)| *mine <= age) {
+            return local;
+        }
+        tracing::debug!(tag = name.tag, ?age, "tag record from the shared store");
+        if let Err(e) = self.store.set_tag_checked(name, &record, checked_ms).await {
+            tracing::warn!(error = %e, "cannot record a tag");
+        }
+        Some((record, age))
+    }
+
+    /// Records in every tier where a tag points, confirmed now.
+    pub async fn set_tag(&self, name: &TagName<'_>, record: &TagRecord) {
+        if let Err(e) = self.store.set_tag(name, record).await {
+            tracing::warn!(error = %e, "cannot record a tag");
+        }
+        if let Some(tier) = &self.shared {
+            tier.set_tag(name, record, store::now_ms());
+        }
+    }
+
+    /// Caches a small verified object (a manifest) that `origin` served, in every tier.
+    pub async fn put_verified(
+        &self,
+        digest: &Digest,
+        data: &[u8],
+        meta: &ObjectMeta,
+        origin: &Origin,
+    ) {
+        // The source first: a hit without it would be taken for another origin's bytes.
+        self.add_source(digest, origin).await;
+        if let Err(e) = self.store.put(digest, data, meta).await {
+            tracing::warn!(error = %e, "cannot cache a manifest");
+            return;
+        }
+        self.after_commit(digest, meta, Source::Upstream);
+    }
+
+    /// Hands a verified object committed to disk on to the tiers behind it: an upstream fill
+    /// goes up to the shared tier (pinned on disk until it is there).
+    pub fn after_commit(&self, digest: &Digest, meta: &ObjectMeta, source: Source) {
+        if let (Some(tier), Source::Upstream) = (&self.shared, source) {
+            let path = self.store.content_path(digest);
+            let pin = self.store.pin(&path);
+            tier.upload(digest, path, meta, pin);
+        }
+    }
+
+    /// The object `digest` from the shared tier, whole, verified and committed to disk, if it
+    /// is at most `max` bytes and the tier holds it for `origin` (or for a public origin): what
+    /// a manifest named by a tag record needs.
+    pub async fn pull_small(
+        &self,
+        digest: &Digest,
+        origin: &Origin,
+        max: u64,
+    ) -> Option<(Arc<Flight>, Entry)> {
+        let tier = self.shared.as_ref()?;
+        let from = shared_origin(self, tier, digest, origin).await?;
+        let (content_type, data) = tier.small_object(digest, max).await?;
+        let mut hasher = digest.hasher();
+        hasher.update(&data);
+        if !hasher.matches(digest) {
+            tier.forget(digest);
+            return None;
+        }
+        let meta = ObjectMeta {
+            content_type,
+            size: data.len() as u64,
+        };
+        self.store.add_source(digest, &from).await;
+        if let Err(e) = self.store.put(digest, &data, &meta).await {
+            tracing::warn!(error = %e, "cannot cache a manifest");
+        }
+        self.hit(digest).await
     }
 
     /// A cached object as a complete flight, ready to be read, if it is on disk.
@@ -60,4 +205,25 @@ impl Cache {
         };
         Some((Flight::complete(file, head, entry.meta.size, pin), entry))
     }
+}
+
+/// The origin a shared-tier copy of `digest` may be taken for when `asked` wants it: `asked`
+/// itself if the fleet recorded it, else a recorded origin the fleet found public; `None` when
+/// the tier holds it only for private origins other than `asked` (which must serve its own).
+pub async fn shared_origin(
+    cache: &Cache,
+    tier: &SharedTier,
+    digest: &Digest,
+    asked: &Origin,
+) -> Option<Origin> {
+    let sources = tier.sources(digest).await;
+    if sources.contains(asked) {
+        return Some(asked.clone());
+    }
+    for source in sources {
+        if cache.is_public(&source.host, &source.repo).await {
+            return Some(source);
+        }
+    }
+    None
 }

@@ -385,12 +385,23 @@ impl Store {
 
     /// Records (or re-confirms, which resets its age) where a tag points for `name.accept`.
     pub async fn set_tag(&self, name: &TagName<'_>, record: &TagRecord) -> Result<(), StoreError> {
+        self.set_tag_checked(name, record, now_ms()).await
+    }
+
+    /// Records where a tag pointed for `name.accept` when it was confirmed at `checked_ms` (by
+    /// another node of the fleet, say).
+    pub async fn set_tag_checked(
+        &self,
+        name: &TagName<'_>,
+        record: &TagRecord,
+        checked_ms: u128,
+    ) -> Result<(), StoreError> {
         // Read-modify-append: a concurrent update of another class may be lost, which costs
         // that class one refetch.
         let mut entry = self.tag_entry(name).await?;
         let checked = Checked {
             record: record.clone(),
-            checked_ms: now_ms(),
+            checked_ms,
         };
         entry.by_accept.insert(name.accept.to_owned(), checked);
         let json = serde_json::to_value(&entry).map_err(|e| StoreError::Index(e.to_string()))?;
@@ -504,7 +515,7 @@ pub struct Checked {
     pub checked_ms: u128,
 }
 
-fn now_ms() -> u128 {
+pub(crate) fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

@@ -75,6 +75,25 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// Admits a request a fleet member signed: its address must still be on the allow-list,
+    /// and it comes as the proxy user the member names (whose credentials the member checked).
+    pub fn admit_member<B>(&self, peer: IpAddr, req: &mut http::Request<B>) -> Result<(), Refusal> {
+        if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(peer)) {
+            return Err(Refusal::NotAllowed);
+        }
+        let named = req.headers().get(crate::fleet::USER_HEADER);
+        if let Some(name) = named.and_then(|v| v.to_str().ok()) {
+            let known = self.accepted.iter().find(|(_, u)| u.name == name);
+            let (_, user) = known.ok_or(Refusal::NeedsCredentials)?;
+            let user = user.clone();
+            req.extensions_mut().insert(user);
+        }
+        req.extensions_mut().insert(crate::fleet::FromMember);
+        Ok(())
+    }
+}
+
 impl Refusal {
     /// The answer: 403 for an address outside the allow-list; 407 (proxy) or 401 (mirror, where
     /// there is no proxy hop) asking for credentials.

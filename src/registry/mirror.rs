@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use crate::body::{text, Body};
 use crate::dockerhub;
 use crate::exchange::Target;
+use crate::fleet::{self, Signed};
 use crate::Shared;
 
 /// Serves a `/v2/…` request sent to regproxy as a registry mirror.
@@ -19,9 +20,8 @@ pub async fn handle(
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Response<Body> {
-    if let Err(refusal) = shared.gate.admit(peer.ip(), &mut req) {
-        tracing::warn!(client = %peer, refusal = ?refusal, "mirror client refused");
-        return refusal.response(true);
+    if let Some(refusal) = refusal(&mut req, peer, shared) {
+        return refusal;
     }
     let (target, uri) = match upstream_of(req.uri(), &shared.config) {
         Ok(t) => t,
@@ -32,6 +32,36 @@ pub async fn handle(
     };
     *req.uri_mut() = uri;
     super::handle(req, &target, peer, shared).await
+}
+
+/// Lets the client in through the gate, or a fleet member by its signature (the answer when
+/// neither may come in); the fleet's headers never go further.
+fn refusal(
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<Response<Body>> {
+    let pq = req.uri().path_and_query().map_or("", |pq| pq.as_str());
+    let signed = match &shared.fleet {
+        Some(fleet) => fleet.verify(req.method(), pq, req.headers()),
+        None if req.headers().contains_key(fleet::PEER_HEADER) => Signed::Forged,
+        None => Signed::No,
+    };
+    let admitted = match signed {
+        Signed::Forged => {
+            tracing::warn!(client = %peer, "refused a fleet request whose signature does not verify");
+            let reason =
+                "fleet request refused: the signature does not verify (peer_secret_file, clocks)";
+            return Some(text(StatusCode::FORBIDDEN, reason));
+        }
+        Signed::ByMember => shared.gate.admit_member(peer.ip(), req),
+        Signed::No => shared.gate.admit(peer.ip(), req),
+    };
+    req.headers_mut().remove(fleet::PEER_HEADER);
+    req.headers_mut().remove(fleet::USER_HEADER);
+    let refused = admitted.err()?;
+    tracing::warn!(client = %peer, refusal = ?refused, "mirror client refused");
+    Some(refused.response(true))
 }
 
 /// The upstream a mirror request is for, and its path for that upstream (`ns` removed, Docker

@@ -15,12 +15,15 @@ use super::{bad_gateway, forward, Outcome};
 use crate::access::{self, Provenance, Verdict};
 use crate::body::{self, text, Body};
 use crate::cache::flight::{Leader, ROOM_MARGIN};
-use crate::cache::{evict, Digest, Flight, Head, Join, Origin, State};
+use crate::cache::{evict, shared_origin, Digest, Flight, Head, Join, Origin, Source, State};
+use crate::credentials::ProxyUser;
 use crate::exchange::Target;
-use crate::exchange::{fetch_request, DOCKER_CONTENT_DIGEST};
+use crate::exchange::{fetch_request, upstream_is_down, DOCKER_CONTENT_DIGEST};
+use crate::fleet::FromMember;
 use crate::upstream::How;
 use crate::upstream::OwnConnection;
 use crate::Shared;
+use http::HeaderMap;
 
 /// One request for an object, with what answering it from the cache needs.
 struct Ask<'a> {
@@ -90,20 +93,16 @@ impl Ask<'_> {
             return (text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed);
         }
         if let Some(sent) = sent {
-            let user = self.parts.extensions.get::<crate::credentials::ProxyUser>();
+            let user = self.parts.extensions.get::<ProxyUser>();
             access::served_to(shared, &sent, user, self.target, self.repo).await;
         }
         let length =
             header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let content_type = header_str(resp.headers(), header::CONTENT_TYPE);
-        let (store, digest, origin) = (
-            shared.cache.store.clone(),
-            self.digest.clone(),
-            self.origin(),
-        );
+        let (cache, digest, origin) = (shared.cache.clone(), self.digest.clone(), self.origin());
         let on_verified = move || {
             // The origin has shown it holds these bytes: its clients may have the cached copy.
-            tokio::spawn(async move { store.add_source(&digest, &origin).await });
+            tokio::spawn(async move { cache.add_source(&digest, &origin).await });
         };
         let metrics = shared.metrics.clone();
         let verified = crate::cache::verified::verified(
@@ -182,7 +181,8 @@ pub(super) async fn serve(
             let (tx, rx) = oneshot::channel();
             // The download runs apart from this client, which may leave without harming it.
             let source = (target.clone(), repo.to_owned(), digest.clone());
-            let task = lead(leader, up, source, shared.clone(), tx);
+            let ask_fleet = parts.extensions.get::<FromMember>().is_none();
+            let task = lead(leader, up, source, (shared.clone(), ask_fleet), tx);
             shared.cache.flights.spawn(task);
             match flight.started().await {
                 State::Abandoned => match rx.await {
@@ -193,6 +193,13 @@ pub(super) async fn serve(
                         Outcome::Failed,
                     ),
                 },
+                // The shared tier's bytes go to clients the upstream authorizes, as cached ones.
+                _ if flight.source() == Some(Source::Shared) => {
+                    ask.cached(&flight, Outcome::Shared).await
+                }
+                _ if flight.source() == Some(Source::Peer) => {
+                    (respond(&flight, &digest, parts, ask.range), Outcome::Peer)
+                }
                 _ => (respond(&flight, &digest, parts, ask.range), Outcome::Miss),
             }
         }
@@ -207,20 +214,32 @@ enum Answer {
     NoRoom(Response<Incoming>),
 }
 
-/// The leader's side: ask upstream; start the fill on a 200, else hand the answer (401, 404,
-/// 502, …) to the leader's client and release the followers, who ask for themselves.
+/// The leader's side: the shared tier first, then the fleet member that owns the digest, then
+/// the upstream. A 200 starts the fill; any other answer (401, 404, 502, …) goes to the leader's
+/// client and releases the followers, who ask for themselves.
 async fn lead(
     leader: Leader,
     up: Request<Body>,
     (target, repo, digest): (Target, String, Digest),
-    shared: Arc<Shared>,
+    (shared, ask_fleet): (Arc<Shared>, bool),
     answer: oneshot::Sender<Answer>,
 ) {
+    let origin = Origin::new(target.authority(), repo.as_str());
+    let Err(leader) = from_shared_tier(leader, &digest, &origin, &shared).await else {
+        return;
+    };
     let sent = up.headers().clone();
-    let user = up
-        .extensions()
-        .get::<crate::credentials::ProxyUser>()
-        .cloned();
+    let user = up.extensions().get::<ProxyUser>().cloned();
+    let (leader, answer) = match ask_fleet {
+        true => {
+            let client = (up.uri().path(), (sent.clone(), user.clone()));
+            match from_owner(leader, client, &origin, &shared, answer).await {
+                Some(unused) => unused,
+                None => return,
+            }
+        }
+        false => (leader, answer),
+    };
     let resp = match shared.client.send(up, How::following()).await {
         Ok(r) => r,
         Err(e) => {
@@ -233,6 +252,90 @@ async fn lead(
         return;
     }
     access::served_to(&shared, &sent, user.as_ref(), &target, &repo).await;
+    if !fill(leader, resp, (origin, Source::Upstream), &shared, answer).await {
+        return;
+    }
+    if sent.contains_key(header::AUTHORIZATION) {
+        // Off the client's path: may anonymous clients pull this too (for serving it offline)?
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        access::probe_public(&shared, &target, &path, &repo).await;
+    }
+}
+
+/// Starts the fill from the shared tier if it holds the object for this origin (or a public
+/// one); gives the leader back otherwise.
+async fn from_shared_tier(
+    leader: Leader,
+    digest: &Digest,
+    asked: &Origin,
+    shared: &Arc<Shared>,
+) -> Result<(), Leader> {
+    let Some(tier) = &shared.cache.shared else {
+        return Err(leader);
+    };
+    let Some(from) = shared_origin(&shared.cache, tier, digest, asked).await else {
+        return Err(leader);
+    };
+    let Some((head, body)) = tier.object(digest).await else {
+        return Err(leader);
+    };
+    if !room_for(shared, head.length).await {
+        return Err(leader);
+    }
+    tracing::debug!(%digest, "filling from the shared store");
+    if let Err(e) = leader.start(&shared.cache, head, body, (from, Source::Shared)) {
+        tracing::warn!(%digest, error = %e, "cannot create a cache file");
+    }
+    Ok(())
+}
+
+/// Asks the fleet member that owns the digest, which fetches it from the upstream once for the
+/// whole fleet. Its 200 starts the fill, its refusal is the answer; `None` when it did either,
+/// the leader back when the fleet cannot help (no other owner, owner down or failing).
+async fn from_owner(
+    leader: Leader,
+    (path, client): (&str, (HeaderMap, Option<ProxyUser>)),
+    origin: &Origin,
+    shared: &Arc<Shared>,
+    answer: oneshot::Sender<Answer>,
+) -> Option<(Leader, oneshot::Sender<Answer>)> {
+    let Some(fleet) = &shared.fleet else {
+        return Some((leader, answer));
+    };
+    let Some(owner) = fleet.owner(leader.digest()) else {
+        return Some((leader, answer));
+    };
+    let ask = (path, &client.0, client.1.as_ref());
+    let resp = match fleet.fetch(&owner, &origin.host, ask).await {
+        Ok(r) if r.status() == StatusCode::OK => r,
+        Ok(r) if !upstream_is_down(r.status()) && !r.status().is_server_error() => {
+            let _ = answer.send(Answer::Upstream(not_whole(r)));
+            return None;
+        }
+        Ok(r) => {
+            tracing::warn!(%owner, status = %r.status(), "fleet owner failed; asking the upstream");
+            return Some((leader, answer));
+        }
+        Err(e) => {
+            tracing::warn!(%owner, error = %crate::upstream::error_chain(&e), "fleet owner unreachable; asking the upstream");
+            return Some((leader, answer));
+        }
+    };
+    shared.metrics.peer_fetches.fetch_add(1, Ordering::Relaxed);
+    fill(leader, resp, (origin.clone(), Source::Peer), shared, answer).await;
+    None
+}
+
+/// Starts the fill from a 200 of `origin` (by way of `source`); `false` when it could not start
+/// (the client then has its answer, or streams past a cache without room).
+async fn fill(
+    leader: Leader,
+    resp: Response<Incoming>,
+    from: (Origin, Source),
+    shared: &Arc<Shared>,
+    answer: oneshot::Sender<Answer>,
+) -> bool {
+    let digest = leader.digest().clone();
     let head = Head {
         content_type: header_str(resp.headers(), header::CONTENT_TYPE),
         length: header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
@@ -242,32 +345,23 @@ async fn lead(
             StatusCode::BAD_GATEWAY,
             "upstream sent an encoded blob although asked for identity",
         )));
-        return;
+        return false;
     }
-    if !room_for(&shared, head.length).await {
+    if !room_for(shared, head.length).await {
         shared.metrics.passthrough.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%digest, bytes = head.length, "no room in the cache even after eviction; streaming past it");
         let _ = answer.send(Answer::NoRoom(resp));
-        return;
+        return false;
     }
-    let origin = Origin::new(target.authority(), repo.as_str());
-    if let Err(e) = leader.start(
-        &shared.cache.store,
-        head,
-        body::incoming(resp.into_body()),
-        origin,
-    ) {
+    let body = body::incoming(resp.into_body());
+    if let Err(e) = leader.start(&shared.cache, head, body, from) {
         let _ = answer.send(Answer::Upstream(text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot create a cache file: {e}"),
         )));
-        return;
+        return false;
     }
-    if sent.contains_key(header::AUTHORIZATION) {
-        // Off the client's path: may anonymous clients pull this too (for serving it offline)?
-        let path = format!("/v2/{repo}/blobs/{digest}");
-        access::probe_public(&shared, &target, &path, &repo).await;
-    }
+    true
 }
 
 /// The answer to pass on for an upstream status other than 200 (the only one that carries a

@@ -87,14 +87,11 @@ async fn look(
     ask: &Ask,
     shared: &Shared,
 ) -> Look {
-    let cached = shared.cache.store.tag(name).await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
-        None
-    });
-    let Some((record, age)) = cached else {
+    let ttl = shared.config.tag_ttl_for(name.host, name.repo);
+    let Some((record, age)) = shared.cache.tag(name, ttl).await else {
         return Look::Fetch;
     };
-    if age >= shared.config.tag_ttl_for(name.host, name.repo) {
+    if age >= ttl {
         if !ask.head_only && shared.cache.hit(&record.digest).await.is_none() {
             // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
             return Look::Fetch;
@@ -218,10 +215,8 @@ async fn fetch(
         tracing::warn!(tag = %name.tag, "{reason}");
         return (text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed);
     };
-    // The source first: a hit without it would be taken for another origin's bytes.
     let origin = Origin::new(target.authority(), name.repo);
-    shared.cache.store.add_source(&record.digest, &origin).await;
-    store_manifest(shared, &record, &data).await;
+    store_manifest(shared, &record, &data, &origin).await;
     save_tag(shared, name, &record).await;
     (manifest_response(&record, data), Outcome::Miss)
 }
@@ -298,7 +293,7 @@ fn record_from(headers: &HeaderMap, data: Option<&Bytes>) -> Option<TagRecord> {
     })
 }
 
-async fn store_manifest(shared: &Shared, record: &TagRecord, data: &[u8]) {
+async fn store_manifest(shared: &Shared, record: &TagRecord, data: &[u8], origin: &Origin) {
     let meta = ObjectMeta {
         content_type: Some(record.content_type.clone()),
         size: record.size,
@@ -307,15 +302,14 @@ async fn store_manifest(shared: &Shared, record: &TagRecord, data: &[u8]) {
         .metrics
         .bytes_from_upstream
         .fetch_add(record.size, std::sync::atomic::Ordering::Relaxed);
-    if let Err(e) = shared.cache.store.put(&record.digest, data, &meta).await {
-        tracing::warn!(error = %e, "cannot cache a manifest");
-    }
+    let cache = &shared.cache;
+    cache
+        .put_verified(&record.digest, data, &meta, origin)
+        .await;
 }
 
 async fn save_tag(shared: &Shared, name: &TagName<'_>, record: &TagRecord) {
-    if let Err(e) = shared.cache.store.set_tag(name, record).await {
-        tracing::warn!(error = %e, "cannot record a tag");
-    }
+    shared.cache.set_tag(name, record).await;
 }
 
 /// The cached answer for `record` if this client may have it (`Ok`), the refusal (`Err`), or
@@ -332,16 +326,14 @@ async fn answer_from(
     shared: &Shared,
     stale: bool,
 ) -> Option<Result<Response<Body>, Response<Body>>> {
+    let origin = Origin::new(target.authority(), repo);
     let hit = match ask.head_only {
         true => None,
-        false => Some(shared.cache.hit(&record.digest).await?.0),
+        false => Some(manifest_hit(&record.digest, &origin, shared).await?),
     };
     let prov = match &hit {
         None => Provenance::OWN,
-        Some(_) => {
-            let origin = Origin::new(target.authority(), repo);
-            Provenance::of(shared, &record.digest, None, &origin).await
-        }
+        Some(_) => Provenance::of(shared, &record.digest, None, &origin).await,
     };
     match access::allowed(shared, parts, target, repo, prov, stale).await {
         Verdict::Serve => {}
@@ -369,6 +361,19 @@ async fn answer_from(
         );
     }
     Some(Ok(resp))
+}
+
+/// The manifest `digest` from the disk, or else from the fleet's shared store.
+async fn manifest_hit(
+    digest: &Digest,
+    origin: &Origin,
+    shared: &Shared,
+) -> Option<std::sync::Arc<crate::cache::Flight>> {
+    let cache = &shared.cache;
+    match cache.hit(digest).await {
+        Some((flight, _)) => Some(flight),
+        None => Some(cache.pull_small(digest, origin, MAX_MANIFEST).await?.0),
+    }
 }
 
 fn manifest_response(record: &TagRecord, data: Bytes) -> Response<Body> {

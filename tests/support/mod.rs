@@ -19,6 +19,7 @@
 mod admin;
 mod certs;
 mod clients;
+mod garage;
 mod net;
 mod process;
 mod proxy;
@@ -26,6 +27,8 @@ mod registry;
 mod token;
 
 #[allow(unused_imports)]
-pub use {admin::*, certs::*, clients::*, net::*, process::*, proxy::*, registry::*, token::*};
+pub use {
+    admin::*, certs::*, clients::*, garage::*, net::*, process::*, proxy::*, registry::*, token::*,
+};
 
 pub use regproxy::Config;

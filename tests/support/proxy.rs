@@ -44,13 +44,21 @@ impl Proxy {
     pub fn start(customize: impl FnOnce(&mut Config)) -> Proxy {
         let tmp = TestDir::new();
         let state = tmp.path().to_path_buf();
-        Self::start_inner(&state, Some(tmp), customize)
+        Self::start_inner(&state, Some(tmp), None, customize)
+    }
+
+    /// Like [`Proxy::start`], on a listener bound already (fleet members must know each
+    /// other's addresses before any of them starts).
+    pub fn start_on(listener: TcpListener, customize: impl FnOnce(&mut Config)) -> Proxy {
+        let tmp = TestDir::new();
+        let state = tmp.path().to_path_buf();
+        Self::start_inner(&state, Some(tmp), Some(listener), customize)
     }
 
     /// Starts a proxy whose CA and cache live in `state_dir/ca` and `state_dir/cache`: a second
     /// proxy started on the same dir reuses the first one's CA and cache.
     pub fn start_in(state_dir: impl AsRef<Path>, customize: impl FnOnce(&mut Config)) -> Proxy {
-        Self::start_inner(state_dir.as_ref(), None, customize)
+        Self::start_inner(state_dir.as_ref(), None, None, customize)
     }
 
     /// A proxy that intercepts `registry.test` and reaches `registry` (see
@@ -70,10 +78,12 @@ impl Proxy {
     fn start_inner(
         state: &Path,
         tmp: Option<TestDir>,
+        listener: Option<TcpListener>,
         customize: impl FnOnce(&mut Config),
     ) -> Proxy {
         init_tracing();
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+        let listener = listener
+            .unwrap_or_else(|| TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0"));
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config {
