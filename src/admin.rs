@@ -109,15 +109,23 @@ async fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
     }
 }
 
+/// Why `/readyz` answers 503; the message is its body.
+#[derive(Debug, thiserror::Error)]
+enum NotReady {
+    /// A probe file could not be written to the cache directory.
+    #[error("cache not writable: {0}")]
+    Cache(#[source] std::io::Error),
+}
+
 /// Ready when the CA is loaded (it is, or `run` would not have started) and the cache is writable.
-async fn ready(shared: &Shared) -> Result<(), String> {
+async fn ready(shared: &Shared) -> Result<(), NotReady> {
     let probe = shared.cache.store.new_tmp_path();
     let written = tokio::fs::write(&probe, b"ready?").await;
     let _ = tokio::fs::remove_file(&probe).await;
     match written {
         // A full disk costs capacity, not availability: pulls stream past the cache.
         Err(e) if crate::cache::flight::is_disk_full(&e) => Ok(()),
-        Err(e) => Err(format!("cache not writable: {e}")),
+        Err(e) => Err(NotReady::Cache(e)),
         Ok(()) => Ok(()),
     }
 }

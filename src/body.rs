@@ -36,11 +36,9 @@ pub fn incoming(b: hyper::body::Incoming) -> Body {
     b.map_err(BoxError::from).boxed_unsync()
 }
 
-/// A plain-text response whose body explains `reason`.
-pub fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
-    let mut msg = reason.into();
-    msg.push('\n');
-    let mut resp = Response::new(full(msg));
+/// A plain-text response whose body explains `reason` (a message, or an error's).
+pub fn text(status: StatusCode, reason: impl std::fmt::Display) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{reason}\n")));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -150,6 +150,21 @@ impl Common {
     }
 }
 
+/// The binary's entry point: runs [`main`]; a failure goes to stderr on one line, each cause
+/// once (the library's messages quote their sources, which anyhow's report would print again
+/// under "Caused by"), and exits 1.
+pub fn entry() -> std::process::ExitCode {
+    let Err(e) = main() else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    eprintln!("Error: {}", crate::upstream::error_chain(e.as_ref()));
+    let trace = e.backtrace();
+    if trace.status() == std::backtrace::BacktraceStatus::Captured {
+        eprintln!("\nStack backtrace:\n{trace}");
+    }
+    std::process::ExitCode::FAILURE
+}
+
 /// Parses the command line and runs the chosen command.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

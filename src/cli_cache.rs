@@ -62,7 +62,7 @@ pub fn run(config: &Config, action: Action) -> anyhow::Result<()> {
             Ok(())
         }
         Action::Rm(target) => {
-            let removed = ops::remove(&store, &target).map_err(anyhow::Error::msg)?;
+            let removed = ops::remove(&store, &target)?;
             for d in &removed {
                 println!("removed {d}");
             }

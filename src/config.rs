@@ -49,7 +49,8 @@ pub enum ConfigError {
     Invalid {
         key: &'static str,
         value: String,
-        reason: String,
+        #[source]
+        reason: ValueError,
     },
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
@@ -60,6 +61,86 @@ pub enum ConfigError {
     /// The file is not valid TOML or has an unknown key.
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+}
+
+/// Why one value is refused; [`ConfigError::Invalid`] adds the key and the value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueError {
+    /// Not `IP:PORT`.
+    #[error("{0}; expected IP:PORT such as 127.0.0.1:3128")]
+    Addr(#[source] std::net::AddrParseError),
+    /// Not a duration humantime reads, or a sum past `Duration`'s range.
+    #[error("{0}; expected a duration such as 30s or 5m")]
+    Duration(#[source] humantime::DurationError),
+    /// A size whose number does not parse.
+    #[error("expected a number with a unit such as 50GiB")]
+    SizeNumber(#[source] std::num::ParseFloatError),
+    /// A size with a unit that is not one of the documented ones.
+    #[error("unknown unit {0:?}; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")]
+    SizeUnit(String),
+    /// A size past `u64::MAX` bytes.
+    #[error("{0:?} is more than {max} bytes", max = u64::MAX)]
+    SizeOverflow(String),
+    /// A `--tag-ttl-rule` without `=`.
+    #[error("expected PATTERN=DURATION, e.g. docker.io/library/*=1h")]
+    TtlRule,
+    /// A `--tag-ttl-rule` with nothing before `=`.
+    #[error("empty pattern")]
+    EmptyPattern,
+    /// An `intercept` entry that cannot be a host name or pattern.
+    #[error("expected a host name or a *.suffix pattern")]
+    HostPattern,
+    /// Zero where at least one is needed.
+    #[error("must be at least 1")]
+    Zero,
+    /// A log format other than `text` or `json`.
+    #[error("expected text or json")]
+    LogFormat,
+    /// A `--resolve` entry without `=`.
+    #[error("expected HOST:PORT=IP:PORT")]
+    Resolve,
+    /// A `--resolve` entry without `:PORT` before `=`.
+    #[error("expected HOST:PORT before '='")]
+    ResolveFrom,
+    /// A `--resolve` entry with an empty host.
+    #[error("empty host")]
+    EmptyHost,
+    /// A port that is not a number from 0 to 65535.
+    #[error("bad port {port:?}")]
+    Port {
+        port: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// A `--resolve` address that is not `IP:PORT`.
+    #[error("{source} in {to:?}; expected IP:PORT")]
+    ResolveTo {
+        to: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// A network whose address is not an IP address.
+    #[error("{0}")]
+    Ip(#[source] std::net::AddrParseError),
+    /// A network whose prefix is not a number.
+    #[error("bad prefix {prefix:?}")]
+    Prefix {
+        prefix: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// A prefix longer than the address.
+    #[error("prefix {prefix} is longer than {max}")]
+    PrefixLength { prefix: u8, max: u8 },
+    /// One of a pair of keys given without the other.
+    #[error("missing; {needed_by} needs it")]
+    Missing { needed_by: &'static str },
+    /// A listener beyond loopback that names no clients.
+    #[error(
+        "listening beyond loopback needs allow_cidr and/or proxy_credentials_file, or anyone who \
+         can reach it may use it"
+    )]
+    OpenProxy,
 }
 
 /// Output format of the log lines.
@@ -292,7 +373,7 @@ impl One {
         key: &'static str,
         flag: Option<R>,
         file: Option<R>,
-        parse: impl Fn(&Q) -> Result<T, String>,
+        parse: impl Fn(&Q) -> Result<T, ValueError>,
         default: &str,
     ) -> Result<T, ConfigError> {
         check(key, flag.or(file).unwrap_or_else(|| raw(default)), parse)
@@ -311,7 +392,7 @@ impl Opt {
         key: &'static str,
         flag: Option<R>,
         file: Option<R>,
-        parse: impl Fn(&Q) -> Result<T, String>,
+        parse: impl Fn(&Q) -> Result<T, ValueError>,
     ) -> Result<Option<T>, ConfigError> {
         flag.or(file).map(|r| check(key, r, parse)).transpose()
     }
@@ -330,7 +411,7 @@ impl List {
         key: &'static str,
         flag: Option<Vec<R>>,
         file: Option<Vec<R>>,
-        parse: impl Fn(&Q) -> Result<T, String>,
+        parse: impl Fn(&Q) -> Result<T, ValueError>,
         default: &[&str],
     ) -> Result<Vec<T>, ConfigError> {
         let defaults = default.iter().map(|d| raw(d));
@@ -351,7 +432,7 @@ impl List {
 fn check<R: Raw + Borrow<Q>, Q: ?Sized, T>(
     key: &'static str,
     raw: R,
-    parse: impl Fn(&Q) -> Result<T, String>,
+    parse: impl Fn(&Q) -> Result<T, ValueError>,
 ) -> Result<T, ConfigError> {
     parse(raw.borrow()).map_err(|reason| invalid(key, &raw.text(), reason))
 }
@@ -481,17 +562,20 @@ pub struct Cidr {
 
 impl Cidr {
     /// Parses `10.0.0.0/8`, `::1/128` or `192.0.2.7`.
-    pub fn parse(s: &str) -> Result<Cidr, String> {
+    pub fn parse(s: &str) -> Result<Cidr, ValueError> {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: std::net::IpAddr = a.trim().parse().map_err(|e| format!("{e}"))?;
+        let addr: std::net::IpAddr = a.trim().parse().map_err(ValueError::Ip)?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if p.is_empty() {
             max
         } else {
-            p.parse().map_err(|_| format!("bad prefix {p:?}"))?
+            p.parse().map_err(|source| ValueError::Prefix {
+                prefix: p.to_owned(),
+                source,
+            })?
         };
         if prefix > max {
-            return Err(format!("prefix {prefix} is longer than {max}"));
+            return Err(ValueError::PrefixLength { prefix, max });
         }
         Ok(Cidr { addr, prefix })
     }
@@ -557,12 +641,12 @@ impl Settings {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             (c, _) => {
-                let (key, have) = if c.is_some() {
+                let (key, needed_by) = if c.is_some() {
                     ("mirror_tls_key", "mirror_tls_cert")
                 } else {
                     ("mirror_tls_cert", "mirror_tls_key")
                 };
-                return Err(invalid(key, "", format!("missing; {have} needs it")));
+                return Err(invalid(key, "", ValueError::Missing { needed_by }));
             }
         };
         let registries = file.registries.take().unwrap_or_default();
@@ -581,13 +665,7 @@ impl Config {
         ] {
             if let Some(addr) = addr.filter(wide) {
                 if !named {
-                    return Err(invalid(
-                        key,
-                        &addr.to_string(),
-                        "listening beyond loopback needs allow_cidr and/or proxy_credentials_file, \
-                         or anyone who can reach it may use it"
-                            .into(),
-                    ));
+                    return Err(invalid(key, &addr.to_string(), ValueError::OpenProxy));
                 }
             }
         }
@@ -703,21 +781,19 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
 }
 
 /// Parses `PATTERN=DURATION`.
-fn parse_ttl_rule(s: &str) -> Result<(String, Duration), String> {
-    let (pattern, ttl) = s
-        .rsplit_once('=')
-        .ok_or("expected PATTERN=DURATION, e.g. docker.io/library/*=1h")?;
+fn parse_ttl_rule(s: &str) -> Result<(String, Duration), ValueError> {
+    let (pattern, ttl) = s.rsplit_once('=').ok_or(ValueError::TtlRule)?;
     if pattern.is_empty() {
-        return Err("empty pattern".into());
+        return Err(ValueError::EmptyPattern);
     }
     Ok((pattern.to_owned(), parse_duration(ttl)?))
 }
 
 /// An `intercept` entry: a host name or a pattern, in lower case.
-fn parse_pattern(p: &str) -> Result<String, String> {
+fn parse_pattern(p: &str) -> Result<String, ValueError> {
     let bad = p.is_empty() || p.contains(char::is_whitespace) || p.contains(':') || p.contains('/');
     if bad {
-        return Err("expected a host name or a *.suffix pattern".into());
+        return Err(ValueError::HostPattern);
     }
     Ok(p.to_ascii_lowercase())
 }
@@ -737,22 +813,22 @@ fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
 }
 
 /// A value taken as it is (paths, ports).
-fn as_is<T: Clone>(v: &T) -> Result<T, String> {
+fn as_is<T: Clone>(v: &T) -> Result<T, ValueError> {
     Ok(v.clone())
 }
 
-fn lowercase(s: &str) -> Result<String, String> {
+fn lowercase(s: &str) -> Result<String, ValueError> {
     Ok(s.to_ascii_lowercase())
 }
 
-fn at_least_one(n: &usize) -> Result<usize, String> {
+fn at_least_one(n: &usize) -> Result<usize, ValueError> {
     match n {
-        0 => Err("must be at least 1".into()),
+        0 => Err(ValueError::Zero),
         n => Ok(*n),
     }
 }
 
-fn invalid(key: &'static str, value: &str, reason: String) -> ConfigError {
+fn invalid(key: &'static str, value: &str, reason: ValueError) -> ConfigError {
     ConfigError::Invalid {
         key,
         value: value.to_owned(),
@@ -760,23 +836,21 @@ fn invalid(key: &'static str, value: &str, reason: String) -> ConfigError {
     }
 }
 
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|e| format!("{e}; expected IP:PORT such as 127.0.0.1:3128"))
+fn parse_addr(s: &str) -> Result<SocketAddr, ValueError> {
+    s.parse().map_err(ValueError::Addr)
 }
 
 /// Parses a duration such as `90s`, `5m` or `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let fail = |e: humantime::DurationError| format!("{e}; expected a duration such as 30s or 5m");
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     // humantime panics when a term carries the running total just past u64::MAX seconds
     // ("18446744073709551615s 1000000000ns"; humantime#66). A term alone starts from zero and
     // cannot, so the terms are parsed one by one and their sum is checked here.
     let mut total = Duration::ZERO;
     for term in duration_terms(s) {
-        let d = humantime::parse_duration(term).map_err(fail)?;
-        total = total
-            .checked_add(d)
-            .ok_or_else(|| fail(humantime::DurationError::NumberOverflow))?;
+        let d = humantime::parse_duration(term).map_err(ValueError::Duration)?;
+        total = total.checked_add(d).ok_or(ValueError::Duration(
+            humantime::DurationError::NumberOverflow,
+        ))?;
     }
     Ok(total)
 }
@@ -798,41 +872,40 @@ fn duration_terms(s: &str) -> Vec<&str> {
     terms
 }
 
-fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+fn parse_log_format(s: &str) -> Result<LogFormat, ValueError> {
     match s {
         "text" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
-        _ => Err("expected text or json".into()),
+        _ => Err(ValueError::LogFormat),
     }
 }
 
 /// Parses `HOST:PORT=IP:PORT`.
-pub fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
-    let (from, to) = s.split_once('=').ok_or("expected HOST:PORT=IP:PORT")?;
-    let (host, port) = from
-        .rsplit_once(':')
-        .ok_or("expected HOST:PORT before '='")?;
-    port.parse::<u16>()
-        .map_err(|_| format!("bad port {port:?}"))?;
+pub fn parse_resolve(s: &str) -> Result<(String, SocketAddr), ValueError> {
+    let (from, to) = s.split_once('=').ok_or(ValueError::Resolve)?;
+    let (host, port) = from.rsplit_once(':').ok_or(ValueError::ResolveFrom)?;
+    port.parse::<u16>().map_err(|source| ValueError::Port {
+        port: port.to_owned(),
+        source,
+    })?;
     if host.is_empty() {
-        return Err("empty host".into());
+        return Err(ValueError::EmptyHost);
     }
-    let addr = to
-        .parse()
-        .map_err(|e| format!("{e} in {to:?}; expected IP:PORT"))?;
+    let addr = to.parse().map_err(|source| ValueError::ResolveTo {
+        to: to.to_owned(),
+        source,
+    })?;
     Ok((format!("{}:{port}", host.to_ascii_lowercase()), addr))
 }
 
 /// Parses a size such as `50GiB`, `512MiB`, `10GB` or a plain byte count.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, ValueError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| "expected a number with a unit such as 50GiB".to_string())?;
+    let n: f64 = num.parse().map_err(ValueError::SizeNumber)?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1000,
@@ -843,13 +916,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         "t" | "tb" => 1000 * 1000 * 1000 * 1000,
         "tib" => 1 << 40,
-        u => {
-            return Err(format!(
-                "unknown unit {u:?}; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
-            ))
-        }
+        u => return Err(ValueError::SizeUnit(u.to_owned())),
     };
-    let too_big = || format!("{t:?} is more than {} bytes", u64::MAX);
+    let too_big = || ValueError::SizeOverflow(t.to_owned());
     // A whole number is counted exactly (an f64 is not, past 2^53); past u64::MAX is an error,
     // where the float-to-int cast would quietly give u64::MAX.
     if !num.contains('.') {

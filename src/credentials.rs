@@ -43,6 +43,13 @@ pub enum CredentialsError {
     /// The docker config file cannot be read or parsed.
     #[error("docker config {path}: {reason}")]
     DockerConfig { path: PathBuf, reason: String },
+    /// An `auths` entry of the docker config file gives no usable login.
+    #[error("docker config {path}: {reason}")]
+    DockerAuth {
+        path: PathBuf,
+        #[source]
+        reason: AuthEntryError,
+    },
     /// A credential helper failed.
     #[error("credential helper docker-credential-{helper} for {host}: {reason}")]
     Helper {
@@ -50,6 +57,24 @@ pub enum CredentialsError {
         host: String,
         reason: String,
     },
+}
+
+/// What is wrong with a docker config `auths` entry. Without the decoder's error as a source:
+/// it would quote a byte, or the bytes, of the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthEntryError {
+    /// `auth` is not base64.
+    #[error("an auths entry's auth is not base64")]
+    NotBase64,
+    /// `auth` decodes to bytes that are not UTF-8.
+    #[error("an auths entry's auth is not text")]
+    NotText,
+    /// `auth` decodes to text without `:`.
+    #[error("an auths entry's auth is not user:password")]
+    NoColon,
+    /// Neither `auth`, nor `username` and `password`, nor `identitytoken`.
+    #[error("an auths entry has neither auth nor username and password")]
+    Empty,
 }
 
 /// Credentials by scope: a canonical registry host, or a host and a repository prefix
@@ -332,7 +357,11 @@ fn from_docker_config(path: &Path) -> Result<Vec<(String, Login)>, CredentialsEr
                 continue;
             }
         }
-        out.push((host, from_auth(auth).map_err(bad)?));
+        let login = from_auth(auth).map_err(|reason| CredentialsError::DockerAuth {
+            path: path.to_owned(),
+            reason,
+        })?;
+        out.push((host, login));
     }
     for (key, helper) in &config.cred_helpers {
         if !config.auths.contains_key(key) {
@@ -342,16 +371,14 @@ fn from_docker_config(path: &Path) -> Result<Vec<(String, Login)>, CredentialsEr
     Ok(out)
 }
 
-fn from_auth(auth: &DockerAuth) -> Result<Login, String> {
+fn from_auth(auth: &DockerAuth) -> Result<Login, AuthEntryError> {
     use base64::Engine as _;
     if let Some(encoded) = &auth.auth {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
-            .map_err(|_| "an auths entry's auth is not base64".to_string())?;
-        let raw = String::from_utf8(raw).map_err(|_| "an auths entry's auth is not text")?;
-        let (user, password) = raw
-            .split_once(':')
-            .ok_or("an auths entry's auth is not user:password")?;
+            .map_err(|_| AuthEntryError::NotBase64)?;
+        let raw = String::from_utf8(raw).map_err(|_| AuthEntryError::NotText)?;
+        let (user, password) = raw.split_once(':').ok_or(AuthEntryError::NoColon)?;
         return Ok(Login {
             username: user.to_owned(),
             password: Secret::new(password),
@@ -366,7 +393,7 @@ fn from_auth(auth: &DockerAuth) -> Result<Login, String> {
             username: "<token>".into(),
             password: Secret::new(t.clone()),
         }),
-        _ => Err("an auths entry has neither auth nor username and password".into()),
+        _ => Err(AuthEntryError::Empty),
     }
 }
 

@@ -128,13 +128,23 @@ pub fn head_answer(resp: Response<Incoming>, client: &Method, host: &str) -> Res
     Response::from_parts(parts, body::full(json.to_string()))
 }
 
+/// A request path that cannot be put on an upstream URL.
+#[derive(Debug, thiserror::Error)]
+#[error("bad request path {path:?}: {source}")]
+pub struct BadPath {
+    /// The path and query as the client sent them.
+    path: String,
+    /// Why the URL does not parse.
+    source: http::uri::InvalidUri,
+}
+
 /// A body-less upstream request for the client's `parts` with `method`, without the client's
 /// conditional and range headers (the proxy fetches whole objects for the cache).
 pub fn fetch_request(
     target: &Target,
     parts: &request::Parts,
     method: Method,
-) -> Result<Request<Body>, String> {
+) -> Result<Request<Body>, BadPath> {
     let uri = upstream_uri(target, &parts.uri)?;
     let mut req = upstream_request(parts, uri, body::empty());
     *req.method_mut() = method;
@@ -156,9 +166,12 @@ pub fn fetch_request(
 }
 
 /// The upstream URL for a request path on the CONNECT target.
-pub fn upstream_uri(target: &Target, uri: &Uri) -> Result<Uri, String> {
+pub fn upstream_uri(target: &Target, uri: &Uri) -> Result<Uri, BadPath> {
     let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     format!("https://{}{pq}", target.authority())
         .parse()
-        .map_err(|e| format!("bad request path {pq:?}: {e}"))
+        .map_err(|source| BadPath {
+            path: pq.to_owned(),
+            source,
+        })
 }

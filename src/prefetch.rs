@@ -36,7 +36,7 @@ pub struct ImageRef {
 
 /// Parses `[HOST[:PORT]/]REPO[:TAG|@DIGEST]` the way docker does: no host means Docker Hub,
 /// whose API lives on registry-1.docker.io and whose single names live under `library/`.
-pub fn parse_image(s: &str) -> Result<ImageRef, String> {
+pub fn parse_image(s: &str) -> Result<ImageRef, PrefetchError> {
     let (name, reference) = match s.split_once('@') {
         Some((n, d)) => (n, d.to_owned()),
         None => match s.rsplit_once(':') {
@@ -57,7 +57,7 @@ pub fn parse_image(s: &str) -> Result<ImageRef, String> {
         repo
     };
     if repo.is_empty() || reference.is_empty() {
-        return Err(format!("{s:?} is not an image reference (HOST/REPO:TAG)"));
+        return Err(PrefetchError::NotAnImage(s.to_owned()));
     }
     Ok(ImageRef {
         host,
@@ -116,7 +116,10 @@ pub enum Event {
 /// Why prefetching an image failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PrefetchError {
-    /// The reference does not parse.
+    /// The image reference does not parse.
+    #[error("{0:?} is not an image reference (HOST/REPO:TAG)")]
+    NotAnImage(String),
+    /// The reference does not make a valid request.
     #[error("{0}")]
     Reference(String),
     /// The registry answered something other than the object.
@@ -138,7 +141,7 @@ pub async fn prefetch(
     platforms: &Platforms,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<BTreeSet<String>, PrefetchError> {
-    let image = parse_image(image).map_err(PrefetchError::Reference)?;
+    let image = parse_image(image)?;
     let (host, port) = match image.host.rsplit_once(':') {
         Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(443)),
         None => (image.host.clone(), 443),

@@ -6,7 +6,7 @@ use http::Request;
 
 use crate::body;
 use crate::metrics::{parse_ratelimit, RateLimit};
-use crate::upstream::{Client, How};
+use crate::upstream::{Client, How, UpstreamError};
 
 /// Docker's documented image for checking the limit.
 pub const DOCKER_HUB_PROBE: &str = "ratelimitpreview/test:latest";
@@ -32,9 +32,28 @@ pub fn status(report: &Report, warn: Option<u64>, critical: Option<u64>) -> i32 
     }
 }
 
+/// Why the registry's limit could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The image does not make a valid request URL.
+    #[error(transparent)]
+    Request(#[from] http::Error),
+    /// The registry could not be asked.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// It answered an error without rate-limit headers.
+    #[error("{host} answered {status}")]
+    Status {
+        /// The registry host.
+        host: String,
+        /// What it answered.
+        status: http::StatusCode,
+    },
+}
+
 /// Sends the `HEAD` for `repo:tag` on `host` (with injected credentials, else an anonymous
 /// token when challenged) and reads the rate-limit headers.
-pub async fn check(client: &Client, host: &str, image: &str) -> Result<Report, String> {
+pub async fn check(client: &Client, host: &str, image: &str) -> Result<Report, CheckError> {
     let (repo, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
     let uri = format!("https://{host}/v2/{repo}/manifests/{tag}");
     let req = Request::head(&uri)
@@ -42,13 +61,12 @@ pub async fn check(client: &Client, host: &str, image: &str) -> Result<Report, S
             header::ACCEPT,
             "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json",
         )
-        .body(body::empty())
-        .map_err(|e| e.to_string())?;
+        .body(body::empty())?;
     let how = How {
         follow: false,
         anonymous: true,
     };
-    let resp = client.send(req, how).await.map_err(|e| e.to_string())?;
+    let resp = client.send(req, how).await?;
     let source = resp
         .headers()
         .get("docker-ratelimit-source")
@@ -56,7 +74,10 @@ pub async fn check(client: &Client, host: &str, image: &str) -> Result<Report, S
         .map(str::to_owned);
     let limit = parse_ratelimit(resp.headers());
     if limit.is_none() && !resp.status().is_success() {
-        return Err(format!("{host} answered {}", resp.status()));
+        return Err(CheckError::Status {
+            host: host.to_owned(),
+            status: resp.status(),
+        });
     }
     Ok(Report { limit, source })
 }

@@ -23,29 +23,47 @@ pub enum Alg {
     Sha512,
 }
 
+/// What is wrong with a digest; the message is fit for a 400 body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// No `alg:` before the hex.
+    #[error("digest {0:?} has no algorithm")]
+    NoAlgorithm(String),
+    /// An algorithm the OCI spec does not register.
+    #[error("digest algorithm {0:?} is not supported (use sha256 or sha512)")]
+    Algorithm(String),
+    /// Hex of the wrong length or case.
+    #[error("digest {digest:?}: expected {want} lower-case hex characters after {}:", alg.name())]
+    Hex {
+        /// The whole digest as given.
+        digest: String,
+        /// Its algorithm.
+        alg: Alg,
+        /// How many hex characters that algorithm has.
+        want: usize,
+    },
+}
+
 impl Digest {
     /// Parses `alg:hex`; the error says what is wrong, for a 400 body.
-    pub fn parse(s: &str) -> Result<Digest, String> {
+    pub fn parse(s: &str) -> Result<Digest, DigestError> {
         let (alg, hex) = s
             .split_once(':')
-            .ok_or_else(|| format!("digest {s:?} has no algorithm"))?;
+            .ok_or_else(|| DigestError::NoAlgorithm(s.to_owned()))?;
         let (alg, want) = match alg {
             "sha256" => (Alg::Sha256, 64),
             "sha512" => (Alg::Sha512, 128),
-            _ => {
-                return Err(format!(
-                    "digest algorithm {alg:?} is not supported (use sha256 or sha512)"
-                ))
-            }
+            _ => return Err(DigestError::Algorithm(alg.to_owned())),
         };
         let lower_hex = hex
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if hex.len() != want || !lower_hex {
-            return Err(format!(
-                "digest {s:?}: expected {want} lower-case hex characters after {}:",
-                alg.name()
-            ));
+            return Err(DigestError::Hex {
+                digest: s.to_owned(),
+                alg,
+                want,
+            });
         }
         Ok(Digest {
             alg,
@@ -91,8 +109,8 @@ impl Digest {
 }
 
 impl TryFrom<String> for Digest {
-    type Error = String;
-    fn try_from(s: String) -> Result<Digest, String> {
+    type Error = DigestError;
+    fn try_from(s: String) -> Result<Digest, DigestError> {
         Digest::parse(&s)
     }
 }

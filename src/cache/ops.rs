@@ -41,25 +41,40 @@ pub fn list(store: &Store) -> Vec<Listed> {
     out
 }
 
+/// Why `cache rm` removed nothing, or not all it meant to.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    /// A well-formed digest that is not in the cache.
+    #[error("{0} is not in the cache")]
+    NotCached(Digest),
+    /// Neither a digest nor a cached tag.
+    #[error("no cached tag {0} (expected DIGEST or HOST/REPO:TAG, as `cache ls` shows)")]
+    NoTag(String),
+    /// A file could not be removed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The tag's index entry could not be deleted.
+    #[error("cache index: {0}")]
+    Index(#[source] cacache::Error),
+}
+
 /// Removes one object by digest, or an image (`host/repo:tag`): its tag and every object of its
 /// manifest tree that no other tag references. Returns the digests removed.
-pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, String> {
+pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, RemoveError> {
     if let Ok(digest) = Digest::parse(what) {
         let Some(object) = store
             .objects_on_disk()
             .into_iter()
             .find(|o| o.digest == digest)
         else {
-            return Err(format!("{digest} is not in the cache"));
+            return Err(RemoveError::NotCached(digest));
         };
-        store.remove_object(&object).map_err(|e| e.to_string())?;
+        store.remove_object(&object)?;
         return Ok(vec![digest.to_string()]);
     }
     let tags = tag_records(store);
     let Some(roots) = tags.get(what) else {
-        return Err(format!(
-            "no cached tag {what} (expected DIGEST or HOST/REPO:TAG, as `cache ls` shows)"
-        ));
+        return Err(RemoveError::NoTag(what.to_owned()));
     };
     let mine: BTreeSet<String> = roots.iter().flat_map(|d| tree(store, d)).collect();
     let others: BTreeSet<String> = tags
@@ -71,12 +86,12 @@ pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, String> {
     for object in store.objects_on_disk() {
         let d = object.digest.to_string();
         if mine.contains(&d) && !others.contains(&d) {
-            store.remove_object(&object).map_err(|e| e.to_string())?;
+            store.remove_object(&object)?;
             removed.push(d);
         }
     }
     let key = keys::tag(what);
-    cacache::index::delete(store.dir(), &key).map_err(|e| e.to_string())?;
+    cacache::index::delete(store.dir(), &key).map_err(RemoveError::Index)?;
     Ok(removed)
 }
 

@@ -73,22 +73,36 @@ pub(super) async fn handle(
     }
 }
 
-fn parse_target(req: &Request<Incoming>) -> Result<Target, String> {
+/// Why a CONNECT request names no target; the message is the 400's body.
+#[derive(Debug, thiserror::Error)]
+enum TargetError {
+    /// The request-target is not an authority.
+    #[error("CONNECT needs host:port, got {0:?}")]
+    NoAuthority(String),
+    /// The authority has no port.
+    #[error("CONNECT target {0} has no port; send host:port")]
+    NoPort(Authority),
+    /// The authority's host is empty.
+    #[error("CONNECT target has an empty host")]
+    EmptyHost,
+}
+
+fn parse_target(req: &Request<Incoming>) -> Result<Target, TargetError> {
     let authority = req
         .uri()
         .authority()
-        .ok_or_else(|| format!("CONNECT needs host:port, got {:?}", req.uri().to_string()))?;
+        .ok_or_else(|| TargetError::NoAuthority(req.uri().to_string()))?;
     target_of(authority)
 }
 
 /// The target a CONNECT authority names (apart from the request, so that it can be tested).
-fn target_of(authority: &Authority) -> Result<Target, String> {
+fn target_of(authority: &Authority) -> Result<Target, TargetError> {
     let port = authority
         .port_u16()
-        .ok_or_else(|| format!("CONNECT target {authority} has no port; send host:port"))?;
+        .ok_or_else(|| TargetError::NoPort(authority.clone()))?;
     let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
     if host.is_empty() {
-        return Err("CONNECT target has an empty host".into());
+        return Err(TargetError::EmptyHost);
     }
     Ok(Target { host, port })
 }
@@ -100,7 +114,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// A CONNECT request-target as hyper hands it over: parsed as a URI.
-    fn target(text: &str) -> Option<Result<Target, String>> {
+    fn target(text: &str) -> Option<Result<Target, TargetError>> {
         let uri: Uri = text.parse().ok()?;
         uri.authority().map(target_of)
     }

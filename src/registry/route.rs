@@ -52,7 +52,7 @@ impl Route {
             let (repo, reference) = (repo.to_owned(), reference.to_owned());
             return match (reference.contains(':'), is_blob) {
                 (true, _) => match Digest::parse(&reference) {
-                    Err(reason) => Route::Invalid(reason),
+                    Err(reason) => Route::Invalid(reason.to_string()),
                     Ok(digest) if is_blob => Route::Blob { repo, digest },
                     Ok(digest) => Route::ManifestByDigest { repo, digest },
                 },

@@ -18,9 +18,24 @@ pub struct Challenge {
     pub params: BTreeMap<String, String>,
 }
 
+/// What is malformed in a `WWW-Authenticate` challenge (it quotes the header: a challenge holds
+/// no secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChallengeError {
+    /// The scheme is missing or not a token.
+    #[error("WWW-Authenticate has no valid scheme: {0:?}")]
+    Scheme(String),
+    /// A parameter without `=`.
+    #[error("WWW-Authenticate parameter without '=': {0:?}")]
+    NoEquals(String),
+    /// A quoted value that never ends.
+    #[error("WWW-Authenticate has an unterminated quote: {0:?}")]
+    Unterminated(String),
+}
+
 /// Parses `Bearer realm="…",service="…",scope="…"` (or `Basic realm="…"`); the error names
 /// what is malformed.
-pub fn parse_challenge(value: &str) -> Result<Challenge, String> {
+pub fn parse_challenge(value: &str) -> Result<Challenge, ChallengeError> {
     let value = value.trim();
     let (scheme, mut rest) = value.split_once(' ').unwrap_or((value, ""));
     if scheme.is_empty()
@@ -28,7 +43,7 @@ pub fn parse_challenge(value: &str) -> Result<Challenge, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-')
     {
-        return Err(format!("WWW-Authenticate has no valid scheme: {value:?}"));
+        return Err(ChallengeError::Scheme(value.to_owned()));
     }
     let mut params = BTreeMap::new();
     loop {
@@ -38,11 +53,11 @@ pub fn parse_challenge(value: &str) -> Result<Challenge, String> {
         }
         let (name, after) = rest
             .split_once('=')
-            .ok_or_else(|| format!("WWW-Authenticate parameter without '=': {rest:?}"))?;
+            .ok_or_else(|| ChallengeError::NoEquals(rest.to_owned()))?;
         let (val, after) = if let Some(quoted) = after.strip_prefix('"') {
             let end = quoted
                 .find('"')
-                .ok_or_else(|| format!("WWW-Authenticate has an unterminated quote: {value:?}"))?;
+                .ok_or_else(|| ChallengeError::Unterminated(value.to_owned()))?;
             (&quoted[..end], &quoted[end + 1..])
         } else {
             after.split_once(',').unwrap_or((after, ""))

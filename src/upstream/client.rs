@@ -310,7 +310,7 @@ fn challenge_in(headers: &HeaderMap) -> Result<super::auth::Challenge, UpstreamE
         .ok_or_else(|| UpstreamError::Auth("401 without a WWW-Authenticate challenge".into()))?
         .to_str()
         .map_err(|_| UpstreamError::Auth("WWW-Authenticate is not text".into()))?;
-    parse_challenge(raw).map_err(UpstreamError::Auth)
+    Ok(parse_challenge(raw)?)
 }
 
 /// A header value that is never logged.

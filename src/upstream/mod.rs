@@ -49,6 +49,9 @@ pub enum UpstreamError {
     /// Authentication with the upstream failed (challenge, token endpoint).
     #[error("upstream authentication: {0}")]
     Auth(String),
+    /// The upstream's `WWW-Authenticate` challenge does not parse.
+    #[error("upstream authentication: {0}")]
+    Challenge(#[from] auth::ChallengeError),
     /// A redirect that regproxy will not follow.
     #[error("{0}")]
     Redirect(String),
@@ -186,7 +189,8 @@ impl UpstreamError {
     /// Whether a cached tag should be served stale: the upstream (or its token endpoint) is out
     /// of reach or answering nonsense, as opposed to TLS that does not verify.
     pub fn is_outage(&self) -> bool {
-        self.is_unreachable() || matches!(self, UpstreamError::Auth(_))
+        self.is_unreachable()
+            || matches!(self, UpstreamError::Auth(_) | UpstreamError::Challenge(_))
     }
 
     /// Whether the upstream is out of reach (serve stale), rather than misconfigured or broken.
