@@ -135,6 +135,27 @@ pub enum ValueError {
     /// One of a pair of keys given without the other.
     #[error("missing; {needed_by} needs it")]
     Missing { needed_by: &'static str },
+    /// Not `s3://BUCKET[/PREFIX]`.
+    #[error("expected s3://BUCKET[/PREFIX]")]
+    StoreScheme,
+    /// A bucket name S3 would refuse.
+    #[error("bucket {0:?}: 3 to 63 lower-case letters, digits, '-' and '.'")]
+    Bucket(String),
+    /// A URL that is not `http(s)://HOST[:PORT]`.
+    #[error("expected http://HOST[:PORT] or https://HOST[:PORT]")]
+    HttpUrl,
+    /// Not `HOST:PORT`.
+    #[error("expected HOST:PORT")]
+    HostPort,
+    /// A fleet without the secret its members know each other by.
+    #[error("a fleet needs peer_secret_file: peers never answer unauthenticated peer requests")]
+    NoPeerSecret,
+    /// A fleet member that does not say which member it is.
+    #[error("a fleet needs advertise: this node's URL as the others reach it")]
+    NoAdvertise,
+    /// An advertised URL missing from the static member list.
+    #[error("advertise must be one of the peer URLs (the list includes this node)")]
+    NotAMember,
     /// A listener beyond loopback that names no clients.
     #[error(
         "listening beyond loopback needs allow_cidr and/or proxy_credentials_file, or anyone who \
@@ -505,16 +526,12 @@ pub struct StoreUrl {
 
 impl StoreUrl {
     /// Parses `s3://BUCKET` or `s3://BUCKET/PREFIX`.
-    pub fn parse(s: &str) -> Result<StoreUrl, String> {
-        let rest = s
-            .strip_prefix("s3://")
-            .ok_or("expected s3://BUCKET[/PREFIX]")?;
+    pub fn parse(s: &str) -> Result<StoreUrl, ValueError> {
+        let rest = s.strip_prefix("s3://").ok_or(ValueError::StoreScheme)?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
         if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
-            return Err(format!(
-                "bucket {bucket:?}: 3 to 63 lower-case letters, digits, '-' and '.'"
-            ));
+            return Err(ValueError::Bucket(bucket.to_owned()));
         }
         Ok(StoreUrl {
             bucket: bucket.to_owned(),
@@ -534,21 +551,24 @@ impl std::fmt::Display for StoreUrl {
 
 /// Parses an `http://` or `https://` URL with a host (an endpoint or a peer), without a
 /// trailing slash.
-fn parse_url(s: &str) -> Result<String, String> {
-    let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
+fn parse_url(s: &str) -> Result<String, ValueError> {
+    let uri: http::Uri = s.parse().map_err(|_| ValueError::HttpUrl)?;
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
     if !scheme_ok || uri.host().map_or(true, str::is_empty) {
-        return Err("expected http://HOST[:PORT] or https://HOST[:PORT]".into());
+        return Err(ValueError::HttpUrl);
     }
     Ok(s.trim_end_matches('/').to_owned())
 }
 
 /// Parses `HOST:PORT`.
-fn parse_host_port(s: &str) -> Result<(String, u16), String> {
-    let (host, port) = s.rsplit_once(':').ok_or("expected HOST:PORT")?;
-    let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+fn parse_host_port(s: &str) -> Result<(String, u16), ValueError> {
+    let (host, port) = s.rsplit_once(':').ok_or(ValueError::HostPort)?;
+    let port = port.parse().map_err(|source| ValueError::Port {
+        port: port.to_owned(),
+        source,
+    })?;
     if host.is_empty() {
-        return Err("empty host".into());
+        return Err(ValueError::EmptyHost);
     }
     Ok((host.to_ascii_lowercase(), port))
 }
@@ -679,18 +699,15 @@ impl Config {
         if !fleet {
             return Ok(());
         }
+        let peers = self.peers.join(",");
         if self.peer_secret_file.is_none() {
-            let reason = "a fleet needs peer_secret_file: peers never answer unauthenticated \
-                          peer requests";
-            return Err(invalid("peer", &self.peers.join(","), reason.into()));
+            return Err(invalid("peer", &peers, ValueError::NoPeerSecret));
         }
         let Some(me) = &self.advertise else {
-            let reason = "a fleet needs advertise: this node's URL as the others reach it";
-            return Err(invalid("peer", &self.peers.join(","), reason.into()));
+            return Err(invalid("peer", &peers, ValueError::NoAdvertise));
         };
         if self.peers_dns.is_none() && !self.peers.contains(me) {
-            let reason = "advertise must be one of the peer URLs (the list includes this node)";
-            return Err(invalid("advertise", me, reason.into()));
+            return Err(invalid("advertise", me, ValueError::NotAMember));
         }
         Ok(())
     }
