@@ -44,13 +44,17 @@ pub fn list(store: &Store) -> Vec<Listed> {
 /// Removes one object by digest, or an image (`host/repo:tag`): its tag and every object of its
 /// manifest tree that no other tag references. Returns the digests removed.
 pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, String> {
-    if let Ok(digest) = Digest::parse(what) {
+    if what.starts_with("sha256:") || what.starts_with("sha512:") {
+        let digest = Digest::parse(what)?;
         let Some(object) = store
             .objects_on_disk()
             .into_iter()
             .find(|o| o.digest == digest)
         else {
-            return Err(format!("{digest} is not in the cache"));
+            return Err(format!(
+                "{digest} is not cached in {}; nothing removed",
+                store.dir().display()
+            ));
         };
         store.remove_object(&object).map_err(|e| e.to_string())?;
         return Ok(vec![digest.to_string()]);
