@@ -184,6 +184,10 @@ pub async fn allowed(
     upstream_down: bool,
 ) -> Verdict {
     if !prov.bound && !prov.public {
+        tracing::debug!(
+            repo,
+            "cached bytes this origin never served, not public: a miss"
+        );
         return Verdict::Miss;
     }
     let host = target.authority();
@@ -199,8 +203,17 @@ pub async fn allowed(
     );
     let public_repo = shared.access.is_public(&host, repo) == Some(true);
     if (prov.bound && public_repo) || shared.access.was_allowed(&key) {
+        tracing::debug!(
+            repo,
+            public_repo,
+            "cached bytes may be served: a public repository, or this client was allowed recently"
+        );
         return Verdict::Serve;
     }
+    tracing::debug!(
+        repo,
+        "asking the upstream with a HEAD whether this client may read the cached bytes"
+    );
     let answer = if upstream_down {
         Err(UpstreamError::Down)
     } else {

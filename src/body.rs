@@ -36,15 +36,45 @@ pub fn incoming(b: hyper::body::Incoming) -> Body {
     b.map_err(BoxError::from).boxed_unsync()
 }
 
-/// A plain-text response whose body explains `reason` (a message, or an error's).
+/// A plain-text response whose body explains `reason` (a message, or an error's), and whose
+/// HTTP/1.1 status line does too.
 pub fn text(status: StatusCode, reason: impl std::fmt::Display) -> Response<Body> {
-    let mut resp = Response::new(full(format!("{reason}\n")));
+    let mut msg = reason.to_string();
+    let phrase = reason_phrase(status, &msg);
+    msg.push('\n');
+    let mut resp = Response::new(full(msg));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if let Some(phrase) = phrase {
+        resp.extensions_mut().insert(phrase);
+    }
     resp
+}
+
+/// Longest reason phrase written, in bytes.
+const MAX_REASON_PHRASE: usize = 300;
+
+/// `Forbidden: WHY` as an HTTP/1.1 reason phrase: Go clients (skopeo, podman, docker,
+/// containerd) show a refusal's status line and not its body. h2 has no reason phrase; hyper
+/// writes it for HTTP/1.1 only.
+fn reason_phrase(status: StatusCode, reason: &str) -> Option<hyper::ext::ReasonPhrase> {
+    let canonical = status.canonical_reason()?;
+    let mut phrase: String = format!("{canonical}: {}", reason.trim())
+        .chars()
+        // Printable ASCII only: anything else could end the line or garble it.
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    phrase.truncate(MAX_REASON_PHRASE);
+    hyper::ext::ReasonPhrase::try_from(phrase).ok()
 }
 
 /// How a request was answered, for the access log and the metrics' `outcome` label.
@@ -120,8 +150,11 @@ impl AccessLog {
     pub fn emit(&self, bytes: u64, complete: bool) {
         self.metrics
             .request(&self.host, self.outcome.as_str(), bytes);
+        // A root event: the line carries its own fields, and a request span around it (where
+        // a body-less answer is logged) would print host, method and path a second time.
         tracing::info!(
             target: "regproxy::access",
+            parent: None,
             client = %self.client,
             host = %self.host,
             method = %self.method,
@@ -411,6 +444,22 @@ mod tests {
     use super::*;
 
     /// A chunk shorter than what was reserved for it holds only its own length.
+    #[test]
+    fn a_refusal_says_why_in_its_status_line() {
+        let resp = text(
+            StatusCode::FORBIDDEN,
+            "port 5000 is not allowed;\r\nX: y\u{e9}",
+        );
+        let phrase = resp.extensions().get::<hyper::ext::ReasonPhrase>().unwrap();
+        assert_eq!(
+            phrase.as_bytes(),
+            b"Forbidden: port 5000 is not allowed;  X: y "
+        );
+        let long = text(StatusCode::BAD_GATEWAY, "x".repeat(1000));
+        let phrase = long.extensions().get::<hyper::ext::ReasonPhrase>().unwrap();
+        assert_eq!(phrase.as_bytes().len(), MAX_REASON_PHRASE);
+    }
+
     #[tokio::test]
     async fn a_chunk_holds_only_its_length_of_the_budget() {
         let budget = Budget::for_connection();

@@ -2,6 +2,7 @@
 //! `cache stats|ls|rm|gc|verify|prefetch`.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -41,7 +42,7 @@ enum Command {
     /// Show a registry's pull rate limit (a manifest HEAD, not counted by Docker Hub); exit 0, 1
     /// (warn), 2 (critical) or 3 (unknown), for monitoring checks
     Ratelimit {
-        /// Registry host [default: docker.io]
+        /// Registry host
         #[arg(value_name = "REGISTRY", default_value = "docker.io")]
         registry: String,
         /// Image to ask about, REPO:TAG [default: ratelimitpreview/test:latest on Docker Hub]
@@ -54,11 +55,15 @@ enum Command {
         #[arg(long, value_name = "N")]
         critical: Option<u64>,
     },
-    /// Print containerd hosts.toml files that use regproxy as a mirror
+    /// Print (or write) containerd hosts.toml files that use regproxy as a mirror
     ContainerdConfig {
         /// The mirror's URL as containerd reaches it [default: from --mirror-listen or --listen]
         #[arg(long, value_name = "URL")]
         mirror_url: Option<String>,
+        /// Write DIR/HOST/hosts.toml for each registry (DIR is containerd's config_path, e.g.
+        /// /etc/containerd/certs.d) instead of printing them
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
         /// Registries to write files for [default: docker.io and those in the cache]
         #[arg(value_name = "REGISTRY")]
         registries: Vec<String>,
@@ -150,49 +155,101 @@ impl Common {
     }
 }
 
-/// The binary's entry point: runs [`main`]; a failure goes to stderr on one line, each cause
-/// once (the library's messages quote their sources, which anyhow's report would print again
-/// under "Caused by"), and exits 1.
-pub fn entry() -> std::process::ExitCode {
-    let Err(e) = main() else {
-        return std::process::ExitCode::SUCCESS;
-    };
-    eprintln!("Error: {}", crate::upstream::error_chain(e.as_ref()));
-    let trace = e.backtrace();
-    if trace.status() == std::backtrace::BacktraceStatus::Captured {
-        eprintln!("\nStack backtrace:\n{trace}");
+/// Parses the command line, runs the chosen command and reports its failure the way that
+/// command's users read it.
+pub fn main() -> ExitCode {
+    let cli = parse();
+    let command = cli.command.unwrap_or(Command::Run);
+    let failure = Failure::of(&command);
+    match dispatch(command, &cli.common) {
+        Ok(code) => code,
+        Err(e) => failure.report(&e),
     }
-    std::process::ExitCode::FAILURE
 }
 
-/// Parses the command line and runs the chosen command.
-pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let config = cli.common.config()?;
-    match cli.command {
-        None | Some(Command::Run) => run(config),
-        Some(Command::Ca(CaCommand::Init)) => ca_init(&config),
-        Some(Command::Ca(CaCommand::Show)) => ca_show(&config),
-        Some(Command::Ca(CaCommand::Install(t))) => ca_trust(&config, &t.root, true),
-        Some(Command::Ca(CaCommand::Uninstall(t))) => ca_trust(&config, &t.root, false),
-        Some(Command::Cache(c)) => crate::cli_cache::run(&config, c.into()),
-        Some(Command::Ratelimit {
+/// Clap's parse, except that a monitoring check (`ratelimit`) whose arguments are wrong exits 3
+/// (UNKNOWN), not clap's 2 (CRITICAL to a monitoring system).
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && std::env::args().any(|a| a == "ratelimit") => {
+            let _ = e.print();
+            std::process::exit(i32::from(UNKNOWN));
+        }
+        Err(e) => e.exit(),
+    }
+}
+
+/// The exit status of `ratelimit` when it cannot tell.
+const UNKNOWN: u8 = 3;
+
+/// How a command's failure is shown.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// `run`: a start-up refusal.
+    Start,
+    /// `config check`: what `run` would refuse, with the same cause.
+    Check,
+    /// `ratelimit`: a monitoring check, UNKNOWN on any error.
+    Monitoring,
+    /// Everything else.
+    Plain,
+}
+
+impl Failure {
+    fn of(command: &Command) -> Failure {
+        match command {
+            Command::Run => Failure::Start,
+            Command::Config(ConfigCommand::Check) => Failure::Check,
+            Command::Ratelimit { .. } => Failure::Monitoring,
+            _ => Failure::Plain,
+        }
+    }
+
+    /// Prints `e` with its causes on one line, and the exit status to return.
+    fn report(self, e: &anyhow::Error) -> ExitCode {
+        // `a: b: c`, leaving out causes that a message already names.
+        let e = crate::upstream::error_chain(e.as_ref());
+        match self {
+            Failure::Start => eprintln!("regproxy could not start: {e}"),
+            Failure::Check => eprintln!("regproxy would not start: {e}"),
+            Failure::Monitoring => {
+                println!("UNKNOWN: {e}");
+                return ExitCode::from(UNKNOWN);
+            }
+            Failure::Plain => eprintln!("error: {e}"),
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn dispatch(command: Command, common: &Common) -> anyhow::Result<ExitCode> {
+    let config = common.config()?;
+    match command {
+        Command::Run => run(config),
+        Command::Ca(CaCommand::Init) => ca_init(&config),
+        Command::Ca(CaCommand::Show) => ca_show(&config),
+        Command::Ca(CaCommand::Install(t)) => ca_trust(&config, &t.root, true),
+        Command::Ca(CaCommand::Uninstall(t)) => ca_trust(&config, &t.root, false),
+        Command::Cache(c) => crate::cli_cache::run(&config, c.into()),
+        Command::Ratelimit {
             registry,
             image,
             warn,
             critical,
-        }) => ratelimit(config, &registry, image, warn, critical),
-        Some(Command::ContainerdConfig {
+        } => return ratelimit(config, &registry, image, warn, critical),
+        Command::ContainerdConfig {
             mirror_url,
+            write,
             registries,
-        }) => {
-            print!(
-                "{}",
-                crate::cli_cache::containerd_config(&config, mirror_url, registries)?
-            );
-            Ok(())
+        } => {
+            let files = crate::cli_cache::containerd_config(&config, mirror_url, registries)?;
+            match write {
+                Some(dir) => crate::cli_cache::write_hosts(&dir, &files),
+                None => crate::cli_cache::print_hosts(&files),
+            }
         }
-        Some(Command::SharedStore(SharedStoreCommand::Lifecycle { expire_days, xml })) => {
+        Command::SharedStore(SharedStoreCommand::Lifecycle { expire_days, xml }) => {
             let url = config
                 .shared_store
                 .as_ref()
@@ -200,14 +257,12 @@ pub fn main() -> anyhow::Result<()> {
             print!("{}", crate::cache::shared::lifecycle(url, expire_days, xml));
             Ok(())
         }
-        Some(Command::Config(ConfigCommand::Check)) => {
+        Command::Config(ConfigCommand::Check) => {
             print!("{}", config.to_toml());
-            config.check_exposure()?;
-            config.check_fleet()?;
-            crate::credentials::Logins::load(&config.registries, config.docker_config.as_deref())?;
-            Ok(())
+            Ok(crate::check(&config)?)
         }
-    }
+    }?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
@@ -216,9 +271,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listener = crate::listener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
-        crate::run(listener, config, shutdown_signal())
-            .await
-            .context("regproxy stopped")
+        Ok(crate::run(listener, config, shutdown_signal()).await?)
     })
 }
 
@@ -292,7 +345,7 @@ fn ratelimit(
     image: Option<String>,
     warn: Option<u64>,
     critical: Option<u64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     let host = crate::dockerhub::api_host(registry);
     let image = match image {
         Some(i) => i,
@@ -303,16 +356,12 @@ fn ratelimit(
     // The upstream client alone: no CA to create, no cache to open, for one request.
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let (client, _) = crate::upstream_client(&config, config.listen, metrics)?;
-    let report = runtime.block_on(crate::ratelimit::check(&client, host, &image));
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            println!("UNKNOWN: {registry}: {e}");
-            std::process::exit(3);
-        }
-    };
+    let report = runtime
+        .block_on(crate::ratelimit::check(&client, host, &image))
+        .map_err(anyhow::Error::msg)
+        .with_context(|| registry.to_owned())?;
     let code = crate::ratelimit::status(&report, warn, critical);
-    let word = ["OK", "WARNING", "CRITICAL", "UNKNOWN"][code as usize];
+    let word = ["OK", "WARNING", "CRITICAL", "UNKNOWN"][usize::from(code)];
     match report.limit {
         Some(rl) => {
             let window = rl.window.map_or("unknown".into(), |w| format!("{w}s"));
@@ -326,7 +375,7 @@ fn ratelimit(
     if let Some(source) = report.source {
         println!("source: {source}");
     }
-    std::process::exit(code);
+    Ok(ExitCode::from(code))
 }
 
 fn init_logging(format: LogFormat) {

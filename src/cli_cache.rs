@@ -1,6 +1,7 @@
 //! `regproxy cache …`: prints what [`crate::cache::ops`] finds and does.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,13 +31,22 @@ pub enum Action {
     },
 }
 
-/// Runs `action` on the cache in `config.cache_dir`.
+/// Runs `action` on the cache in `config.cache_dir`, which must exist: a command run in the
+/// wrong directory (or without the proxy's `--cache-dir`) says so instead of creating a new,
+/// empty cache there. `prefetch` may fill an empty directory; the others need a cache in it.
 pub fn run(config: &Config, action: Action) -> anyhow::Result<()> {
+    let dir = &config.cache_dir;
     if let Action::Prefetch { platforms, images } = action {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "{}; create the directory to start one",
+            no_cache(dir)
+        );
         return prefetch(config, &platforms, &images);
     }
-    let store = Store::open(&config.cache_dir, Arc::default())
-        .with_context(|| format!("cannot open the cache in {}", config.cache_dir.display()))?;
+    anyhow::ensure!(Store::exists(dir), "{}", no_cache(dir));
+    let store = Store::open(dir, Arc::default())
+        .with_context(|| format!("cannot open the cache in {}", dir.display()))?;
     match action {
         Action::Stats => stats(&store, config.admin_listen),
         Action::Ls => {
@@ -234,12 +244,31 @@ fn prefetch(
     Ok(())
 }
 
-/// `hosts.toml` files (each after a `# PATH` line) sending pulls of each registry to the mirror.
+/// "no cache at PATH", with the path as the user can find it and where the setting comes from.
+fn no_cache(dir: &Path) -> String {
+    let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+    format!(
+        "no cache at {} (give the proxy's --cache-dir, REGPROXY_CACHE_DIR or --config)",
+        shown.display()
+    )
+}
+
+/// One registry's `hosts.toml` for containerd: its directory name under containerd's
+/// `config_path` and the file's text.
+pub struct HostsFile {
+    /// The registry as containerd names it (`docker.io`, `registry.example:5000`).
+    pub registry: String,
+    /// The file's text.
+    pub text: String,
+}
+
+/// `hosts.toml` files sending pulls of each registry to the mirror: those named, else docker.io
+/// and the registries in the cache (if there is one).
 pub fn containerd_config(
     config: &Config,
     mirror_url: Option<String>,
     mut registries: Vec<String>,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Vec<HostsFile>> {
     let url = mirror_url.unwrap_or_else(|| {
         let scheme = if config.mirror_tls.is_some() {
             "https"
@@ -253,11 +282,12 @@ pub fn containerd_config(
     });
     if registries.is_empty() {
         registries.push(crate::dockerhub::NAME.into());
-        if let Ok(store) = Store::open(&config.cache_dir, Arc::default()) {
+        if Store::exists(&config.cache_dir) {
+            let store = Store::open(&config.cache_dir, Arc::default())?;
             registries.extend(ops::registries(&store));
         }
     }
-    let mut out = String::new();
+    let mut files = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for registry in registries {
         // containerd names Docker Hub docker.io; its API host is registry-1.docker.io.
@@ -268,13 +298,44 @@ pub fn containerd_config(
             ),
             false => (registry.clone(), registry.clone()),
         };
-        let server = format!("https://{server}");
+        anyhow::ensure!(
+            !dir.is_empty() && !dir.contains(['/', '\\']) && dir != "." && dir != "..",
+            "{registry:?} is not a registry host"
+        );
         if !seen.insert(dir.clone()) {
             continue;
         }
-        out.push_str(&format!(
-            "# /etc/containerd/certs.d/{dir}/hosts.toml\nserver = \"{server}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n\n"
-        ));
+        files.push(HostsFile {
+            text: format!(
+                "server = \"https://{server}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+            registry: dir,
+        });
     }
-    Ok(out)
+    Ok(files)
+}
+
+/// Prints the files, each after a `# /etc/containerd/certs.d/HOST/hosts.toml` line.
+pub fn print_hosts(files: &[HostsFile]) -> anyhow::Result<()> {
+    for f in files {
+        println!(
+            "# /etc/containerd/certs.d/{}/hosts.toml\n{}",
+            f.registry, f.text
+        );
+    }
+    Ok(())
+}
+
+/// Writes `DIR/HOST/hosts.toml` for each file (replacing what is there) and says which.
+pub fn write_hosts(dir: &Path, files: &[HostsFile]) -> anyhow::Result<()> {
+    for f in files {
+        let host_dir = dir.join(&f.registry);
+        std::fs::create_dir_all(&host_dir)
+            .with_context(|| format!("cannot create {}", host_dir.display()))?;
+        let path = host_dir.join("hosts.toml");
+        std::fs::write(&path, &f.text)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ pub mod credentials;
 pub(crate) mod dockerhub;
 pub(crate) mod exchange;
 pub(crate) mod fleet;
+pub(crate) mod hints;
 pub(crate) mod listener;
 pub(crate) mod manifest;
 pub(crate) mod metrics;
@@ -96,11 +97,8 @@ impl Shared {
     /// Loads the CA, opens the cache and builds the upstream client; `own` is the proxy's
     /// listen address, which upstream connections refuse to reach.
     pub fn new(config: Config, own: std::net::SocketAddr) -> Result<Arc<Shared>, Error> {
-        config.check_exposure()?;
-        config.check_fleet()?;
-        let gate = proxy::gate::Gate::new(&config)?;
         let metrics = Arc::new(metrics::Metrics::default());
-        let (client, resolver) = upstream_client(&config, own, metrics.clone())?;
+        let (gate, client, resolver) = front(&config, own, metrics.clone())?;
         let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
         let mut cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
         cache.shared = cache::SharedTier::from_config(&config, metrics.clone())?;
@@ -118,6 +116,41 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }))
+    }
+}
+
+/// What serving needs before the CA and the cache: the exposure check, the gate (the proxy
+/// credentials file) and the upstream client (credentials, `--upstream-ca` files).
+fn front(
+    config: &Config,
+    own: std::net::SocketAddr,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<(proxy::gate::Gate, upstream::Client, Arc<upstream::Resolver>), Error> {
+    config.check_exposure()?;
+    config.check_fleet()?;
+    let gate = proxy::gate::Gate::new(config)?;
+    let (client, resolver) = upstream_client(config, own, metrics)?;
+    Ok((gate, client, resolver))
+}
+
+/// Refuses whatever [`run`] would refuse at start, with the same errors, creating nothing: no
+/// CA (an existing one must load), no cache, no listener. What `regproxy config check` runs.
+pub fn check(config: &Config) -> Result<(), Error> {
+    front(config, config.listen, Arc::default())?;
+    ca::CertAuthority::existing(&config.ca_dir)?;
+    mirror_acceptor(config)?;
+    if let Some(url) = &config.shared_store {
+        cache::shared::operator(config, url)?;
+    }
+    fleet::Fleet::from_config(config)?;
+    Ok(())
+}
+
+/// The TLS acceptor of the mirror listener, when it has a certificate.
+fn mirror_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Error> {
+    match &config.mirror_tls {
+        Some((cert, key)) => Ok(Some(ca::acceptor_from_files(cert, key)?)),
+        None => Ok(None),
     }
 }
 
@@ -179,15 +212,14 @@ pub async fn serve(
             config.max_connections = fit;
         }
     }
-    let shared = Shared::new(config, listener.local_addr()?)?;
+    let own = listener.local_addr()?;
+    let shared = Shared::new(config, own)?;
+    hints::at_start(&shared, own);
     tokio::spawn(admin::serve(admin, shared.clone()));
     if let Some(addr) = shared.config.mirror_listen {
         let mirror = listener::bind(addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("mirror_listen {addr}: {e}")))?;
-        let tls = match &shared.config.mirror_tls {
-            Some((cert, key)) => Some(ca::acceptor_from_files(cert, key)?),
-            None => None,
-        };
+        let tls = mirror_acceptor(&shared.config)?;
         tokio::spawn(proxy::serve_mirror(mirror, tls, shared.clone()));
     }
     tokio::spawn(

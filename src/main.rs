@@ -1,5 +1,5 @@
 //! The regproxy binary: everything lives in the library; see `regproxy::cli`.
 
 fn main() -> std::process::ExitCode {
-    regproxy::cli::entry()
+    regproxy::cli::main()
 }

@@ -21,7 +21,7 @@ pub struct Report {
 }
 
 /// Nagios-style exit status: 0 fine, 1 at or below `warn`, 2 at or below `critical`, 3 unknown.
-pub fn status(report: &Report, warn: Option<u64>, critical: Option<u64>) -> i32 {
+pub fn status(report: &Report, warn: Option<u64>, critical: Option<u64>) -> u8 {
     let Some(rl) = report.limit else { return 3 };
     if critical.is_some_and(|c| rl.remaining <= c) {
         2

@@ -27,6 +27,7 @@ fn options(nofile: Option<u64>, args: &[&str]) -> ProxyOptions {
     ProxyOptions {
         nofile,
         args: args.iter().map(|s| s.to_string()).collect(),
+        ..ProxyOptions::default()
     }
 }
 

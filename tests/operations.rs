@@ -330,15 +330,16 @@ fn cache_commands_work_beside_a_running_proxy() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = regproxy(
-        &[
-            "cache",
-            "rm",
-            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
-        ],
-        &config,
-    );
+    // An object that is not cached, or a digest that is not one, is said to be so.
+    let absent = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let out = regproxy(&["cache", "rm", absent], &config);
     assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(&format!("{absent} is not cached")), "{said}");
+    let out = regproxy(&["cache", "rm", "sha256:abc"], &config);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("64 lower-case hex characters"), "{said}");
 }
 
 /// `ca install` puts the CA into a (sandboxed) Debian trust store's bundle; `uninstall` takes
@@ -425,6 +426,10 @@ fn prefetch_warms_the_cache_for_an_offline_pull() {
     )
     .unwrap();
     let image = format!("{}/test/pre:v1", registry.host());
+    // Prefetch fills an empty directory, and creates none.
+    let out = regproxy(&["cache", "prefetch", "--all-platforms", &image], &config);
+    assert!(!out.status.success());
+    std::fs::create_dir_all(state.join("cache")).unwrap();
     let out = regproxy(&["cache", "prefetch", "--all-platforms", &image], &config);
     let said = format!(
         "{}{}",

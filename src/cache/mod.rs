@@ -192,12 +192,17 @@ impl Cache {
     /// A cached object as a complete flight, ready to be read, if it is on disk.
     pub async fn hit(&self, digest: &Digest) -> Option<(Arc<Flight>, Entry)> {
         let (file, entry) = match self.store.object(digest).await {
-            Ok(found) => found?,
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                tracing::debug!(digest = %digest, "cache lookup: not cached");
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(digest = %digest, error = %e, "cache lookup failed; treating as a miss");
                 return None;
             }
         };
+        tracing::debug!(digest = %digest, size = entry.meta.size, "cache lookup: cached");
         let pin = self.store.pin(&entry.path);
         let head = Head {
             content_type: entry.meta.content_type.clone(),

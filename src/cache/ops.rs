@@ -44,9 +44,15 @@ pub fn list(store: &Store) -> Vec<Listed> {
 /// Why `cache rm` removed nothing, or not all it meant to.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoveError {
+    /// Not a digest, though it starts like one.
+    #[error(transparent)]
+    Digest(#[from] crate::cache::digest::DigestError),
     /// A well-formed digest that is not in the cache.
-    #[error("{0} is not in the cache")]
-    NotCached(Digest),
+    #[error("{digest} is not cached in {}; nothing removed", dir.display())]
+    NotCached {
+        digest: Digest,
+        dir: std::path::PathBuf,
+    },
     /// Neither a digest nor a cached tag.
     #[error("no cached tag {0} (expected DIGEST or HOST/REPO:TAG, as `cache ls` shows)")]
     NoTag(String),
@@ -61,13 +67,17 @@ pub enum RemoveError {
 /// Removes one object by digest, or an image (`host/repo:tag`): its tag and every object of its
 /// manifest tree that no other tag references. Returns the digests removed.
 pub fn remove(store: &Store, what: &str) -> Result<Vec<String>, RemoveError> {
-    if let Ok(digest) = Digest::parse(what) {
+    if what.starts_with("sha256:") || what.starts_with("sha512:") {
+        let digest = Digest::parse(what)?;
         let Some(object) = store
             .objects_on_disk()
             .into_iter()
             .find(|o| o.digest == digest)
         else {
-            return Err(RemoveError::NotCached(digest));
+            return Err(RemoveError::NotCached {
+                digest,
+                dir: store.dir().to_owned(),
+            });
         };
         store.remove_object(&object)?;
         return Ok(vec![digest.to_string()]);

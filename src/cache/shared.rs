@@ -411,7 +411,7 @@ async fn upload_loop(tier: Arc<SharedTier>, rx: mpsc::Receiver<Upload>) {
 }
 
 /// The OpenDAL operator for `url`, with the endpoint, region and credentials of `config`.
-fn operator(config: &Config, url: &StoreUrl) -> Result<Operator, SharedError> {
+pub(crate) fn operator(config: &Config, url: &StoreUrl) -> Result<Operator, SharedError> {
     let setup = |source| SharedError::Setup {
         url: url.to_string(),
         source,

@@ -147,6 +147,14 @@ impl Drop for Pin {
 }
 
 impl Store {
+    /// Whether `dir` holds a cache: [`Store::open`] has been there (it always makes `tmp/`), or
+    /// objects or an index are in it.
+    pub fn exists(dir: &Path) -> bool {
+        ["tmp", "content-v2", "index-v5"]
+            .iter()
+            .any(|sub| dir.join(sub).is_dir())
+    }
+
     /// Opens (creating) the store in `dir`, removes temporary files a dead run left, and counts
     /// what is on disk into `metrics`.
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Store, StoreError> {

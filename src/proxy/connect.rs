@@ -26,12 +26,12 @@ pub(super) async fn handle(
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
     if !shared.config.allow_port.contains(&target.port) {
-        tracing::warn!(client = %peer, host = %target.host, port = target.port, "CONNECT to a port not allowed");
+        tracing::warn!(client = %peer, host = %target.host, port = target.port, "CONNECT to port {} refused: not an allowed port; allow it with --allow-port {}", target.port, target.port);
         return text(
             StatusCode::FORBIDDEN,
             format!(
-                "CONNECT to port {} is not allowed (allowed: {:?}; add one with --allow-port)",
-                target.port, shared.config.allow_port
+                "CONNECT to port {} is not allowed (allowed: {:?}); allow it with --allow-port {}",
+                target.port, shared.config.allow_port, target.port
             ),
         );
     }

@@ -74,7 +74,16 @@ pub(super) async fn serve(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::warn!(client = %peer, sni = %sni, error = %e, "TLS handshake with client failed");
+            match crate::hints::distrust(&e) {
+                Some(alert) => {
+                    let host = target.authority();
+                    let fix = crate::hints::trust_fix(&shared.config, &host);
+                    tracing::warn!(client = %peer, sni = %sni, alert, "the client does not trust regproxy's CA (it rejected the certificate for {host}); {fix}");
+                }
+                None => {
+                    tracing::warn!(client = %peer, sni = %sni, error = %e, "TLS handshake with client failed")
+                }
+            }
             return;
         }
         Err(_) => {

@@ -152,21 +152,27 @@ pub(super) async fn serve(
             .filter(|f| f.head().is_some());
         return match known {
             Some(flight) => ask.cached(&flight, Outcome::Joined).await,
-            None => ask.forward().await,
+            None => {
+                tracing::debug!(digest = %digest, "HEAD of an object not cached: forwarded");
+                ask.forward().await
+            }
         };
     }
     match shared.cache.flights.join(&digest) {
-        Join::Follower(flight) => match flight.started().await {
-            // The leader got no cacheable answer (or found it cached meanwhile, or no room).
-            State::Abandoned => match shared.cache.hit(&digest).await {
-                Some((flight, _)) => ask.cached(&flight, Outcome::Hit).await,
-                None => ask.passthrough(None).await,
-            },
-            _ => {
-                shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
-                ask.cached(&flight, Outcome::Joined).await
+        Join::Follower(flight) => {
+            tracing::debug!(digest = %digest, "joining the download already in flight");
+            match flight.started().await {
+                // The leader got no cacheable answer (or found it cached meanwhile, or no room).
+                State::Abandoned => match shared.cache.hit(&digest).await {
+                    Some((flight, _)) => ask.cached(&flight, Outcome::Hit).await,
+                    None => ask.passthrough(None).await,
+                },
+                _ => {
+                    shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
+                    ask.cached(&flight, Outcome::Joined).await
+                }
             }
-        },
+        }
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.
             if let Some((flight, _)) = shared.cache.hit(&digest).await {
@@ -177,6 +183,7 @@ pub(super) async fn serve(
                 Ok(r) => r,
                 Err(reason) => return (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused),
             };
+            tracing::debug!(digest = %digest, "no download in flight: leading one from the upstream");
             let flight = leader.flight();
             let (tx, rx) = oneshot::channel();
             // The download runs apart from this client, which may leave without harming it.

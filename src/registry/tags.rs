@@ -66,6 +66,7 @@ pub(super) async fn serve(
         let _lead = match shared.cache.tags.turn(key.clone()) {
             Turn::Lead(lead) => lead,
             Turn::Follow(leader) => {
+                tracing::debug!(tag = %name.tag, "another request is asking the upstream for this tag: waiting for it");
                 leader.finished().await;
                 continue;
             }
@@ -89,15 +90,19 @@ async fn look(
 ) -> Look {
     let ttl = shared.config.tag_ttl_for(name.host, name.repo);
     let Some((record, age)) = shared.cache.tag(name, ttl).await else {
+        tracing::debug!(tag = %name.tag, "tag not cached: asking the upstream");
         return Look::Fetch;
     };
     if age >= ttl {
         if !ask.head_only && shared.cache.hit(&record.digest).await.is_none() {
             // Known only from a HEAD: the bytes are needed, so one GET says all a HEAD would.
+            tracing::debug!(tag = %name.tag, digest = %record.digest, "tag stale and its manifest not cached: fetching it");
             return Look::Fetch;
         }
+        tracing::debug!(tag = %name.tag, digest = %record.digest, age = ?age, ttl = ?ttl, "tag stale: revalidating it with a HEAD");
         return Look::Stale(record);
     }
+    tracing::debug!(tag = %name.tag, digest = %record.digest, age = ?age, ttl = ?ttl, "tag fresh in the cache");
     match answer_from(&record, parts, target, name.repo, ask, shared, false).await {
         Some(Ok(resp)) => Look::Answer((resp, Outcome::Hit)),
         Some(Err(refused)) => Look::Answer((refused, Outcome::Refused)),
@@ -123,7 +128,9 @@ async fn revalidate(
         Ok(resp) if resp.status() == StatusCode::OK => {
             access::served(shared, parts, target, repo).await;
             let digest = header_str(resp.headers(), DOCKER_CONTENT_DIGEST);
-            if digest == Some(record.digest.to_string()) {
+            let same = digest == Some(record.digest.to_string());
+            tracing::debug!(tag = %name.tag, cached = %record.digest, upstream = digest.as_deref().unwrap_or("-"), same, "revalidated the tag");
+            if same {
                 save_tag(shared, name, &record).await;
                 match answer_from(&record, parts, target, repo, ask, shared, false).await {
                     Some(Ok(resp)) => return (resp, Outcome::Revalidated),

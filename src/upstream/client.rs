@@ -110,7 +110,9 @@ impl Client {
         let scope = scope_of(&repo);
         let key = (configured, scope.clone());
         req.headers_mut().remove(header::AUTHORIZATION);
-        if let Some(value) = self.token(&key) {
+        let cached = self.token(&key);
+        tracing::debug!(credentials = %key.0, scope = %key.1, cached_token = cached.is_some(), "pulling with the configured credentials");
+        if let Some(value) = cached {
             req.headers_mut().insert(header::AUTHORIZATION, value);
         }
         let replay = http_body::Body::is_end_stream(req.body()).then(|| head_of(&req));
@@ -157,6 +159,10 @@ impl Client {
         let (StatusCode::UNAUTHORIZED, Some(mut again)) = (resp.status(), retry) else {
             return Ok(resp);
         };
+        tracing::debug!(
+            repo,
+            "the upstream wants a token: fetching an anonymous one"
+        );
         let token = self.anonymous_token(resp.headers(), repo).await?;
         again.headers_mut().insert(header::AUTHORIZATION, token);
         self.go(again, how.follow).await
@@ -258,6 +264,8 @@ impl Client {
         headers: &HeaderMap,
     ) -> Result<HeaderValue, UpstreamError> {
         let challenge = challenge_in(headers)?;
+        let realm = challenge.params.get("realm").map_or("-", String::as_str);
+        tracing::debug!(scheme = %challenge.scheme, realm, credentials = %key.0, "answering the upstream's challenge with the configured credentials");
         let credentials = basic(&login.username, &login.password);
         let (value, valid) = match challenge.scheme.as_str() {
             "basic" => (credentials, Duration::from_secs(3600)),
@@ -272,6 +280,11 @@ impl Client {
                 self.token_fetches.fetch_add(1, Ordering::Relaxed);
                 let basic = Some(credentials.expose());
                 let token = fetch_token(&self.http, &challenge, &scope, basic).await?;
+                tracing::debug!(
+                    scope,
+                    expires_in = token.expires_in,
+                    "token exchange done; token cached"
+                );
                 // Renew a little early, so a token never expires on its way to the upstream.
                 let life = Duration::from_secs(token.expires_in);
                 let margin = (life / 10)

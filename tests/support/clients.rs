@@ -54,13 +54,18 @@ pub fn proxy_env(cmd: &mut Command, proxy: Option<&Proxy>) {
 /// (`HTTPS_PROXY`/`https_proxy` set to its URL, `NO_PROXY` cleared) or with no proxy at all.
 pub fn skopeo_command(proxy: Option<&Proxy>) -> Command {
     require_tool("skopeo");
-    let env = skopeo_env_dir();
     let mut cmd = Command::new("skopeo");
     proxy_env(&mut cmd, proxy);
+    skopeo_env(&mut cmd).arg("--insecure-policy");
+    cmd
+}
+
+/// Keeps a command that runs skopeo (itself, or a shell line that does) away from the machine's
+/// registries.conf and credentials.
+pub fn skopeo_env(cmd: &mut Command) -> &mut Command {
+    let env = skopeo_env_dir();
     cmd.env("CONTAINERS_REGISTRIES_CONF", env.join("registries.conf"))
         .env("REGISTRY_AUTH_FILE", env.join("auth.json"))
-        .arg("--insecure-policy");
-    cmd
 }
 
 /// Runs `skopeo ARGS` (see [`skopeo_command`]) with [`CMD_TIMEOUT`]; does not check the status.
@@ -264,26 +269,25 @@ impl Drop for Dockerd {
 // containerd with regproxy as its hosts.toml mirror
 // ---------------------------------------------------------------------------------------------
 
-/// Writes `DIR/HOST:PORT/hosts.toml` for `registry` as `regproxy containerd-config` prints it:
+/// Writes `DIR/HOST:PORT/hosts.toml` for `registry` with `regproxy containerd-config --write`:
 /// `proxy` as a plain-HTTP mirror (containerd adds `?ns=HOST:PORT`), so nobody needs to trust
 /// regproxy's CA. Returns `DIR`, what `ctr --hosts-dir` takes.
 pub fn write_mirror_hosts(dir: &Path, proxy: &Proxy, registry: &Registry) -> PathBuf {
-    let host_dir = dir.join(registry.host());
-    fs::create_dir_all(&host_dir).unwrap();
     let out = run_with_timeout(
         Command::new(env!("CARGO_BIN_EXE_regproxy"))
             .env_remove("REGPROXY_CONFIG")
             .args(["--listen", &proxy.addr().to_string()])
-            .args(["containerd-config", &registry.host()]),
+            .args(["containerd-config", "--write"])
+            .arg(dir)
+            .arg(registry.host()),
         CMD_TIMEOUT,
     );
-    assert_success(&out, "regproxy containerd-config");
-    let toml = String::from_utf8(out.stdout).unwrap();
+    assert_success(&out, "regproxy containerd-config --write");
+    let toml = fs::read_to_string(dir.join(registry.host()).join("hosts.toml")).unwrap();
     assert!(
         toml.contains(&format!("[host.\"http://{}\"]", proxy.addr())),
         "{toml}"
     );
-    fs::write(host_dir.join("hosts.toml"), &toml).unwrap();
     dir.to_path_buf()
 }
 

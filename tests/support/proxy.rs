@@ -271,6 +271,7 @@ impl Drop for Proxy {
 pub struct ProxyProcess {
     child: Child,
     addr: SocketAddr,
+    admin: SocketAddr,
     state: PathBuf,
 }
 
@@ -282,8 +283,17 @@ impl ProxyProcess {
 
     /// [`ProxyProcess::start`] with a descriptor limit and extra flags.
     pub fn start_with(state: &Path, registry: &Registry, options: &ProxyOptions) -> ProxyProcess {
+        let mut options = options.clone();
+        options.args.splice(0..0, registry.proxy_args());
+        Self::start_bare(state, &options)
+    }
+
+    /// `regproxy run` with only the listeners, the state directories and `options`: nothing
+    /// makes it reach a registry unless `options.args` do.
+    pub fn start_bare(state: &Path, options: &ProxyOptions) -> ProxyProcess {
         fs::create_dir_all(state).unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let bin = env!("CARGO_BIN_EXE_regproxy");
         let mut cmd = match options.nofile {
             // prlimit sets the limit on itself and execs the binary: the child's pid is
@@ -296,22 +306,33 @@ impl ProxyProcess {
             }
             None => Command::new(bin),
         };
+        // The log says when it is listening; only a test's own REGPROXY_LOG changes that.
         cmd.env_remove("REGPROXY_CONFIG")
+            .env_remove("REGPROXY_LOG")
             .arg("run")
             .args(["--listen", &addr.to_string()])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-listen", &admin.to_string()])
             .arg("--ca-dir")
             .arg(state.join("ca"))
             .arg("--cache-dir")
             .arg(state.join("cache"))
-            .args(registry.proxy_args())
             .args(&options.args);
-        let child = log_output(&mut cmd, &state.join("regproxy.log"))
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        let log = state.join("regproxy.log");
+        let starts = || {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            text.matches("regproxy listening").count()
+        };
+        let before = starts();
+        let child = log_output(&mut cmd, &log)
             .spawn()
             .expect("starting the regproxy binary");
         let mut proxy = ProxyProcess {
             child,
             addr,
+            admin,
             state: state.to_path_buf(),
         };
         let ca = state.join("ca/ca.crt");
@@ -324,7 +345,12 @@ impl ProxyProcess {
                         proxy.log()
                     );
                 }
-                (ca_written(&ca) && TcpStream::connect(addr).is_ok()).then_some(())
+                // Listening, with everything it says at start written.
+                let up = ca_written(&ca)
+                    && starts() > before
+                    && TcpStream::connect(addr).is_ok()
+                    && TcpStream::connect(admin).is_ok();
+                up.then_some(())
             },
             || {
                 let log = fs::read_to_string(state.join("regproxy.log")).unwrap_or_default();
@@ -398,6 +424,8 @@ pub struct ProxyOptions {
     pub nofile: Option<u64>,
     /// Extra flags for `regproxy run` (`--max-connections`, `--idle-timeout`, …).
     pub args: Vec<String>,
+    /// Extra environment variables (`REGPROXY_LOG`, …).
+    pub env: Vec<(String, String)>,
 }
 
 impl ProxyProcess {
@@ -406,6 +434,10 @@ impl ProxyProcess {
     }
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+    /// The admin endpoint's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
     }
     /// The proxy's CA certificate (PEM).
     pub fn ca_cert_path(&self) -> PathBuf {
