@@ -108,7 +108,9 @@ impl Cache {
         if local.as_ref().is_some_and(|(_, age)| *age < fresh_for) {
             return local;
         }
-        let tier = self.shared.as_ref()?;
+        let Some(tier) = &self.shared else {
+            return local;
+        };
         let Some((record, checked_ms)) = tier.tag(name).await else {
             return local;
         };

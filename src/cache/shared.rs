@@ -330,10 +330,14 @@ impl SharedTier {
                         return;
                     }
                 }
+                // A file evicted or unreadable meanwhile says nothing about the store.
+                let Ok(file) = tokio::fs::File::open(&path).await else {
+                    return;
+                };
                 if !self.breaker.allow() {
                     return;
                 }
-                match self.upload_file(&key, &path, &meta).await {
+                match self.upload_file(&key, file, &meta).await {
                     Ok(()) => {
                         self.succeeded();
                         self.metrics
@@ -358,11 +362,10 @@ impl SharedTier {
     async fn upload_file(
         &self,
         key: &str,
-        path: &PathBuf,
+        mut file: tokio::fs::File,
         meta: &ObjectMeta,
     ) -> Result<(), BoxError> {
         use tokio::io::AsyncReadExt;
-        let mut file = tokio::fs::File::open(path).await?;
         let mut writer = self.op.writer_with(key).chunk(PART);
         if let Some(ct) = &meta.content_type {
             writer = writer.content_type(ct);
@@ -380,7 +383,7 @@ impl SharedTier {
         }
         if sent != meta.size {
             writer.abort().await?;
-            return Err(format!("{} has {sent} of {} bytes", path.display(), meta.size).into());
+            return Err(format!("the cached file has {sent} of {} bytes", meta.size).into());
         }
         writer.close().await?;
         Ok(())
