@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cache::shared::StoreSettings;
+pub use crate::cache::shared::StoreUrl;
+
 use crate::credentials::RegistryConfig;
 
 /// Hosts intercepted by default: the public registries and the auth hosts they send clients to.
@@ -347,7 +350,7 @@ keys! {
     shutdown_grace: String => shutdown_grace: Duration = One(parse_duration), default "30s";
     /// Shared object-store tier for a fleet, s3://BUCKET[/PREFIX] [default: off]
     #[arg(env = "REGPROXY_SHARED_STORE", value_name = "s3://BUCKET[/PREFIX]")]
-    shared_store: String => shared_store: Option<StoreUrl> = Opt(StoreUrl::parse);
+    shared_store: String => shared_store: Option<StoreUrl> = Opt(parse_store_url);
     /// S3 endpoint of the shared store, e.g. http://127.0.0.1:3900 for Garage or MinIO [default: AWS]
     #[arg(env = "REGPROXY_SHARED_STORE_ENDPOINT", value_name = "URL")]
     shared_store_endpoint: String => shared_store_endpoint: Option<String> = Opt(parse_url);
@@ -515,38 +518,18 @@ to_text!(Show::show {
     StoreUrl: |u| quote(u);
 });
 
-/// Where the shared tier lives: `s3://BUCKET[/PREFIX]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreUrl {
-    /// The bucket.
-    pub bucket: String,
-    /// The key prefix inside it, without slashes at either end (may be empty).
-    pub prefix: String,
-}
-
-impl StoreUrl {
-    /// Parses `s3://BUCKET` or `s3://BUCKET/PREFIX`.
-    pub fn parse(s: &str) -> Result<StoreUrl, ValueError> {
-        let rest = s.strip_prefix("s3://").ok_or(ValueError::StoreScheme)?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
-        if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
-            return Err(ValueError::Bucket(bucket.to_owned()));
-        }
-        Ok(StoreUrl {
-            bucket: bucket.to_owned(),
-            prefix: prefix.trim_matches('/').to_owned(),
-        })
+/// Parses `s3://BUCKET` or `s3://BUCKET/PREFIX`.
+pub fn parse_store_url(s: &str) -> Result<StoreUrl, ValueError> {
+    let rest = s.strip_prefix("s3://").ok_or(ValueError::StoreScheme)?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+        return Err(ValueError::Bucket(bucket.to_owned()));
     }
-}
-
-impl std::fmt::Display for StoreUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.prefix.as_str() {
-            "" => write!(f, "s3://{}", self.bucket),
-            p => write!(f, "s3://{}/{p}", self.bucket),
-        }
-    }
+    Ok(StoreUrl {
+        bucket: bucket.to_owned(),
+        prefix: prefix.trim_matches('/').to_owned(),
+    })
 }
 
 /// Parses an `http://` or `https://` URL with a host (an endpoint or a peer), without a
@@ -710,6 +693,17 @@ impl Config {
             return Err(invalid("advertise", me, ValueError::NotAMember));
         }
         Ok(())
+    }
+
+    /// The shared store's settings, when there is one.
+    pub fn shared_store_settings(&self) -> Option<StoreSettings> {
+        Some(StoreSettings {
+            url: self.shared_store.clone()?,
+            endpoint: self.shared_store_endpoint.clone(),
+            region: self.shared_store_region.clone(),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key_file: self.secret_access_key_file.clone(),
+        })
     }
 
     /// Renders the effective config as TOML (there are no secrets in it yet; masked ones print `***`).

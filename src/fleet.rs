@@ -275,6 +275,30 @@ mod tests {
         assert!(owned.iter().all(|n| *n > 50), "{owned:?}");
     }
 
+    /// A DNS-named fleet is the addresses the name resolves to.
+    #[tokio::test]
+    async fn a_dns_named_fleet_follows_the_name() {
+        let f = Arc::new(fleet("http://127.0.0.1:3128", &[]));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(
+            f.clone()
+                .keep_resolved("localhost".into(), 3128, stop.clone()),
+        );
+        for _ in 0..100 {
+            if !f.members.read().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        let members = f.members.read().clone();
+        assert!(
+            members.contains(&"http://127.0.0.1:3128".to_string()),
+            "{members:?}"
+        );
+    }
+
     #[test]
     fn only_the_secret_signs() {
         let f = fleet("http://a:1", &["http://a:1"]);

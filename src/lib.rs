@@ -101,7 +101,7 @@ impl Shared {
         let (gate, client, resolver) = front(&config, own, metrics.clone())?;
         let ca = ca::CertAuthority::load_or_create(&config.ca_dir)?;
         let mut cache = cache::Cache::open(&config.cache_dir, metrics.clone())?;
-        cache.shared = cache::SharedTier::from_config(&config, metrics.clone())?;
+        cache.shared = cache::SharedTier::start(config.shared_store_settings(), metrics.clone())?;
         let fleet = fleet::Fleet::from_config(&config)?;
         Ok(Arc::new(Shared {
             config,
@@ -139,8 +139,8 @@ pub fn check(config: &Config) -> Result<(), Error> {
     front(config, config.listen, Arc::default())?;
     ca::CertAuthority::existing(&config.ca_dir)?;
     mirror_acceptor(config)?;
-    if let Some(url) = &config.shared_store {
-        cache::shared::operator(config, url)?;
+    if let Some(store) = config.shared_store_settings() {
+        cache::shared::operator(&store)?;
     }
     fleet::Fleet::from_config(config)?;
     Ok(())

@@ -29,7 +29,6 @@ use tokio::sync::mpsc;
 use super::store::{now_ms, Pin};
 use super::{Digest, Head, ObjectMeta, Origin, TagName, TagRecord};
 use crate::body::{Body, BoxError};
-use crate::config::{Config, StoreUrl};
 use crate::metrics::Metrics;
 
 /// Time a metadata call (stat, list, small write) may take before the store counts as slow.
@@ -50,6 +49,39 @@ const UPLOAD_CHUNK: usize = 1 << 20;
 const PART: usize = 8 << 20;
 /// Origin facts listed per object at most (a hostile bucket could hold any number).
 const MAX_ORIGINS: usize = 256;
+
+/// Where the shared tier lives: `s3://BUCKET[/PREFIX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix inside it, without slashes at either end (may be empty).
+    pub prefix: String,
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.prefix.as_str() {
+            "" => write!(f, "s3://{}", self.bucket),
+            p => write!(f, "s3://{}/{p}", self.bucket),
+        }
+    }
+}
+
+/// How to reach the store: what the configuration says of it.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Bucket and prefix.
+    pub url: StoreUrl,
+    /// The S3 endpoint; `None` for AWS.
+    pub endpoint: Option<String>,
+    /// The region.
+    pub region: String,
+    /// The access key id, when not from the environment.
+    pub access_key_id: Option<String>,
+    /// The file holding the secret access key, when not from the environment.
+    pub secret_access_key_file: Option<PathBuf>,
+}
 
 /// What could not be set up; at run time the store only ever fails softly.
 #[derive(Debug, thiserror::Error)]
@@ -102,15 +134,15 @@ struct StoredTag {
 }
 
 impl SharedTier {
-    /// The tier `config` names, if any; its uploaders run on the current runtime.
-    pub fn from_config(
-        config: &Config,
+    /// The tier `settings` describe, if any; its uploaders run on the current runtime.
+    pub fn start(
+        settings: Option<StoreSettings>,
         metrics: Arc<Metrics>,
     ) -> Result<Option<Arc<SharedTier>>, SharedError> {
-        let Some(url) = &config.shared_store else {
+        let Some(settings) = settings else {
             return Ok(None);
         };
-        let op = operator(config, url)?;
+        let op = operator(&settings)?;
         let (queue, rx) = mpsc::channel(QUEUE);
         let tier = Arc::new(SharedTier {
             op,
@@ -413,8 +445,9 @@ async fn upload_loop(tier: Arc<SharedTier>, rx: mpsc::Receiver<Upload>) {
     }
 }
 
-/// The OpenDAL operator for `url`, with the endpoint, region and credentials of `config`.
-pub(crate) fn operator(config: &Config, url: &StoreUrl) -> Result<Operator, SharedError> {
+/// The OpenDAL operator for the store `config` describes.
+pub(crate) fn operator(config: &StoreSettings) -> Result<Operator, SharedError> {
+    let url = &config.url;
     let setup = |source| SharedError::Setup {
         url: url.to_string(),
         source,
@@ -422,8 +455,8 @@ pub(crate) fn operator(config: &Config, url: &StoreUrl) -> Result<Operator, Shar
     let mut s3 = opendal::services::S3::default()
         .bucket(&url.bucket)
         .root(&format!("/{}", url.prefix))
-        .region(&config.shared_store_region);
-    if let Some(endpoint) = &config.shared_store_endpoint {
+        .region(&config.region);
+    if let Some(endpoint) = &config.endpoint {
         s3 = s3.endpoint(endpoint);
     }
     // Explicit settings win; otherwise OpenDAL reads AWS_* and the AWS config files itself.

@@ -68,7 +68,7 @@ impl Garage {
     /// Points `config` at the bucket, under `prefix`.
     pub fn configure(&self, config: &mut Config, prefix: &str) {
         config.shared_store =
-            Some(regproxy::config::StoreUrl::parse(&format!("s3://regproxy/{prefix}")).unwrap());
+            Some(regproxy::config::parse_store_url(&format!("s3://regproxy/{prefix}")).unwrap());
         config.shared_store_endpoint = Some(self.endpoint());
         config.shared_store_region = "garage".into();
         config.access_key_id = Some(self.key_id.clone());
