@@ -44,7 +44,7 @@ fi
 # Garage, the S3-compatible store of the shared-tier tests: built once per machine (about 10
 # minutes on 2 cores), from crates.io like everything else here.
 GARAGE_VERSION=2.5.0
-if ! command -v garage >/dev/null 2>&1 || ! garage --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+if ! command -v garage >/dev/null 2>&1 || ! garage --version 2>/dev/null | grep -q ":$GARAGE_VERSION "; then
   echo "test.sh: building garage $GARAGE_VERSION (once per machine)" >&2
   cargo install garage --version "$GARAGE_VERSION" --locked --no-default-features \
     --features bundled-libs,lmdb
