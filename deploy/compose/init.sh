@@ -37,6 +37,7 @@ secrets() {
   chmod 0500 "$FLEET" && chmod 0400 "$FLEET"/*
   [ -e "$CA/ca.crt" ] || regproxy --ca-dir "$CA" ca init
   chown -R "$NODE_UID:$NODE_UID" "$CA"
+  chmod 0644 "$CA/ca.crt"
 }
 
 # Garage's admin API: api ENDPOINT [CURL ARGS...]
@@ -103,14 +104,15 @@ garage() {
   echo "init.sh: bucket $BUCKET ready; objects under $PREFIX/ expire $EXPIRE_DAYS days after upload"
 }
 
-# regproxy's lifecycle rules, as S3's XML, onto the bucket (Garage wants x-amz-content-sha256).
+# regproxy's lifecycle rules, as S3's XML, onto the bucket (Garage wants x-amz-content-sha256;
+# curl 7.x signs a bare `?lifecycle` wrongly, `?lifecycle=` right).
 lifecycle() {
   auth=$(mktemp)
   printf 'user = "%s:%s"\n' "$ADMIN_KEY_ID" "$(cat "$GARAGE/admin-key-secret")" > "$auth"
   regproxy --shared-store "s3://$BUCKET/$PREFIX" shared-store lifecycle \
     --expire-days "$EXPIRE_DAYS" --xml |
     curl -fsS -K "$auth" --aws-sigv4 aws:amz:garage:s3 -H x-amz-content-sha256:UNSIGNED-PAYLOAD \
-      -X PUT --data-binary @- "$GARAGE_S3/$BUCKET?lifecycle"
+      -X PUT --data-binary @- "$GARAGE_S3/$BUCKET?lifecycle="
   rm -f "$auth"
 }
 
