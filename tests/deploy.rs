@@ -5,13 +5,15 @@
 //! this binary accepts, down to `regproxy config check` for each node's settings.
 //!
 //! No Kubernetes cluster or Docker engine is needed: `regproxy --help` is the reference, so a
-//! renamed flag fails here.
+//! renamed flag fails here. The compose example's set-up script runs against a real Garage.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_yaml::{Mapping, Value};
+
+mod support;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -962,4 +964,174 @@ fn scripts_call_regproxy_as_it_is() {
         }
     }
     assert!(calls >= 2, "expected the set-up script's regproxy commands");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compose example's set-up against a real Garage
+
+/// A Garage server, killed on drop.
+struct GarageServer(std::process::Child);
+
+impl Drop for GarageServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` signed with `key:secret` for Garage; the HTTP status and the body.
+fn s3_curl(key: &str, secret: &str, args: &[&str]) -> (String, String) {
+    let out = support::run_with_timeout(
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                "--aws-sigv4",
+                "aws:amz:garage:s3",
+            ])
+            .args(["--user", &format!("{key}:{secret}")])
+            .args(["-H", "x-amz-content-sha256:UNSIGNED-PAYLOAD"])
+            .args(args),
+        std::time::Duration::from_secs(30),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.to_owned(), body.to_owned())
+}
+
+/// init.sh, as the compose file runs it, with the compose file's settings, against a Garage
+/// configured by the compose file's garage.toml (on loopback ports, in a temporary directory):
+/// it lays out the cluster, makes the keys and the bucket the nodes use, lets the nodes' key
+/// read, write, list and delete but not set the lifecycle, applies regproxy's lifecycle rules,
+/// and runs again without failing.
+#[test]
+fn compose_init_sets_up_garage_for_the_nodes() {
+    support::require_tool("garage");
+    let (dir, doc) = compose();
+    let setup = strings(at(&doc, "services.garage-init.environment"));
+    let node = strings(at(&doc, "services.regproxy-1.environment"));
+    let (bucket, prefix) = (&setup["BUCKET"], &setup["PREFIX"]);
+    assert_eq!(
+        node["REGPROXY_SHARED_STORE"],
+        format!("s3://{bucket}/{prefix}")
+    );
+    assert_eq!(node["REGPROXY_ACCESS_KEY_ID"], setup["FLEET_KEY_ID"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ports = [
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    ];
+    let mut toml = std::fs::read_to_string(dir.join("garage.toml")).unwrap();
+    let region = &node["REGPROXY_SHARED_STORE_REGION"];
+    let signs_for = format!("s3_region = \"{region}\"");
+    assert!(
+        toml.contains(&signs_for),
+        "the nodes sign for {region}, Garage is not it"
+    );
+    for (from, to) in [
+        ("127.0.0.1:3901", format!("127.0.0.1:{}", ports[1])),
+        ("0.0.0.0:3901", format!("127.0.0.1:{}", ports[1])),
+        ("0.0.0.0:3900", format!("127.0.0.1:{}", ports[0])),
+        ("0.0.0.0:3903", format!("127.0.0.1:{}", ports[2])),
+        ("/var/lib/garage", t.join("data").display().to_string()),
+        (
+            "/run/secrets/garage",
+            t.join("garage").display().to_string(),
+        ),
+    ] {
+        assert!(toml.contains(from), "garage.toml has no {from}");
+        toml = toml.replace(from, &to);
+    }
+    std::fs::write(t.join("garage.toml"), toml).unwrap();
+    let uid = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(t).unwrap().uid().to_string()
+    };
+    let bin = Path::new(env!("CARGO_BIN_EXE_regproxy")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let s3 = format!("http://127.0.0.1:{}", ports[0]);
+    let init = |step: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.arg(dir.join("init.sh"))
+            .arg(step)
+            .envs(&setup)
+            .env("PATH", &path);
+        cmd.env("FLEET_SECRETS", t.join("fleet"))
+            .env("GARAGE_SECRETS", t.join("garage"))
+            .env("CA_DIR", t.join("ca"))
+            .env("NODE_UID", &uid)
+            .env("GARAGE_ADMIN", format!("http://127.0.0.1:{}", ports[2]))
+            .env("GARAGE_S3", &s3);
+        let out = support::run_with_timeout(&mut cmd, std::time::Duration::from_secs(120));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "init.sh {step}: {said}");
+        said
+    };
+    init("secrets");
+    let log = std::fs::File::create(t.join("garage.log")).unwrap();
+    let _garage = GarageServer(
+        Command::new("garage")
+            .args(["-c", &t.join("garage.toml").display().to_string(), "server"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(init("garage").contains("layout applied"));
+    assert!(
+        !init("garage").contains("layout applied"),
+        "a second run changed the layout"
+    );
+
+    let secret = |file: &str| std::fs::read_to_string(t.join(file)).unwrap();
+    let (admin, admin_secret) = (&setup["ADMIN_KEY_ID"], secret("garage/admin-key-secret"));
+    let (fleet, fleet_secret) = (&setup["FLEET_KEY_ID"], secret("fleet/s3-secret"));
+    let lifecycle_url = format!("{s3}/{bucket}?lifecycle=");
+    let (status, applied) = s3_curl(admin, &admin_secret, &[&lifecycle_url]);
+    assert_eq!(status, "200", "{applied}");
+    let printed = Command::new(env!("CARGO_BIN_EXE_regproxy"))
+        .args([
+            "--shared-store",
+            &node["REGPROXY_SHARED_STORE"],
+            "shared-store",
+            "lifecycle",
+        ])
+        .args(["--expire-days", &setup["EXPIRE_DAYS"], "--xml"])
+        .output()
+        .unwrap();
+    // Garage answers with an XML declaration and without line breaks.
+    let strip = |xml: &str| -> String {
+        let body = xml
+            .strip_prefix("<?xml")
+            .map_or(xml, |r| r.split_once("?>").unwrap().1);
+        body.lines().map(str::trim).collect()
+    };
+    assert_eq!(
+        strip(&applied),
+        strip(&String::from_utf8_lossy(&printed.stdout))
+    );
+
+    let object = format!("{s3}/{bucket}/{prefix}/blobs/sha256/deploy-test");
+    let list = format!("{s3}/{bucket}?list-type=2&prefix={prefix}%2F");
+    let fleet_may = |args: &[&str]| s3_curl(fleet, &fleet_secret, args).0;
+    assert_eq!(
+        fleet_may(&["-X", "PUT", "--data-binary", "bytes", &object]),
+        "200"
+    );
+    assert_eq!(fleet_may(&["-I", &object]), "200");
+    assert_eq!(fleet_may(&[&list]), "200");
+    assert_eq!(fleet_may(&["-X", "DELETE", &object]), "204");
+    let put_rules = ["-X", "PUT", "--data-binary", "<x/>", lifecycle_url.as_str()];
+    assert_eq!(
+        fleet_may(&put_rules),
+        "403",
+        "the nodes' key may set the lifecycle"
+    );
 }

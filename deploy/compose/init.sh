@@ -19,7 +19,7 @@ FLEET=${FLEET_SECRETS:-/run/secrets/fleet}
 GARAGE=${GARAGE_SECRETS:-/run/secrets/garage}
 CA=${CA_DIR:-/var/lib/regproxy/ca}
 # regproxy's user in its image.
-NODE_UID=10001
+NODE_UID=${NODE_UID:-10001}
 
 # 32 random bytes as 64 hex digits into $1, unless it holds a secret already.
 new_secret() {
