@@ -337,3 +337,38 @@ fn now_secs() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// A member whose owner is down goes to the upstream itself: the pull works, each blob once.
+#[test]
+fn an_owner_that_is_down_costs_nothing_but_time() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 8, "16KiB", None, 156);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "ownerless/app:v1", false);
+    std::fs::write(dir.join("secret"), SECRET).unwrap();
+    // The second member's port is closed: whatever it owns (about half of the nine blobs; none
+    // with odds of 1 in 512), its owner is down.
+    let (mut listeners, urls) = members(2);
+    drop(listeners.pop());
+    let listener = listeners.remove(0);
+    let me = urls[0].clone();
+    let proxy = Proxy::start_on(listener, |c| {
+        registry.configure_proxy(c);
+        c.peers = urls.clone();
+        c.advertise = Some(me);
+        c.peer_secret_file = Some(dir.join("secret"));
+    });
+    let dst = dir.join("dst");
+    skopeo_copy_via(
+        &proxy,
+        &registry.image("ownerless/app:v1"),
+        &oci_ref(&dst),
+        false,
+    );
+    assert_eq!(oci_index_digest(&dst), digest);
+    for layer in oci_layers(&src, &digest) {
+        assert_eq!(registry.blob_gets(&layer), 1, "{layer}");
+    }
+    assert_eq!(sample(&metrics(&proxy), "regproxy_peer_fetches_total"), 0);
+}
