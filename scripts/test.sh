@@ -18,6 +18,8 @@ declare -A needs=(
   [containerd]=containerd
   [ctr]=containerd
   [dockerd]=docker.io
+  [chromium]=chromium
+  [promtool]=prometheus
 )
 missing=()
 for cmd in "${!needs[@]}"; do

@@ -17,6 +17,7 @@
 #![allow(dead_code)]
 
 mod admin;
+mod browser;
 mod certs;
 mod clients;
 mod net;
@@ -26,6 +27,8 @@ mod registry;
 mod token;
 
 #[allow(unused_imports)]
-pub use {admin::*, certs::*, clients::*, net::*, process::*, proxy::*, registry::*, token::*};
+pub use {
+    admin::*, browser::*, certs::*, clients::*, net::*, process::*, proxy::*, registry::*, token::*,
+};
 
 pub use regproxy::Config;
