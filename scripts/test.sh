@@ -20,6 +20,7 @@ declare -A needs=(
   [dockerd]=docker.io
   [chromium]=chromium
   [promtool]=prometheus
+  [debootstrap]=debootstrap
 )
 missing=()
 for cmd in "${!needs[@]}"; do
