@@ -6,9 +6,15 @@ use std::process::Command;
 use super::*;
 
 /// Chromium with the flags for a test: headless, no sandbox (root in CI), nothing fetched from
-/// the network on its own, and a fresh profile in `profile`.
-fn chromium(profile: &Path) -> Command {
+/// the network on its own, and a fresh profile under `dir` for each run.
+fn chromium(dir: &Path) -> Command {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
     require_tool("chromium");
+    let profile = dir.join(format!(
+        "chromium-profile-{}",
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut cmd = Command::new("chromium");
     proxy_env(&mut cmd, None);
     cmd.args([
@@ -32,12 +38,7 @@ fn chromium(profile: &Path) -> Command {
 
 /// The serialized DOM of `url` once its scripts had their virtual time.
 pub fn dump_dom(url: &str, dir: &Path) -> String {
-    let out = run_with_timeout(
-        chromium(&dir.join("profile-dom"))
-            .arg("--dump-dom")
-            .arg(url),
-        CMD_TIMEOUT,
-    );
+    let out = run_with_timeout(chromium(dir).arg("--dump-dom").arg(url), CMD_TIMEOUT);
     assert_success(&out, "chromium --dump-dom");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -45,7 +46,7 @@ pub fn dump_dom(url: &str, dir: &Path) -> String {
 /// A PNG screenshot of `url` at `width`×`height` into `png`.
 pub fn screenshot(url: &str, dir: &Path, png: &Path, width: u32, height: u32) {
     let out = run_with_timeout(
-        chromium(&dir.join("profile-shot"))
+        chromium(dir)
             .arg(format!("--window-size={width},{height}"))
             .arg(format!("--screenshot={}", png.display()))
             .arg(url),
