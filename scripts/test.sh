@@ -18,6 +18,9 @@ declare -A needs=(
   [containerd]=containerd
   [ctr]=containerd
   [dockerd]=docker.io
+  [chromium]=chromium
+  [promtool]=prometheus
+  [debootstrap]=debootstrap
 )
 missing=()
 for cmd in "${!needs[@]}"; do

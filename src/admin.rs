@@ -1,4 +1,5 @@
-//! The admin endpoint, on its own listener: `/healthz`, `/readyz`, `/metrics`, `/ca.crt`.
+//! The admin endpoint, on its own listener: the status page (`/`, `/status.json`), `/healthz`,
+//! `/readyz`, `/metrics`, `/ca.crt`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::{self, text, Body};
 use crate::listener::{accept_loop, idle_or_shutdown, Ending, Limits, Tracked};
+use crate::status::{self, Status};
 use crate::Shared;
 
 /// The admin listener's bounds: monitoring needs few connections and short requests, so a
@@ -35,22 +37,28 @@ pub async fn serve_with(listener: TcpListener, shared: Arc<Shared>, limits: Limi
     // Its own tracker: shutdown does not wait for monitoring connections.
     let tasks = TaskTracker::new();
     let stop = shared.shutdown.clone().cancelled_owned();
+    let status = Arc::new(Status::default());
     accept_loop(
         || listener.accept(),
         limits.max_connections,
         &tasks,
         stop,
-        |tcp, _| connection(tcp, limits, shared.clone()),
+        |tcp, _| connection(tcp, limits, shared.clone(), status.clone()),
     )
     .await;
 }
 
-async fn connection(tcp: Tracked<TcpStream>, limits: Limits, shared: Arc<Shared>) {
+async fn connection(
+    tcp: Tracked<TcpStream>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    status: Arc<Status>,
+) {
     let activity = tcp.activity();
     let stop = shared.shutdown.clone();
     let svc = service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(answer(&req, &shared).await) }
+        let (shared, status) = (shared.clone(), status.clone());
+        async move { Ok::<_, Infallible>(answer(&req, &shared, &status).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -69,11 +77,17 @@ async fn connection(tcp: Tracked<TcpStream>, limits: Limits, shared: Arc<Shared>
     }
 }
 
-async fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+async fn answer(req: &Request<Incoming>, shared: &Shared, status: &Status) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only");
     }
     match req.uri().path() {
+        "/" => page(),
+        "/status.json" => {
+            let snapshot = status.snapshot(shared).await;
+            let json = serde_json::to_vec(&snapshot).unwrap_or_default();
+            typed(json, "application/json")
+        }
         "/healthz" => text(StatusCode::OK, "ok"),
         "/readyz" => match ready(shared).await {
             // The shared store's state is shown, but it never makes a node unready: pulls go on
@@ -86,25 +100,14 @@ async fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason),
         },
         "/metrics" => {
-            let mut resp = text(StatusCode::OK, "");
-            *resp.body_mut() = body::full(shared.metrics.render(shared.ca.leaves_issued()));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            resp
+            let live = status::live(shared).await;
+            let text = shared.metrics.render(&live);
+            typed(text, "text/plain; version=0.0.4; charset=utf-8")
         }
-        "/ca.crt" => {
-            let mut resp = Response::new(body::full(shared.ca.cert_pem().to_owned()));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-pem-file"),
-            );
-            resp
-        }
+        "/ca.crt" => typed(shared.ca.cert_pem().to_owned(), "application/x-pem-file"),
         other => text(
             StatusCode::NOT_FOUND,
-            format!("no {other}; try /healthz, /readyz, /metrics or /ca.crt"),
+            format!("no {other}; try / (the status page), /healthz, /readyz, /metrics or /ca.crt"),
         ),
     }
 }
@@ -115,6 +118,30 @@ enum NotReady {
     /// A probe file could not be written to the cache directory.
     #[error("cache not writable: {0}")]
     Cache(#[source] std::io::Error),
+}
+
+/// A 200 with `data` as `content_type`.
+fn typed(data: impl Into<bytes::Bytes>, content_type: &'static str) -> Response<Body> {
+    let mut resp = Response::new(body::full(data));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+/// The status page, allowed to run only its own inline script and style.
+fn page() -> Response<Body> {
+    let page = status::page();
+    let mut resp = typed(page.html, "text/html; charset=utf-8");
+    if let Ok(csp) = HeaderValue::from_str(&page.csp) {
+        resp.headers_mut()
+            .insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    resp
 }
 
 /// Ready when the CA is loaded (it is, or `run` would not have started) and the cache is writable.

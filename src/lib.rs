@@ -24,6 +24,7 @@ pub(crate) mod proxy;
 pub(crate) mod ratelimit;
 pub(crate) mod registry;
 pub mod secret;
+pub(crate) mod status;
 pub(crate) mod trust;
 pub(crate) mod upstream;
 

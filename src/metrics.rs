@@ -21,6 +21,9 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, &'static str), u64>>,
     upstream_requests: Mutex<BTreeMap<(String, String), u64>>,
     ratelimit: Mutex<BTreeMap<String, RateLimit>>,
+    // Tags resolved, by `host/repo:tag`: the status page's "most used". Never exported as
+    // labels (repositories are not metric labels).
+    pulls: Mutex<BTreeMap<String, u64>>,
     /// Body bytes sent to clients from cached (complete) objects.
     pub bytes_from_cache: AtomicU64,
     /// Bytes downloaded from upstreams into the cache.
@@ -73,6 +76,45 @@ pub struct RateLimit {
 const MAX_SERIES: usize = 1024;
 /// The label of the hosts beyond [`MAX_SERIES`].
 const OTHER: &str = "other";
+/// Images whose pulls are counted; further ones are not (clients name them).
+const MAX_IMAGES: usize = 4096;
+
+/// Outcomes answered from the cache, and those that needed the upstream's bytes: the hit ratio
+/// is the first over both (as `cache stats` and the contrib dashboards compute it).
+pub const SERVED_FROM_CACHE: [&str; 3] = ["HIT", "REVALIDATED", "STALE"];
+/// See [`SERVED_FROM_CACHE`].
+pub const FETCHED_UPSTREAM: [&str; 2] = ["MISS", "JOINED"];
+
+/// Figures known at scrape time rather than counted: the CA's issuance count, the downloads in
+/// flight, the cache's bounds and the free space of its file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Live {
+    /// Leaf certificates issued.
+    pub leaves: u64,
+    /// Downloads in flight.
+    pub downloads: u64,
+    /// `--max-cache-size`, if set.
+    pub max_bytes: Option<u64>,
+    /// `--min-free-disk`, if set.
+    pub min_free: Option<u64>,
+    /// Free bytes on the cache's file system, if known.
+    pub disk_free: Option<u64>,
+}
+
+/// One registry host's figures since start, for the status page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryFigures {
+    /// Requests answered, every outcome but tunnels.
+    pub requests: u64,
+    /// Of those, answered from the cache ([`SERVED_FROM_CACHE`]).
+    pub from_cache: u64,
+    /// Upstream responses, any status.
+    pub upstream: u64,
+    /// Upstream responses that were 5xx, timeouts or errors.
+    pub upstream_errors: u64,
+    /// The rate limit the upstream last reported.
+    pub ratelimit: Option<RateLimit>,
+}
 
 /// `registry`, or [`OTHER`] once `map` holds [`MAX_SERIES`] series of other hosts.
 fn label<V>(map: &BTreeMap<(String, V), u64>, registry: &str) -> String {
@@ -112,8 +154,62 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition (version 0.0.4); `leaves` is the CA's issuance count.
-    pub fn render(&self, leaves: u64) -> String {
+    /// Counts one tag resolved (`GET` or `HEAD` of a manifest by tag that succeeded).
+    pub fn pulled(&self, host: &str, repo: &str, tag: &str) {
+        let name = format!("{host}/{repo}:{tag}");
+        let mut map = lock(&self.pulls);
+        if let Some(n) = map.get_mut(&name) {
+            *n += 1;
+        } else if map.len() < MAX_IMAGES {
+            map.insert(name, 1);
+        }
+    }
+
+    /// Tags resolved since start, by `host/repo:tag`.
+    pub fn pulls(&self) -> BTreeMap<String, u64> {
+        lock(&self.pulls).clone()
+    }
+
+    /// Requests answered from the cache and requests that needed upstream bytes, since start.
+    pub fn served_and_fetched(&self) -> (u64, u64) {
+        let map = lock(&self.requests);
+        let sum = |outcomes: &[&str]| -> u64 {
+            map.iter()
+                .filter(|((_, o), _)| outcomes.contains(o))
+                .map(|(_, n)| n)
+                .sum()
+        };
+        (sum(&SERVED_FROM_CACHE), sum(&FETCHED_UPSTREAM))
+    }
+
+    /// Figures per registry host (tunnelled hosts are not registries).
+    pub fn registries(&self) -> BTreeMap<String, RegistryFigures> {
+        let mut out: BTreeMap<String, RegistryFigures> = BTreeMap::new();
+        for ((host, outcome), n) in lock(&self.requests).iter() {
+            if *outcome == "TUNNEL" {
+                continue;
+            }
+            let f = out.entry(host.clone()).or_default();
+            f.requests += n;
+            if SERVED_FROM_CACHE.contains(outcome) {
+                f.from_cache += n;
+            }
+        }
+        for ((host, status), n) in lock(&self.upstream_requests).iter() {
+            let f = out.entry(host.clone()).or_default();
+            f.upstream += n;
+            if !status.starts_with(['1', '2', '3', '4']) {
+                f.upstream_errors += n;
+            }
+        }
+        for (host, rl) in lock(&self.ratelimit).iter() {
+            out.entry(host.clone()).or_default().ratelimit = Some(*rl);
+        }
+        out
+    }
+
+    /// The Prometheus text exposition (version 0.0.4), with the figures only known at scrape.
+    pub fn render(&self, live: &Live) -> String {
         let requests = lock(&self.requests)
             .iter()
             .map(|((registry, outcome), n)| {
@@ -141,6 +237,8 @@ impl Metrics {
         let counter = |a: &AtomicU64| ConstCounter::new(a.load(Ordering::Relaxed));
         let gauge = |a: &AtomicU64| ConstGauge::new(a.load(Ordering::Relaxed));
         let open = |a: &AtomicI64| ConstGauge::new(a.load(Ordering::Relaxed));
+        // Unset bounds are families without samples: dashboards and alerts find the name.
+        let optional = |v: Option<u64>| Optional(v.map(ConstGauge::new));
 
         // Counters are registered without `_total`: the encoder appends it (and a full stop
         // to each help text).
@@ -172,8 +270,17 @@ impl Metrics {
         r.register("cache_bytes", help, gauge(&self.cache_bytes));
         let help = "Verified objects in the cache";
         r.register("cache_entries", help, gauge(&self.cache_entries));
+        let help = "Most bytes of objects the cache keeps (--max-cache-size); absent when unset";
+        r.register("cache_max_bytes", help, optional(live.max_bytes));
+        let help =
+            "Least free bytes kept on the cache's file system (--min-free-disk); absent when unset";
+        r.register("cache_min_free_bytes", help, optional(live.min_free));
+        let help = "Free bytes on the cache's file system";
+        r.register("disk_free_bytes", help, optional(live.disk_free));
+        let help = "Downloads from upstreams in flight";
+        r.register("downloads_in_flight", help, ConstGauge::new(live.downloads));
         let help = "Leaf certificates issued";
-        r.register("leaves_issued", help, ConstCounter::new(leaves));
+        r.register("leaves_issued", help, ConstCounter::new(live.leaves));
         let help = "Client connections open";
         r.register("open_connections", help, open(&self.open_connections));
         let help = "Blind tunnels open";
@@ -239,6 +346,23 @@ impl<L: EncodeLabelSet, M: EncodeMetric + TypedMetric> EncodeMetric for Series<L
     }
 }
 
+/// One sample, or none (HELP and TYPE are written either way).
+#[derive(Debug)]
+struct Optional<M>(Option<M>);
+
+impl<M: EncodeMetric + TypedMetric> EncodeMetric for Optional<M> {
+    fn encode(&self, encoder: MetricEncoder) -> std::fmt::Result {
+        match &self.0 {
+            Some(metric) => metric.encode(encoder),
+            None => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
+}
+
 /// Locks `m`, going on past a panic elsewhere: counts stay usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock()
@@ -291,7 +415,7 @@ mod tests {
             m.request(&format!("h{n}.example"), "TUNNEL", 0);
             m.upstream(&format!("h{n}.example"), "200");
         }
-        let text = m.render(0);
+        let text = m.render(&Live::default());
         let series = text
             .lines()
             .filter(|l| l.starts_with("regproxy_requests_total{"))
@@ -300,7 +424,7 @@ mod tests {
         assert!(text.contains("registry=\"other\""));
         m.request("h0.example", "HIT", 1);
         assert!(m
-            .render(0)
+            .render(&Live::default())
             .contains("registry=\"h0.example\",outcome=\"HIT\""));
     }
 
@@ -312,7 +436,7 @@ mod tests {
     fn family_lines_are_as_before() {
         let m = Metrics::default();
         m.upstream("docker.io", "200");
-        let text = m.render(0);
+        let text = m.render(&Live::default());
         for line in [
             "# HELP regproxy_requests_total Requests answered, by registry and outcome.",
             "# TYPE regproxy_requests_total counter",
@@ -327,7 +451,41 @@ mod tests {
             !text.contains("# EOF") && !text.contains("_total_total"),
             "{text}"
         );
-        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 20);
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 24);
+    }
+
+    /// The status page's figures are the counters', grouped by registry; tunnels are no registry.
+    #[test]
+    fn registry_figures_and_pulls() {
+        let m = Metrics::default();
+        m.request("r.test", "HIT", 10);
+        m.request("r.test", "MISS", 0);
+        m.request("r.test", "JOINED", 0);
+        m.request("r.test", "FORWARD", 0);
+        m.request("elsewhere.test", "TUNNEL", 0);
+        m.upstream("r.test", "200");
+        m.upstream("r.test", "503");
+        m.upstream("r.test", "error");
+        m.pulled("r.test", "a/b", "1");
+        m.pulled("r.test", "a/b", "1");
+        let regs = m.registries();
+        assert_eq!(regs.keys().collect::<Vec<_>>(), ["r.test"]);
+        let r = &regs["r.test"];
+        assert_eq!((r.requests, r.from_cache), (4, 1));
+        assert_eq!((r.upstream, r.upstream_errors), (3, 2));
+        assert_eq!(m.served_and_fetched(), (1, 2));
+        assert_eq!(m.pulls().get("r.test/a/b:1"), Some(&2));
+        let text = m.render(&Live {
+            max_bytes: Some(5),
+            ..Live::default()
+        });
+        assert!(
+            text.lines().any(|l| l == "regproxy_cache_max_bytes 5"),
+            "{text}"
+        );
+        assert!(!text
+            .lines()
+            .any(|l| l.starts_with("regproxy_cache_min_free_bytes ")));
     }
 
     #[test]
@@ -340,7 +498,10 @@ mod tests {
         h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
         h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
         m.ratelimit("docker.io", &h);
-        let text = m.render(3);
+        let text = m.render(&Live {
+            leaves: 3,
+            ..Live::default()
+        });
         assert!(
             text.contains("regproxy_requests_total{registry=\"docker.io\",outcome=\"HIT\"} 2"),
             "{text}"

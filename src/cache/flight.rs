@@ -233,6 +233,19 @@ pub struct Flights {
     settling: tokio::sync::Mutex<()>,
 }
 
+/// A download in flight, as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    /// The object.
+    pub digest: Digest,
+    /// Where it comes from (`None` while waiting for the upstream's answer).
+    pub origin: Option<Origin>,
+    /// Bytes received so far.
+    pub received: u64,
+    /// Its size, when the upstream announced it.
+    pub length: Option<u64>,
+}
+
 /// The outcome of asking to download a digest.
 pub enum Join {
     /// Nobody is downloading it: the caller must, and must call [`Leader::start`] or drop it.
@@ -262,6 +275,28 @@ impl Flights {
     pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
         let map = self.map.lock();
         map.get(digest).cloned()
+    }
+
+    /// Every download in flight: digest, origin, bytes received and announced length (a short
+    /// lock; the caller sorts and bounds what it shows).
+    pub fn in_flight(&self) -> Vec<InFlight> {
+        let map = self.map.lock();
+        map.iter()
+            .map(|(digest, f)| InFlight {
+                digest: digest.clone(),
+                origin: f.origin().cloned(),
+                received: match *f.state.borrow() {
+                    State::Filling(n) | State::Done(n) => n,
+                    _ => 0,
+                },
+                length: f.head().and_then(|h| h.length),
+            })
+            .collect()
+    }
+
+    /// How many downloads are in flight.
+    pub fn downloads(&self) -> usize {
+        self.map.lock().len()
     }
 
     /// Runs a leader's download task (the upstream request that leads to [`Leader::start`]) so

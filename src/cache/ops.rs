@@ -234,6 +234,51 @@ fn tree(store: &Store, root: &str) -> BTreeSet<String> {
     seen
 }
 
+/// A cached image (a tag), as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// `host/repo:tag`.
+    pub name: String,
+    /// Bytes of the objects of its manifest tree that are on disk.
+    pub bytes: u64,
+    /// How many of those objects there are.
+    pub objects: usize,
+    /// The latest access to any of them.
+    pub accessed: SystemTime,
+}
+
+/// Every tag in the cache with the size of what it references on disk (blocking: one walk of
+/// the index and the content directory, and a read of each cached manifest per tag).
+pub fn images(store: &Store) -> Vec<Image> {
+    let on_disk: BTreeMap<String, OnDisk> = store
+        .objects_on_disk()
+        .into_iter()
+        .map(|o| (o.digest.to_string(), o))
+        .collect();
+    tag_records(store)
+        .into_iter()
+        .map(|(name, roots)| {
+            let objects: Vec<&OnDisk> = roots
+                .iter()
+                .flat_map(|d| tree(store, d))
+                .collect::<BTreeSet<_>>()
+                .iter()
+                .filter_map(|d| on_disk.get(d))
+                .collect();
+            Image {
+                name,
+                bytes: objects.iter().map(|o| o.size).sum(),
+                objects: objects.len(),
+                accessed: objects
+                    .iter()
+                    .map(|o| o.accessed)
+                    .max()
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+            }
+        })
+        .collect()
+}
+
 /// Seconds since an access time, for display.
 pub fn age(t: SystemTime) -> u64 {
     SystemTime::now()

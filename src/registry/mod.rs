@@ -75,7 +75,13 @@ pub async fn serve(
         Route::Blob { repo, digest } | Route::ManifestByDigest { repo, digest } => {
             objects::serve(parts, target, &repo, digest, shared).await
         }
-        Route::ManifestByTag { repo, tag } => tags::serve(parts, target, &repo, &tag, shared).await,
+        Route::ManifestByTag { repo, tag } => {
+            let answer = tags::serve(parts, target, &repo, &tag, shared).await;
+            if answer.0.status().is_success() {
+                shared.metrics.pulled(&target.authority(), &repo, &tag);
+            }
+            answer
+        }
         Route::Other => {
             let resp = forward(parts, body::empty(), target, shared, false).await;
             (resp, Outcome::Forward)

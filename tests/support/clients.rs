@@ -213,6 +213,17 @@ pub struct Dockerd {
 
 impl Dockerd {
     pub fn start(log_dir: &Path, proxy: Option<&Proxy>, extra: &[String]) -> Dockerd {
+        Self::start_with_driver(log_dir, proxy, extra, "vfs")
+    }
+
+    /// [`Dockerd::start`] on another storage driver: `overlay2` for builds, whose every step
+    /// `vfs` would copy whole.
+    pub fn start_with_driver(
+        log_dir: &Path,
+        proxy: Option<&Proxy>,
+        extra: &[String],
+        driver: &str,
+    ) -> Dockerd {
         require_tool("dockerd");
         require_tool("docker");
         // Short paths: dockerd's unix sockets live under exec-root and must fit in 108 bytes.
@@ -223,7 +234,8 @@ impl Dockerd {
         let log = log_dir.join("dockerd.log");
         let mut cmd = Command::new("dockerd");
         proxy_env(&mut cmd, proxy);
-        cmd.args(["--iptables=false", "--bridge=none", "--storage-driver=vfs"])
+        cmd.args(["--iptables=false", "--bridge=none"])
+            .arg(format!("--storage-driver={driver}"))
             .args(extra)
             .arg("--data-root")
             .arg(short.path().join("data"))
@@ -248,13 +260,13 @@ impl Dockerd {
     /// Runs `docker ARGS` against this daemon.
     pub fn docker(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new("docker");
-        cmd.arg("-H")
-            .arg(format!(
-                "unix://{}",
-                self.short.path().join("d.sock").display()
-            ))
-            .args(args);
+        cmd.arg("-H").arg(self.host()).args(args);
         run_with_timeout(&mut cmd, CMD_TIMEOUT)
+    }
+
+    /// `unix://SOCKET`: what `docker -H` and `DOCKER_HOST` take.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.short.path().join("d.sock").display())
     }
 }
 

@@ -17,6 +17,7 @@
 #![allow(dead_code)]
 
 mod admin;
+mod browser;
 mod certs;
 mod clients;
 mod garage;
@@ -28,7 +29,8 @@ mod token;
 
 #[allow(unused_imports)]
 pub use {
-    admin::*, certs::*, clients::*, garage::*, net::*, process::*, proxy::*, registry::*, token::*,
+    admin::*, browser::*, certs::*, clients::*, garage::*, net::*, process::*, proxy::*,
+    registry::*, token::*,
 };
 
 pub use regproxy::Config;

@@ -246,3 +246,91 @@ pub fn reach_test_host(config: &mut Config, name: &str, port: u16, ca: PathBuf) 
     ));
     config.upstream_ca.push(ca);
 }
+
+/// A TCP relay on 127.0.0.1 to `to` whose downstream direction (from `to` back to the client)
+/// can be held: after [`Relay::hold_after`], each connection passes at most that many more bytes
+/// downstream until [`Relay::release`]. Upstream bytes always flow. TLS passes through
+/// untouched, so a download through it stays in flight, part way, for as long as a test needs.
+pub struct Relay {
+    port: u16,
+    gate: Arc<Gate>,
+}
+
+/// The hold, numbered so that each connection counts its allowance from when it began.
+type Gate = (Mutex<(u64, Option<u64>)>, std::sync::Condvar);
+
+impl Relay {
+    pub fn start(to: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let gate = Arc::new((Mutex::new((0, None)), std::sync::Condvar::new()));
+        let g = gate.clone();
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                thread::spawn(move || pipe(c2, s2, None));
+                let g = g.clone();
+                thread::spawn(move || pipe(server, client, Some(g)));
+            }
+        });
+        Relay { port, gate }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// From now on, each connection stops passing bytes downstream after `bytes` more of them.
+    pub fn hold_after(&self, bytes: u64) {
+        let mut gate = self.gate.0.lock().unwrap();
+        *gate = (gate.0 + 1, Some(bytes));
+        self.gate.1.notify_all();
+    }
+
+    /// Lets every connection flow again.
+    pub fn release(&self) {
+        self.gate.0.lock().unwrap().1 = None;
+        self.gate.1.notify_all();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Copies `from` to `to` until either ends; with a gate, no further than the gate allows.
+fn pipe(mut from: TcpStream, mut to: TcpStream, gate: Option<Arc<Gate>>) {
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut sent, mut hold, mut base) = (0u64, 0u64, 0u64);
+    loop {
+        let mut room = buf.len();
+        if let Some(gate) = &gate {
+            let (state, wake) = &**gate;
+            let mut held = state.lock().unwrap();
+            if held.0 != hold {
+                (hold, base) = (held.0, sent);
+            }
+            while held.1.is_some_and(|max| sent >= base + max) {
+                held = wake.wait(held).unwrap();
+            }
+            if let Some(max) = held.1 {
+                room = room.min((base + max - sent) as usize);
+            }
+        }
+        match from.read(&mut buf[..room]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                sent += n as u64;
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
