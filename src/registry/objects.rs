@@ -211,11 +211,16 @@ enum Answer {
 /// 502, …) to the leader's client and release the followers, who ask for themselves.
 async fn lead(
     leader: Leader,
-    up: Request<Body>,
+    mut up: Request<Body>,
     (target, repo, digest): (Target, String, Digest),
     shared: Arc<Shared>,
     answer: oneshot::Sender<Answer>,
 ) {
+    if up.uri().path().contains("/blobs/") {
+        // Blobs fill on connections of their own, so that no flow's limit on a long path caps
+        // every download.
+        up.extensions_mut().insert(OwnConnection);
+    }
     let sent = up.headers().clone();
     let user = up
         .extensions()
