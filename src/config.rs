@@ -240,6 +240,9 @@ keys! {
     /// Client connections held at once; more wait to be accepted
     #[arg(env = "REGPROXY_MAX_CONNECTIONS", value_name = "N")]
     max_connections: usize => max_connections: usize = One(at_least_one), default "4096";
+    /// Upstream connections at once for one large blob, each fetching a ranged piece (1: one connection per blob)
+    #[arg(env = "REGPROXY_BLOB_CONNECTIONS", value_name = "N")]
+    blob_connections: usize => blob_connections: usize = One(one_to_sixteen), default "4";
     /// Grace time for in-flight transfers on SIGTERM/SIGINT
     #[arg(env = "REGPROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
     shutdown_grace: String => shutdown_grace: Duration = One(parse_duration), default "30s";
@@ -638,6 +641,13 @@ fn at_least_one(n: &usize) -> Result<usize, String> {
     match n {
         0 => Err("must be at least 1".into()),
         n => Ok(*n),
+    }
+}
+
+fn one_to_sixteen(n: &usize) -> Result<usize, String> {
+    match n {
+        1..=16 => Ok(*n),
+        _ => Err("must be from 1 to 16".into()),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::cache::flight::{Leader, ROOM_MARGIN};
 use crate::cache::{evict, Digest, Flight, Head, Join, Origin, State};
 use crate::exchange::Target;
 use crate::exchange::{fetch_request, DOCKER_CONTENT_DIGEST};
+use crate::upstream::pieces::Ranged;
 use crate::upstream::How;
 use crate::upstream::OwnConnection;
 use crate::Shared;
@@ -217,10 +218,11 @@ async fn lead(
     answer: oneshot::Sender<Answer>,
 ) {
     if up.uri().path().contains("/blobs/") {
-        // Blobs fill on connections of their own, so that no flow's limit on a long path caps
-        // every download.
+        // Blobs fill on connections of their own (a large one on several), so that no flow's
+        // limit on a long path caps every download.
         up.extensions_mut().insert(OwnConnection);
     }
+    let ranged = Ranged::of(&up);
     let sent = up.headers().clone();
     let user = up
         .extensions()
@@ -256,12 +258,8 @@ async fn lead(
         return;
     }
     let origin = Origin::new(target.authority(), repo.as_str());
-    if let Err(e) = leader.start(
-        &shared.cache.store,
-        head,
-        body::incoming(resp.into_body()),
-        origin,
-    ) {
+    let body = ranged.body(shared.clone(), resp);
+    if let Err(e) = leader.start(&shared.cache.store, head, body, origin) {
         let _ = answer.send(Answer::Upstream(text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot create a cache file: {e}"),
