@@ -20,8 +20,8 @@ use super::store::{ObjectMeta, Origin, Pin, Store, StoreError};
 use crate::body::{channel, Body, BoxError, Budget, Feed};
 
 /// Bytes read from disk per chunk sent to a client: each read is a hand-off to a blocking thread
-/// and back (at 128 KiB, the hand-offs cost a warm pull about a third more CPU).
-const CHUNK: usize = 512 * 1024;
+/// and back, which a loaded machine makes dear (at 128 KiB, a third more CPU for a warm pull).
+const CHUNK: usize = 256 * 1024;
 /// Upstream frames that are ready together are handed to the writer in batches of about this.
 const BATCH: usize = 256 * 1024;
 /// Chunks buffered per client, and frames buffered between the network and the disk writer.

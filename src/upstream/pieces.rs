@@ -30,8 +30,9 @@ use crate::body::{self, Body, BoxError, Feed};
 
 /// Objects at least this large are fetched in pieces, when the upstream offers ranges.
 const THRESHOLD: u64 = 16 << 20;
-/// Bytes per piece.
-const PIECE: u64 = 4 << 20;
+/// Bytes per piece: each costs a round trip before its first byte, and each waiting for its turn
+/// is held in memory; at 4 MiB the long fat path of bench/ gained 8% and peak RSS 16 MiB.
+const PIECE: u64 = 2 << 20;
 /// Frames queued between the pieces and the body's reader.
 const QUEUE: usize = 8;
 
