@@ -10,6 +10,12 @@ images: big (1 layer of 200 MiB), many (100 layers of 64 KiB), huge (1 layer of 
 mode, an nginx MITM cache like rpardini/docker-registry-proxy, mitmproxy. Every pull is timed with
 skopeo; the 200 MiB image also with containerd's ctr. Everything listens on 127.0.0.1; every
 process started is killed and the temp dir removed at the end. Writes bench/RESULTS.md (median, min, max of the rounds; ratios to direct and tunnel).
+
+WAN profiles (--sections wan): every peer again, its upstream traffic (and direct clients') through
+bench/wan.py, a shaping relay in front of the origin: a site uplink (200 Mbit/s shared, 20 ms each
+way) and a long fat path (60 ms each way, 40 Mbit/s per connection, 500 Mbit/s in all). CPU per GiB:
+the TLS-terminating peers' utime + stime per GiB pulled, against a floor that `openssl speed`
+measures in the same run for the suites regproxy negotiated.
 """
 import argparse, datetime, http.client, json, os, platform, re, resource, shutil, signal, socket, ssl
 import statistics, subprocess, sys, tempfile, time
@@ -18,7 +24,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HOST = "registry.test"
 MiB = 1 << 20
+GiB = 1 << 30
 CONC = 8
+
+# WAN profiles: key, title, one-way delay (ms), Mbit/s per direction shared by all connections,
+# Mbit/s per connection (0: no cap of its own).
+UPLINK = ("uplink", "Site uplink", 20, 200, 0)
+FAT = ("fat", "Long fat path", 60, 500, 40)
+W_COLD = "Site uplink: pull 1 × 200 MiB, cold"
+W_WARM = "Site uplink: pull 1 × 200 MiB, warm (origin up, across the link)"
+W_CONC = f"Site uplink: {CONC} concurrent cold pulls of 1 × 200 MiB (wall time)"
+W_CONCR = f"Site uplink: {CONC} concurrent cold pulls ÷ one direct cold pull"
+W_LINK = f"Site uplink: MiB carried from the origin across the link, {CONC} concurrent cold pulls"
+F_COLD = "Long fat path: two clients at once, 1 × 64 MiB and 8 × 4 MiB, cold (wall time)"
+F_CONNS = "Long fat path: TCP connections opened across the link during the two pulls"
+WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, F_COLD, F_CONNS)
+# CPU seconds per GiB pulled, of the processes that terminate TLS.
+G_LC, G_LW = "loopback cold", "loopback warm"
+G_UC, G_UW = "site uplink cold", "site uplink warm"
+CPU_CASES = (G_LC, G_LW, G_UC, G_UW)
 
 PROCS = []  # every Popen we start, killed in the finally
 
@@ -214,7 +238,8 @@ class Origin:
         return os.path.getsize(self.log)
 
     def blob_gets(self, since):
-        """{digest: count} of 2xx GETs of blobs in the access log after byte offset `since`."""
+        """{digest: count} of whole (200) GETs of blobs in the access log after byte offset `since`: one
+        download's ranged pieces (206) are not counted."""
         time.sleep(0.3)  # the access line is written just after the response
         with open(self.log, "rb") as f:
             f.seek(since)
@@ -222,7 +247,7 @@ class Origin:
         counts = {}
         for line in text.splitlines():
             m = re.search(r'\] "GET (/v2/\S+/blobs/(sha256:[0-9a-f]+)) HTTP/[\d.]+" (\d{3}) ', line)
-            if m and m.group(3).startswith("2"):
+            if m and m.group(3) == "200":
                 counts[m.group(2)] = counts.get(m.group(2), 0) + 1
         return counts
 
@@ -232,6 +257,13 @@ class Origin:
 class Peer:
     name = "?"
     caching = False       # keeps blobs: has a cold and a warm (origin stopped) case
+    o = None              # the Origin
+    up = None             # the port that reaches it: the origin's own, or a WAN link's in front of it
+    tag = ""              # suffix of the peer's files, so that a second instance (behind a link) has its own
+    terminates_tls = False  # decrypts and encrypts the bytes it passes on (its CPU per GiB is compared)
+
+    def route(self, origin, up=None, tag=""):
+        self.o, self.up, self.tag = origin, up or origin.port, tag
     def start(self): pass
     def fresh(self): pass  # empty cache, started
     def stop(self): pass
@@ -243,14 +275,16 @@ class Peer:
         return None
     def cpu_pids(self):  # processes (with their descendants) whose CPU time is the proxy's
         return [self.rss_pid()]
+    def tls_pids(self):  # those of them that terminate TLS (nginx: not its CONNECT front)
+        return self.cpu_pids()
 
 
 class Direct(Peer):
     name = "direct"
-    def __init__(self, origin):
-        self.o = origin
+    def __init__(self, origin, up=None, tag=""):
+        self.route(origin, up, tag)
     def pull(self, image):
-        return f"127.0.0.1:{self.o.port}/test/{image}:latest", None, self.o.certdir
+        return f"127.0.0.1:{self.up}/test/{image}:latest", None, self.o.certdir
     def curl_args(self, image, digest):
         return ["--cacert", self.o.ca, "--resolve", f"{HOST}:{self.o.port}:127.0.0.1",
                 f"https://{HOST}:{self.o.port}/v2/test/{image}/blobs/{digest}"]
@@ -269,12 +303,14 @@ class ViaProxy(Peer):
 
 class Tunnel(ViaProxy):
     name = "tunnel"
-    def __init__(self, work, origin):
-        self.o, self.work, self.port, self.proc = origin, work, free_port(), None
+    def __init__(self, work, origin, up=None, tag=""):
+        self.route(origin, up, tag)
+        self.work, self.port, self.proc = work, free_port(), None
         self.ca, self.certdir = origin.ca, origin.certdir
     def start(self):
         self.proc = spawn([sys.executable, os.path.join(HERE, "tunnel.py"), "--listen", f"127.0.0.1:{self.port}",
-                           "--map", f"{HOST}=127.0.0.1"], os.path.join(self.work, "tunnel.log"))
+                           "--map", f"{HOST}:{self.o.port}=127.0.0.1:{self.up}"],
+                          os.path.join(self.work, f"tunnel{self.tag}.log"))
         wait_port(self.port, self.proc)
     def stop(self):
         kill(self.proc)
@@ -284,23 +320,27 @@ class Tunnel(ViaProxy):
 
 class Regproxy(ViaProxy):
     name = "regproxy"
+    terminates_tls = True
     caching = True
-    def __init__(self, work, origin, binary):
-        self.o, self.work, self.bin = origin, work, binary
+    def __init__(self, work, origin, binary, up=None, tag="", extra=()):
+        self.route(origin, up, tag)
+        self.work, self.bin, self.extra = work, binary, list(extra)
         self.port, self.admin = free_port(), free_port()
         self.cadir = os.path.join(work, "regproxy-ca")
+        self.log = os.path.join(work, f"regproxy{tag}.log")
         self.proc, self.n = None, 0
         self.ca = os.path.join(self.cadir, "ca.crt")
         self.certdir = None
     def start(self):
         self.n += 1
-        self.cache = os.path.join(self.work, f"regproxy-cache-{self.n}")
+        self.cache = os.path.join(self.work, f"regproxy-cache{self.tag}-{self.n}")
         self.proc = spawn([self.bin, "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin}",
                            "--ca-dir", self.cadir, "--cache-dir", self.cache, "--intercept", HOST,
                            "--intercept", "*.bench.test",
-                           "--resolve", f"{HOST}:{self.o.port}=127.0.0.1:{self.o.port}",
-                           "--upstream-ca", self.o.ca, "--allow-port", str(self.o.port), "--log-format", "text"],
-                          os.path.join(self.work, "regproxy.log"))
+                           "--resolve", f"{HOST}:{self.o.port}=127.0.0.1:{self.up}",
+                           "--upstream-ca", self.o.ca, "--allow-port", str(self.o.port), "--log-format", "text"]
+                          + self.extra,
+                          self.log, env=dict(os.environ, REGPROXY_LOG="info,regproxy::tls=debug"))
         wait_port(self.admin, self.proc, path="/healthz")
         wait_port(self.port, self.proc)
         if self.certdir is None:
@@ -323,9 +363,11 @@ class Regproxy(ViaProxy):
 class Mirror(Peer):
     """distribution (Debian's docker-registry) in proxy mode: a pull-through mirror, pulled from directly."""
     name = "distribution"
+    terminates_tls = True
     caching = True
-    def __init__(self, work, origin):
-        self.o, self.work, self.port, self.proc, self.n = origin, work, free_port(), None, 0
+    def __init__(self, work, origin, up=None, tag=""):
+        self.route(origin, up, tag)
+        self.work, self.port, self.proc, self.n = work, free_port(), None, 0
         self.bundle = os.path.join(work, "mirror-roots.pem")
         with open(self.bundle, "wb") as out:
             for f in ("/etc/ssl/certs/ca-certificates.crt", origin.ca):
@@ -334,14 +376,14 @@ class Mirror(Peer):
                         out.write(i.read() + b"\n")
     def start(self):
         self.n += 1
-        self.data = os.path.join(self.work, f"mirror-data-{self.n}")
-        cfg = os.path.join(self.work, "mirror.yml")
+        self.data = os.path.join(self.work, f"mirror-data{self.tag}-{self.n}")
+        cfg = os.path.join(self.work, f"mirror{self.tag}.yml")
         # The origin's server certificate has IP:127.0.0.1, so the mirror reaches it as 127.0.0.1 (no
         # /etc/hosts change) and serves clients with the same certificate.
-        registry_config(cfg, self.data, self.port, self.o.dir, proxy_remote=f"https://127.0.0.1:{self.o.port}")
+        registry_config(cfg, self.data, self.port, self.o.dir, proxy_remote=f"https://127.0.0.1:{self.up}")
         env = {k: v for k, v in os.environ.items()}
         env["SSL_CERT_FILE"] = self.bundle
-        self.proc = spawn(["docker-registry", "serve", cfg], os.path.join(self.work, "mirror.log"), env=env)
+        self.proc = spawn(["docker-registry", "serve", cfg], os.path.join(self.work, f"mirror{self.tag}.log"), env=env)
         wait_port(self.port, self.proc, tls_ca=self.o.ca, path="/v2/")
     def stop(self):
         kill(self.proc)
@@ -450,10 +492,12 @@ class Nginx(ViaProxy):
     the proxy_connect module; here tunnel.py) sends registry.test to nginx's TLS server, which has a leaf
     for registry.test signed by its own CA and caches with proxy_cache + proxy_cache_lock."""
     name = "nginx"
+    terminates_tls = True
     caching = True
-    def __init__(self, work, origin):
-        self.o, self.work = origin, work
-        self.w = os.path.join(work, "nginx")
+    def __init__(self, work, origin, up=None, tag=""):
+        self.route(origin, up, tag)
+        self.work = work
+        self.w = os.path.join(work, f"nginx{tag}")
         openssl_ca(self.w, "bench nginx MITM CA")
         openssl_leaf(self.w, HOST)
         self.ca = os.path.join(self.w, "ca.crt")
@@ -462,7 +506,7 @@ class Nginx(ViaProxy):
         self.front = self.proc = None
         self.conf = os.path.join(self.w, "nginx.conf")
         with open(self.conf, "w") as f:
-            f.write(NGINX_CONF.format(w=self.w, port=self.tls_port, host=HOST, origin_port=origin.port,
+            f.write(NGINX_CONF.format(w=self.w, port=self.tls_port, host=HOST, origin_port=self.up,
                                       origin_ca=origin.ca))
     def start(self):
         for d in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi", "cache"):
@@ -470,7 +514,7 @@ class Nginx(ViaProxy):
         if self.front is None:
             self.front = spawn([sys.executable, os.path.join(HERE, "tunnel.py"), "--listen", f"127.0.0.1:{self.port}",
                                 "--map", f"{HOST}:{self.o.port}=127.0.0.1:{self.tls_port}"],
-                               os.path.join(self.work, "nginx-front.log"))
+                               os.path.join(self.work, f"nginx-front{self.tag}.log"))
             wait_port(self.port, self.front)
         self.proc = spawn(["nginx", "-p", self.w, "-c", self.conf, "-e", os.path.join(self.w, "error.log")],
                           os.path.join(self.w, "stdout.log"))
@@ -489,6 +533,8 @@ class Nginx(ViaProxy):
         return self.proc.pid
     def cpu_pids(self):
         return [self.proc.pid, self.front.pid]
+    def tls_pids(self):
+        return [self.proc.pid]
     def cache_statuses(self):
         counts = {}
         try:
@@ -504,20 +550,23 @@ class Nginx(ViaProxy):
 
 class Mitm(ViaProxy):
     name = "mitmproxy"
-    def __init__(self, work, origin, mitmdump):
-        self.o, self.work, self.bin = origin, work, mitmdump
+    terminates_tls = True
+    def __init__(self, work, origin, mitmdump, up=None, tag=""):
+        self.route(origin, up, tag)
+        self.work, self.bin = work, mitmdump
         self.port, self.proc = free_port(), None
         self.conf = os.path.join(work, "mitmproxy")
         self.ca = os.path.join(self.conf, "mitmproxy-ca-cert.pem")
         self.certdir = None
     def start(self):
-        env = dict(os.environ, BENCH_MITM_MAP=f"{HOST}=127.0.0.1,*.bench.test=127.0.0.1")
+        env = dict(os.environ, BENCH_MITM_MAP=f"{HOST}:{self.o.port}=127.0.0.1:{self.up},{HOST}=127.0.0.1,"
+                                              "*.bench.test=127.0.0.1")
         self.proc = spawn([self.bin, "-q", "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
                            "--set", f"confdir={self.conf}", "--set", "stream_large_bodies=1m",
                            "--set", f"ssl_verify_upstream_trusted_ca={self.o.ca}",
                            "--set", "connection_strategy=lazy",
                            "-s", os.path.join(HERE, "mitm_resolve.py")],
-                          os.path.join(self.work, "mitmproxy.log"), env=env)
+                          os.path.join(self.work, f"mitmproxy{self.tag}.log"), env=env)
         wait_port(self.port, self.proc)
         for _ in range(100):
             if os.path.exists(self.ca):
@@ -559,9 +608,13 @@ class Clients:
 
     def pull(self, peer, image, n=1):
         """Wall time of n concurrent skopeo pulls of image through peer."""
-        ref, proxy, certdir = peer.pull(image)
+        return self.pull_all(peer, [image] * n)
+
+    def pull_all(self, peer, images):
+        """Wall time of concurrent skopeo pulls through peer, one per image in `images`."""
+        image = ",".join(sorted(set(images)))
         t0 = time.monotonic()
-        procs = [self.skopeo(ref, proxy, certdir) for _ in range(n)]
+        procs = [self.skopeo(*peer.pull(i)) for i in images]
         errors = []
         for p, dest in procs:
             out = p.communicate()[0]
@@ -627,6 +680,191 @@ class Ctr:
         if digests:
             subprocess.run(ctr + ["content", "rm"] + digests, capture_output=True)
         return dt
+
+
+def make_peers(a, work, origin, res, up=None, tag=""):
+    """The peers named by --peers, reaching the origin on port `up` (a WAN link's) if given."""
+    make = {"direct": lambda: Direct(origin, up, tag), "tunnel": lambda: Tunnel(work, origin, up, tag),
+            "regproxy": lambda: Regproxy(work, origin, a.regproxy, up, tag, a.regproxy_args.split()),
+            "distribution": lambda: Mirror(work, origin, up, tag), "nginx": lambda: Nginx(work, origin, up, tag),
+            "mitmproxy": lambda: Mitm(work, origin, a.mitmdump, up, tag)}
+    peers = []
+    for n in a.peers.split(","):
+        if n == "mitmproxy" and not os.path.exists(a.mitmdump):
+            if not tag:
+                res.notes.append("mitmproxy: mitmdump not found, peer skipped.")
+            continue
+        peers.append(make[n]())
+    return peers
+
+
+def measured(clients, origin, p, images):
+    """Wall time of concurrent pulls of `images` through p, and the CPU seconds they cost:
+    client (the skopeo processes), proxy (all of the peer's processes), tls (those that terminate
+    TLS), origin."""
+    pids, tls = p.cpu_pids(), p.tls_pids()
+    opid = [origin.proc.pid] if origin.proc else []
+    c0, o0, p0, t0 = children_cpu_s(), cpu_s(opid), cpu_s(pids), cpu_s(tls)
+    wall = clients.pull_all(p, images)
+    cpu = {"client": children_cpu_s() - c0, "origin": cpu_s(opid) - o0, "proxy": cpu_s(pids) - p0,
+           "tls": cpu_s(tls) - t0}
+    return wall, cpu
+
+
+class Link:
+    """bench/wan.py in front of the origin: one shaped link that a set of peers' upstream traffic
+    (and direct clients') crosses."""
+    def __init__(self, work, origin, profile):
+        key, _, delay, mbit, flow = profile
+        self.key, self.o, self.work, self.port, self.proc = key, origin, work, free_port(), None
+        self.args = ["--delay-ms", str(delay), "--mbit", str(mbit), "--flow-mbit", str(flow)]
+        self.stats = os.path.join(work, f"wan-{key}.stats")
+    def start(self):
+        self.proc = spawn([sys.executable, os.path.join(HERE, "wan.py"), "--listen", f"127.0.0.1:{self.port}",
+                           "--to", f"127.0.0.1:{self.o.port}", "--stats", self.stats] + self.args,
+                          os.path.join(self.work, f"wan-{self.key}.log"))
+        wait_port(self.port, self.proc)
+    def stop(self):
+        kill(self.proc)
+    def carried(self):
+        """(bytes to the origin, bytes from it, connections) so far."""
+        time.sleep(0.3)  # the relay writes its counters every 100 ms
+        with open(self.stats) as f:
+            up, down, conns = (int(x) for x in f.read().split())
+        return up, down, conns
+
+
+def uplink_round(clients, origin, link, peers, res, size, r):
+    """One round of the site uplink: a cold pull per peer, a warm one per caching peer, then
+    CONC concurrent cold pulls per caching peer. Returns failures."""
+    failures = []
+    def attempt(what, p, f):
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"round {r + 1}, {link.key}, {p.name}, {what}: {e}")
+            log(failures[-1])
+    caching = [p for p in peers if p.caching]
+    for p in caching:
+        p.fresh()
+    def pull(p, case, cpu_case):
+        wall, cpu = measured(clients, origin, p, ["big"])
+        res.add(case, p.name, wall)
+        if p.terminates_tls:
+            res.add(cpu_case, p.name, cpu["tls"] / (size / GiB))
+        if not p.caching:
+            res.add(W_WARM, p.name, wall)
+    for p in peers:
+        attempt("cold", p, lambda: pull(p, W_COLD, G_UC))
+    for p in caching:
+        attempt("warm", p, lambda: pull(p, W_WARM, G_UW))
+    one = res.data.get((W_COLD, "direct"), [None])[-1]
+    def concurrent(p):
+        p.fresh()
+        before = link.carried()
+        wall, _ = measured(clients, origin, p, ["big"] * CONC)
+        res.add(W_CONC, p.name, wall)
+        if one:
+            res.add(W_CONCR, p.name, wall / one)
+        res.add(W_LINK, p.name, (link.carried()[1] - before[1]) / MiB)
+    for p in caching:
+        attempt(f"{CONC} concurrent", p, lambda: concurrent(p))
+    return failures
+
+
+def fat_round(clients, origin, link, peers, res, r):
+    """One round of the long fat path: per peer, two clients at once, one per image."""
+    failures = []
+    for p in peers:
+        try:
+            if p.caching:
+                p.fresh()
+            before = link.carried()
+            wall, _ = measured(clients, origin, p, ["fat1", "fat8"])
+            res.add(F_COLD, p.name, wall)
+            res.add(F_CONNS, p.name, link.carried()[2] - before[2])
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"round {r + 1}, {link.key}, {p.name}: {e}")
+            log(failures[-1])
+    return failures
+
+
+def wan_phase(a, work, origin, clients, res, rounds, size):
+    """Every peer again, each behind the WAN profiles' links in turn. Returns failures."""
+    failures = []
+    for profile in (UPLINK, FAT):
+        if profile[0] not in a.profiles.split(","):
+            continue
+        link = Link(work, origin, profile)
+        link.start()
+        peers = make_peers(a, work, origin, res, link.port, f"-{profile[0]}")
+        try:
+            for p in peers:
+                p.start()
+            for r in range(rounds):
+                log(f"{profile[1]}: round {r + 1}/{rounds}")
+                res.notes.append(f"{profile[1]}, round {r + 1}: load average {os.getloadavg()[0]:.1f} at its start "
+                                 f"(other work on the machine)")
+                if profile is UPLINK:
+                    failures += uplink_round(clients, origin, link, peers, res, size, r)
+                else:
+                    failures += fat_round(clients, origin, link, peers, res, r)
+        finally:
+            for p in peers:
+                (p.stop_all if hasattr(p, "stop_all") else p.stop)()
+            link.stop()
+    return failures
+
+
+# rustls' names of the TLS 1.3 and 1.2 suites' bulk ciphers, and openssl's
+EVP = {"AES_128_GCM": "aes-128-gcm", "AES_256_GCM": "aes-256-gcm", "CHACHA20_POLY1305": "chacha20-poly1305"}
+
+
+def negotiated(logs):
+    """{side: suite} that regproxy logged (`regproxy::tls` at debug) for registry.test, the most
+    frequent per side: the pulls' connections, not the leaf-issuance test's Python handshakes."""
+    seen = {}
+    for path in logs:
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = re.search(r'regproxy::tls.*?side="?(client|upstream)"? host=' + re.escape(HOST) + r' .*?suite=(\w+)',
+                              line)
+                if m:
+                    key = (m.group(1), m.group(2))
+                    seen[key] = seen.get(key, 0) + 1
+    out = {}
+    for (side, suite), n in sorted(seen.items(), key=lambda kv: -kv[1]):
+        out.setdefault(side, suite)
+    return out
+
+
+def openssl_rate(alg, decrypt=False):
+    """Bytes per CPU-second of `openssl speed -evp ALG` on 16 KiB blocks (a full TLS record);
+    openssl divides by its user CPU time, so other load on the machine does not lower it."""
+    cmd = ["openssl", "speed", "-mr", "-seconds", "1", "-bytes", "16384"]
+    out = run(cmd + (["-decrypt"] if decrypt else []) + ["-evp", alg])
+    for line in out.splitlines():
+        if line.startswith("+F:"):
+            return float(line.rsplit(":", 1)[1])
+    raise RuntimeError(f"no rate in the output of {' '.join(cmd)}")
+
+
+def cpu_floor(suites, reps=3):
+    """CPU seconds per GiB the cryptography alone costs: cold, the upstream suite's decryption plus
+    the client suite's encryption plus SHA-256; warm, the client suite's encryption."""
+    up = suites.get("upstream", "TLS13_AES_256_GCM_SHA384")
+    down = suites.get("client", "TLS13_AES_128_GCM_SHA256")
+    evp = lambda suite: next(v for k, v in EVP.items() if k in suite)  # noqa: E731
+    rate = lambda alg, dec=False: statistics.median(openssl_rate(alg, dec) for _ in range(reps))  # noqa: E731
+    dec, enc, sha = rate(evp(up), True), rate(evp(down)), rate("sha256")
+    return {"cold": GiB / dec + GiB / enc + GiB / sha, "warm": GiB / enc, "up": up, "down": down,
+            "dec": dec, "enc": enc, "sha": sha, "assumed": not suites}
+
+
+def image_bytes(layout):
+    """Bytes of every blob of a generated image (manifest, config, layers): what one pull moves."""
+    d = os.path.join(layout, "blobs", "sha256")
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
 
 
 def push(origin, clients, layout, image):
@@ -776,9 +1014,13 @@ class Results:
         vs = self.data.get((case, peer))
         return statistics.median(vs) if vs else None
 
-    def table(self, peers):
+    def table(self, peers, only=None, skip=()):
         lines = []
         for case, unit, note in self.cases:
+            if (only is not None and case not in only) or case in skip:
+                continue
+            if not any(self.data.get((case, p)) for p in peers):
+                continue
             lines += [f"### {case}", ""]
             if note:
                 lines += [note, ""]
@@ -810,8 +1052,15 @@ def main():
                     help="generated images are kept here between runs")
     ap.add_argument("--peers", default="direct,tunnel,regproxy,distribution,nginx,mitmproxy")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
+    ap.add_argument("--regproxy-args", default="", help="more flags for regproxy, e.g. \"--blob-connections 1\"")
+    ap.add_argument("--sections", default="loopback,wan",
+                    help="loopback: the cases over loopback; wan: the WAN profiles (comma list)")
+    ap.add_argument("--profiles", default="uplink,fat", help="WAN profiles to run (comma list)")
+    ap.add_argument("--wan-rounds", type=int, default=None, help="rounds of the WAN profiles (default 2, 1 with --quick)")
     a = ap.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
+    wan_rounds = a.wan_rounds or (1 if a.quick else 2)
+    sections = a.sections.split(",")
     huge_size = "256MiB" if a.quick else "1GiB"
     huge_label = "256 MiB" if a.quick else "1 GiB"
     want = a.peers.split(",")
@@ -835,25 +1084,23 @@ def main():
         big = image_layout(a.image_cache, "big", 1, "200MiB", 1)
         many = image_layout(a.image_cache, "many", 100, "64KiB", 2)
         huge = image_layout(a.image_cache, "huge", 1, huge_size, 3)
+        images = {"big": big, "many": many, "huge": huge}
+        if "wan" in sections:
+            images["fat1"] = image_layout(a.image_cache, "fat1", 1, "64MiB", 4)
+            images["fat8"] = image_layout(a.image_cache, "fat8", 8, "4MiB", 5)
+        size_of = {name: image_bytes(layout) for name, (layout, _, _) in images.items()}
         log(f"work dir {work}")
         origin = Origin(work)
         origin.start()
         clients = Clients(work)
-        for name, (layout, _, _) in (("big", big), ("many", many), ("huge", huge)):
+        for name, (layout, _, _) in images.items():
             push(origin, clients, layout, name)
         log("images pushed")
 
-        allpeers = {"direct": lambda: Direct(origin), "tunnel": lambda: Tunnel(work, origin),
-                    "regproxy": lambda: Regproxy(work, origin, a.regproxy),
-                    "distribution": lambda: Mirror(work, origin), "nginx": lambda: Nginx(work, origin),
-                    "mitmproxy": lambda: Mitm(work, origin, a.mitmdump)}
-        for n in want:
-            if n == "mitmproxy" and not os.path.exists(a.mitmdump):
-                res.notes.append("mitmproxy: mitmdump not found, peer skipped.")
-                continue
-            peers.append(allpeers[n]())
+        peers = make_peers(a, work, origin, res)
         for p in peers:
-            p.start()
+            if "loopback" in sections:
+                p.start()
         names = [p.name for p in peers]
         by = {p.name: p for p in peers}
         caching = [p for p in peers if p.caching]
@@ -873,23 +1120,36 @@ def main():
         C_CPU8C = f"CPU time of the {CONC} clients (skopeo), {CONC} concurrent cold pulls of 1 × 200 MiB"
         C_CPU8A = f"CPU time of clients + origin + proxy ÷ {NCPU} CPUs, {CONC} concurrent cold pulls of 1 × 200 MiB"
 
-        def accounted(p, image, n=1, cases=()):
-            """Wall time of the pull(s); CPU seconds of client, proxy, and all ÷ CPUs go to `cases`."""
-            pids, opid = p.cpu_pids(), [origin.proc.pid]
-            c0, o0, p0 = children_cpu_s(), cpu_s(opid), cpu_s(pids)
-            wall = clients.pull(p, image, n)
-            c, o, q = children_cpu_s() - c0, cpu_s(opid) - o0, cpu_s(pids) - p0
+        def accounted(p, image, n=1, cases=(), per_gib=None):
+            """Wall time of the pull(s); CPU seconds of client, proxy, and all ÷ CPUs go to `cases`,
+            the TLS processes' CPU seconds per GiB pulled to `per_gib`."""
+            wall, cpu = measured(clients, origin, p, [image] * n)
+            c, o, q = cpu["client"], cpu["origin"], cpu["proxy"]
             for case, v in zip(cases, (c, q, (c + o + q) / NCPU)):
                 if case:
                     res.add(case, p.name, v)
+            if per_gib and p.terminates_tls:
+                res.add(per_gib, p.name, cpu["tls"] / (n * size_of[image] / GiB))
             return wall
 
-        if shutil.which("containerd") and shutil.which("ctr"):
+        if "loopback" not in sections:
+            pass
+        elif shutil.which("containerd") and shutil.which("ctr"):
             ctr = Ctr(work)
             ctr.start()
         else:
             res.notes.append("ctr: containerd not installed, ctr cases skipped.")
 
+        res.case(W_COLD, "s")
+        res.case(W_WARM, "s", "direct and tunnel: their cold pull (their only mode); caching peers: a second pull, "
+                              "the origin up behind the link.")
+        res.case(W_CONC, "s")
+        res.case(W_CONCR, "x", "The goal's ratio: the caching peer's 8 pulls against one direct pull of the same round.")
+        res.case(W_LINK, "MiB", "Bytes from the origin that crossed the link (relay counters) during the 8 pulls; the image "
+                                "is 200 MiB.")
+        res.case(F_COLD, "s")
+        res.case(F_CONNS, "n", "Connections the relay accepted during the two pulls (clients' for direct; the "
+                               "proxy's upstream connections otherwise).")
         res.case(C_BIG, "s")
         res.case(C_BIGW, "s", "direct and tunnel: with the origin up (their only mode); caching peers: origin stopped.")
         res.case(C_MANY, "s")
@@ -899,7 +1159,8 @@ def main():
         res.case(C_CTRW, "s", "direct and tunnel: with the origin up; caching peers: origin stopped.")
         res.case(C_CONC, "s")
         res.case(C_CONCR, "x")
-        res.case(C_GETS, "n", "Successful GETs of the layer blob in the origin's access log; the most of any blob of the image "
+        res.case(C_GETS, "n", "Whole (200) GETs of the layer blob in the origin's access log (regproxy's ranged pieces of "
+                              "one download, 206, not counted); the most of any blob of the image "
                               "(config blob included).")
         res.case(C_RSS200, "MiB", "VmHWM of a freshly started proxy after the pulls (nginx: master + workers summed; "
                                   "distribution: the mirror registry; tunnel: the Python tunnel).")
@@ -915,14 +1176,16 @@ def main():
         res.case(C_LEAF, "ms", f"Median of 200 handshakes through CONNECT to `hN.bench.test:443` (never seen before) minus the median of 200 "
                                f"to one already-seen name; Python ssl client, P-256 leaf. nginx serves one static leaf (n/a).")
 
-        for r in range(rounds):
+        for r in range(rounds if "loopback" in sections else 0):
             log(f"round {r + 1}/{rounds}")
+            res.notes.append(f"Loopback, round {r + 1}: load average {os.getloadavg()[0]:.1f} at its start "
+                             f"(other work on the machine)")
             for p in caching:
                 p.fresh()
             # cold pulls, peers interleaved
             for p in peers:
                 try:
-                    res.add(C_BIG, p.name, accounted(p, "big", cases=(C_CPUC, C_CPUP, C_CPUA)))
+                    res.add(C_BIG, p.name, accounted(p, "big", cases=(C_CPUC, C_CPUP, C_CPUA), per_gib=G_LC))
                     res.add(C_MANY, p.name, clients.pull(p, "many"))
                 except Exception as e:  # noqa: BLE001
                     failures.append(f"round {r + 1}, {p.name}, cold: {e}")
@@ -939,7 +1202,7 @@ def main():
                 for p in caching:
                     for img, case in (("big", C_BIGW), ("many", C_MANYW)):
                         try:
-                            res.add(case, p.name, clients.pull(p, img))
+                            res.add(case, p.name, accounted(p, img, per_gib=G_LW if img == "big" else None))
                         except Exception as e:  # noqa: BLE001
                             failures.append(f"round {r + 1}, {p.name}, warm {img} (origin stopped): {e}")
                             log(failures[-1])
@@ -1011,14 +1274,21 @@ def main():
             log(f"round {r + 1} done at {time.monotonic() - started:.0f} s")
 
         metrics = ""
-        if "regproxy" in by:
+        if "regproxy" in by and "loopback" in sections:
             try:
                 metrics = "\n".join(l for l in by["regproxy"].metrics().splitlines()
                                     if l.startswith("regproxy_") and not l.endswith(" 0"))
             except Exception:  # noqa: BLE001
                 pass
+        for p in peers:
+            (p.stop_all if hasattr(p, "stop_all") else p.stop)()
+        if "wan" in sections:
+            failures += wan_phase(a, work, origin, clients, res, wan_rounds, size_of["big"])
+        suites = negotiated([os.path.join(work, f) for f in os.listdir(work) if re.match(r"regproxy.*\.log$", f)])
+        log(f"negotiated suites {suites}; measuring the floor with openssl speed")
+        floor = cpu_floor(suites)
         elapsed = time.monotonic() - started
-        write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics,
+        write_report(a, res, names, (rounds, wan_rounds, sections), huge_label, elapsed, failures, metrics, floor,
                      {"C_BIG": C_BIG, "C_BIGW": C_BIGW, "C_MANY": C_MANY, "C_CONC": C_CONC, "C_CONCR": C_CONCR,
                       "C_GETS": C_GETS, "C_RSS200": C_RSS200, "C_RSSH": C_RSSH, "C_LEAF": C_LEAF,
                       "C_CPUP": C_CPUP, "C_CPUC": C_CPUC, "C_CPUA": C_CPUA, "C_CPU8C": C_CPU8C, "C_CPU8A": C_CPU8A})
@@ -1042,7 +1312,65 @@ def main():
     return 1 if failures else 0
 
 
-def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, C):
+def spread(vs, unit):
+    """`median (min–max, n)` of the rounds' values."""
+    if not vs:
+        return "n/a"
+    if len(vs) == 1:
+        return fmt(vs[0], unit)
+    return f"{fmt(statistics.median(vs), unit)} ({fmt(min(vs), unit)}–{fmt(max(vs), unit)})"
+
+
+def wan_cpu_goals(res, floor, goal):
+    """The WAN and CPU goals, in the order of the issue that set them."""
+    def ratio(case, peer, by_case, by_peer="direct"):
+        x, y = res.med(case, peer), res.med(by_case, by_peer)
+        return x / y if x is not None and y else None
+    v = ratio(W_COLD, "regproxy", W_COLD)
+    goal("site uplink: cold pull, regproxy ÷ direct ≤ 1.05", v, v is not None and v <= 1.05, fmt(v, "x"))
+    v = ratio(W_WARM, "regproxy", W_COLD)
+    goal("site uplink: warm pull, regproxy ÷ direct ≤ 0.2", v, v is not None and v <= 0.2, fmt(v, "x"))
+    v = ratio(W_CONC, "regproxy", W_COLD)
+    goal(f"site uplink: {CONC} concurrent cold pulls through regproxy ÷ one direct pull ≤ 1.3", v,
+         v is not None and v <= 1.3, fmt(v, "x"))
+    v = res.med(W_LINK, "regproxy")
+    goal(f"site uplink: the {CONC} pulls carry the 200 MiB image across the link once (≤ 210 MiB)", v,
+         v is not None and v <= 210, fmt(v, "MiB"))
+    v = ratio(F_COLD, "regproxy", F_COLD)
+    goal("long fat path: two clients at once, cold, regproxy ÷ direct ≤ 0.6", v, v is not None and v <= 0.6,
+         fmt(v, "x"))
+    for case, kind in ((G_LC, "cold"), (G_LW, "warm"), (G_UC, "cold"), (G_UW, "warm")):
+        v = res.med(case, "regproxy")
+        v = v / floor[kind] if v is not None else None
+        goal(f"CPU per GiB, {case}: regproxy ÷ floor ≤ 1.5", v, v is not None and v <= 1.5, fmt(v, "x"))
+    for case in (G_LC, G_LW):
+        mine = res.med(case, "regproxy")
+        others = {p: res.med(c, p) for (c, p) in res.data if c == case and p != "regproxy"}
+        least = mine is not None and all(mine <= v for v in others.values())
+        shown = ", ".join(f"{p} {fmt(v, 'x')}" for p, v in sorted(others.items()))
+        goal(f"CPU per GiB, {case}: regproxy the least of the TLS-terminating peers", mine, least,
+             f"regproxy {fmt(mine, 'x')}; {shown or 'no other peer'} (CPU-s/GiB)")
+
+
+def cpu_table(res, names, floor):
+    """CPU seconds per GiB of each TLS-terminating peer, and ÷ the floor, per case."""
+    head = "| peer | " + " | ".join(f"{c} | ÷ floor" for c in CPU_CASES) + " |"
+    L = [head, "|---|" + "---:|---:|" * len(CPU_CASES)]
+    kinds = {G_LC: "cold", G_LW: "warm", G_UC: "cold", G_UW: "warm"}
+    row = "| floor | " + " | ".join(f"{floor[kinds[c]]:.2f} | 1.00" for c in CPU_CASES) + " |"
+    L.append(row)
+    for p in names:
+        cells = []
+        for c in CPU_CASES:
+            vs = res.data.get((c, p))
+            r = fmt(statistics.median(vs) / floor[kinds[c]], "x") if vs else "—"
+            cells.append(f"{spread(vs, 'x') if vs else '—'} | {r}")
+        if any(res.data.get((c, p)) for c in CPU_CASES):
+            L.append(f"| {p} | " + " | ".join(cells) + " |")
+    return L
+
+
+def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, floor, C):
     def m(case, peer):
         return res.med(C[case], peer)
 
@@ -1053,6 +1381,8 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
     def goal(text, value, ok, shown):
         goals.append(f"| {text} | {shown} | {'PASS' if ok else ('FAIL' if value is not None else 'n/a')} |")
 
+    wan_cpu_goals(res, floor, goal)
+    top, goals = goals, []
     v = ratio(m("C_BIG", "regproxy"), m("C_BIG", "tunnel"))
     goal("cold 200 MiB, regproxy ÷ tunnel ≤ 1.05", v, v is not None and v <= 1.05, fmt(v, "x"))
     v = ratio(m("C_BIGW", "regproxy"), m("C_BIG", "direct"))
@@ -1060,7 +1390,7 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
     v = ratio(m("C_MANY", "regproxy"), m("C_MANY", "tunnel"))
     goal("cold 100 × 64 KiB, regproxy ÷ tunnel ≤ 1.10", v, v is not None and v <= 1.10, fmt(v, "x"))
     gets = res.data.get((C["C_GETS"], "regproxy"))
-    goal(f"{CONC} concurrent cold pulls: origin GETs per blob exactly 1 (every round)", gets,
+    goal(f"{CONC} concurrent cold pulls: whole origin GETs per blob exactly 1 (every round)", gets,
          bool(gets) and all(g == 1 for g in gets), ", ".join(str(g) for g in gets) if gets else "n/a")
     v = m("C_CONCR", "regproxy")
     goal(f"{CONC} concurrent cold pulls wall ÷ one pull ≤ 1.3 (regproxy)", v, v is not None and v <= 1.3, fmt(v, "x"))
@@ -1099,16 +1429,50 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
                                            timeout=30).stdout.splitlines()[0]
     except Exception:  # noqa: BLE001
         pass
+    rounds, wan_rounds, sections = rounds
+    args = " ".join(sys.argv[1:])
+    args = re.sub(r"--(regproxy|mitmdump) \S+ ?", "", args).strip()
     L = ["# regproxy benchmark results", "",
-         f"Generated by `bench/run{' --quick' if a.quick else ''}` on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-         f"{rounds} round(s), {elapsed / 60:.1f} min in all. regproxy commit `{commit}`"
+         f"Generated by `bench/run{' ' + args if args else ''}` on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}: "
+         f"sections {', '.join(sections)}; {rounds if 'loopback' in sections else 0} loopback round(s), "
+         f"{wan_rounds if 'wan' in sections else 0} WAN round(s); "
+         f"{elapsed / 60:.1f} min in all. regproxy commit `{commit}`"
          f"{' (with uncommitted changes in src/)' if dirty else ''}.", "",
-         "## Machine", ""]
+         "Ratios are of medians of the same run: absolute times on this shared 2-core machine are noise, ratios "
+         "against a peer measured minutes apart much less so. Cells give median (min–max) of the rounds.", "",
+         "## Goals: WAN and CPU", "", "| goal | measured | result |", "|---|---|---|"] + top
+    L += ["", "## WAN profiles", "",
+          "`bench/wan.py`, a TCP relay on loopback, stands between every peer and the origin (direct clients "
+          "connect to it instead of the origin; the tunnel, regproxy, nginx, mitmproxy and distribution connect "
+          "upstream through it), so that they all share one link. Each profile starts its own instance of every "
+          "peer (fresh caches) behind its link.", "",
+          f"- **{UPLINK[1]}**: {UPLINK[3]} Mbit/s per direction shared by all connections, {UPLINK[2]} ms each "
+          "way (and one round trip before a new connection's first byte). Image `big` (1 × 200 MiB). Warm: "
+          "with the origin up, as users pull. Concurrent: the 8 pulls start together on a fresh cache.",
+          f"- **{FAT[1]}**: {FAT[2]} ms each way, {FAT[4]} Mbit/s per TCP connection, {FAT[3]} Mbit/s in all. "
+          "Images `fat1` (1 × 64 MiB) and `fat8` (8 × 4 MiB), pulled by two skopeo clients started together "
+          "(one image each); wall time until both finished.",
+          "- The relay holds at most 8 MiB per connection and direction in flight (a TCP window), so a reader that "
+          "stops reading stops its sender.", ""]
+    L += res.table(names, only=WAN_CASES)
+    L += ["## CPU per GiB against the floor", "",
+          "utime + stime (from /proc/PID/stat) of the processes that terminate TLS (regproxy; nginx's workers, not "
+          "its CONNECT front; the distribution mirror; mitmproxy) over one pull of `big`, ÷ GiB pulled. Loopback "
+          "warm: origin stopped; site uplink warm: origin up.", "",
+          f"The floor, measured in the same run by `openssl speed -evp` on 16 KiB blocks (median of 3; openssl "
+          f"divides by its own CPU time): cold = decrypt with the upstream's suite ({floor['up']}: "
+          f"{floor['dec'] / 1e9:.2f} GB/s) + encrypt with the client's ({floor['down']}: {floor['enc'] / 1e9:.2f} GB/s) "
+          f"+ SHA-256 ({floor['sha'] / 1e9:.2f} GB/s) = **{floor['cold']:.2f} CPU-s/GiB**; warm = encrypt only = "
+          f"**{floor['warm']:.2f} CPU-s/GiB**. Suites: "
+          + ("assumed (regproxy logged none)." if floor["assumed"] else
+             "as regproxy negotiated them with skopeo and with the origin (its `regproxy::tls` debug lines)."), ""]
+    L += cpu_table(res, names, floor)
+    L += ["", "## Machine", ""]
     L += [f"- **{k}**: {v}" for k, v in mach.items()]
-    L += ["", "## Goals (medians of this run)", "", "| goal | measured | result |", "|---|---|---|"] + goals
+    L += ["", "## Goals: loopback (medians of this run)", "", "| goal | measured | result |", "|---|---|---|"] + goals
     if why:
         L += ["", "Where the time goes (CPU accounting of the same runs):", ""] + why
-    L += ["", "## Setup", "",
+    L += ["", "## Setup (loopback)", "",
           "- **origin**: Debian's docker-registry (distribution 2.8) over TLS on 127.0.0.1, named `registry.test` "
           "(test CA; leaf with DNS:registry.test and IP:127.0.0.1). Images generated by `tests/support/mkimage.py` "
           "(incompressible, gzip level 0): `big` 1 × 200 MiB, `many` 100 × 64 KiB, "
@@ -1134,8 +1498,9 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
           "127.0.0.1. A reference MITM: it does not cache, so it has no warm case.",
           "- Ratios are median ÷ median of the same run. For throughput a ratio above 1 is better; for times and "
           "memory below 1 is better. Peers run one after another within a round, in the order shown; rounds repeat that.",
-          "", "## Results", ""]
-    L += res.table(names)
+          ""]
+    L += ["## Loopback results", ""]
+    L += res.table(names, skip=WAN_CASES)
     if failures:
         L += ["## Failures", ""] + [f"- {f}" for f in failures] + [""]
     if res.notes:

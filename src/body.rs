@@ -324,6 +324,14 @@ impl Budget {
     }
 }
 
+/// Takes `n` bytes of the process's cap alone, for data a download holds apart from any client
+/// connection (pieces fetched ahead of their turn); waits while it is spent. `None` if `n` is
+/// beyond what the cap can ever give.
+pub async fn reserve_process(n: usize) -> Option<OwnedSemaphorePermit> {
+    let n = u32::try_from(n).ok()?;
+    PROCESS.clone().acquire_many_owned(n).await.ok()
+}
+
 /// Bytes of both caps, taken for data about to be queued for a client; given back on drop.
 pub struct Reserved {
     _connection: OwnedSemaphorePermit,

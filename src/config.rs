@@ -138,6 +138,9 @@ pub enum ValueError {
     /// One of a pair of keys given without the other.
     #[error("missing; {needed_by} needs it")]
     Missing { needed_by: &'static str },
+    /// A count outside 1 to 16.
+    #[error("must be from 1 to 16")]
+    OneToSixteen,
     /// Not `s3://BUCKET[/PREFIX]`.
     #[error("expected s3://BUCKET[/PREFIX]")]
     StoreScheme,
@@ -345,6 +348,9 @@ keys! {
     /// Client connections held at once; more wait to be accepted
     #[arg(env = "REGPROXY_MAX_CONNECTIONS", value_name = "N")]
     max_connections: usize => max_connections: usize = One(at_least_one), default "4096";
+    /// Upstream connections at once for one large blob, each fetching a ranged piece (1: one connection per blob)
+    #[arg(env = "REGPROXY_BLOB_CONNECTIONS", value_name = "N")]
+    blob_connections: usize => blob_connections: usize = One(one_to_sixteen), default "4";
     /// Grace time for in-flight transfers on SIGTERM/SIGINT
     #[arg(env = "REGPROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
     shutdown_grace: String => shutdown_grace: Duration = One(parse_duration), default "30s";
@@ -836,6 +842,13 @@ fn at_least_one(n: &usize) -> Result<usize, ValueError> {
     match n {
         0 => Err(ValueError::Zero),
         n => Ok(*n),
+    }
+}
+
+fn one_to_sixteen(n: &usize) -> Result<usize, ValueError> {
+    match n {
+        1..=16 => Ok(*n),
+        _ => Err(ValueError::OneToSixteen),
     }
 }
 

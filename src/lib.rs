@@ -94,6 +94,12 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
 }
 
+impl AsRef<upstream::Client> for Shared {
+    fn as_ref(&self) -> &upstream::Client {
+        &self.client
+    }
+}
+
 impl Shared {
     /// Loads the CA, opens the cache and builds the upstream client; `own` is the proxy's
     /// listen address, which upstream connections refuse to reach.

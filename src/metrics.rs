@@ -34,6 +34,10 @@ pub struct Metrics {
     pub evictions: AtomicU64,
     /// Objects streamed past the cache (verified, not stored) because the disk had no room.
     pub passthrough: AtomicU64,
+    /// Ranged pieces of large objects fetched upstream on connections of their own.
+    pub pieces: AtomicU64,
+    /// Objects whose pieces failed, fetched whole again for the rest.
+    pub piece_fallbacks: AtomicU64,
     /// Bytes of verified objects on disk.
     pub cache_bytes: AtomicU64,
     /// Number of verified objects on disk.
@@ -266,6 +270,11 @@ impl Metrics {
         let help =
             "Objects streamed past the cache, verified but not stored, for want of disk room";
         r.register("passthrough", help, counter(&self.passthrough));
+        let help =
+            "Ranged pieces of large objects fetched upstream, each on a connection of its own";
+        r.register("upstream_pieces", help, counter(&self.pieces));
+        let help = "Objects whose ranged pieces failed, fetched whole again for the rest";
+        r.register("piece_fallbacks", help, counter(&self.piece_fallbacks));
         let help = "Bytes of verified objects in the cache";
         r.register("cache_bytes", help, gauge(&self.cache_bytes));
         let help = "Verified objects in the cache";
@@ -451,7 +460,7 @@ mod tests {
             !text.contains("# EOF") && !text.contains("_total_total"),
             "{text}"
         );
-        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 24);
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 26);
     }
 
     /// The status page's figures are the counters', grouped by registry; tunnels are no registry.

@@ -80,3 +80,45 @@ fn pulls_multi_arch_index_through_proxy() {
     assert_eq!(oci_index_digest(&dst), index_digest);
     assert_same_image(&src, &dst);
 }
+
+/// A layer of 24 MiB from a real registry (which offers ranges) comes in ranged pieces, each
+/// on a connection of its own, and the image still pulls byte-identical; a second pull comes from
+/// the cache.
+#[test]
+fn a_large_layer_comes_in_ranged_pieces() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let digest = mkimage(&src, 1, "24MiB", None, 3);
+    let registry = Registry::start(dir.join("registry"));
+    push(&src, &registry, "test/large:latest", false);
+    let layer = oci_layers(&src, &digest).remove(0);
+
+    let proxy = Proxy::for_registry(&registry);
+    for (n, dst) in ["a", "b"].iter().enumerate() {
+        let dst = dir.join(dst);
+        skopeo_copy_via(
+            &proxy,
+            &registry.image("test/large:latest"),
+            &oci_ref(&dst),
+            false,
+        );
+        assert_same_image(&src, &dst);
+        let log = registry.access_log();
+        let pieces = log
+            .iter()
+            .filter(|e| e.is_blob_get(&layer) && e.status == 206)
+            .count();
+        let whole = log
+            .iter()
+            .filter(|e| e.is_blob_get(&layer) && e.status == 200)
+            .count();
+        assert!(
+            pieces >= 3,
+            "pull {n}: {pieces} ranged GETs of the layer\n{log:#?}"
+        );
+        assert_eq!(whole, 1, "pull {n}: whole GETs of the layer\n{log:#?}");
+    }
+    let m = metrics(&proxy);
+    assert!(sample(&m, "regproxy_upstream_pieces_total") >= 3, "{m}");
+    assert_eq!(sample(&m, "regproxy_piece_fallbacks_total"), 0, "{m}");
+}

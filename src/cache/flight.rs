@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::io::{Seek, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -21,8 +20,9 @@ use super::store::{ObjectMeta, Origin, Pin, StoreError};
 use super::{Cache, Source};
 use crate::body::{channel, Body, BoxError, Budget, Feed};
 
-/// Bytes read from disk per chunk sent to a client.
-const CHUNK: usize = 128 * 1024;
+/// Bytes read from disk per chunk sent to a client: each read is a hand-off to a blocking thread
+/// and back, which a loaded machine makes dear (at 128 KiB, a third more CPU for a warm pull).
+const CHUNK: usize = 256 * 1024;
 /// Upstream frames that are ready together are handed to the writer in batches of about this.
 const BATCH: usize = 256 * 1024;
 /// Chunks buffered per client, and frames buffered between the network and the disk writer.
@@ -700,10 +700,12 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 
 async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
-        let mut buf = BytesMut::zeroed(n);
-        let got = file.read_at(&mut buf, pos)?;
-        buf.truncate(got);
-        Ok(buf.freeze())
+        // Read into spare capacity: zeroing it first would cost as much as a copy.
+        let mut buf = Vec::with_capacity(n);
+        if n > 0 {
+            rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), pos)?;
+        }
+        Ok(Bytes::from(buf))
     })
     .await
     .map_err(std::io::Error::other)?

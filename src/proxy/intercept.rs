@@ -91,6 +91,10 @@ pub(super) async fn serve(
             return;
         }
     };
+    if let Some(suite) = tls.get_ref().1.negotiated_cipher_suite() {
+        // What the bench's CPU floor is computed for.
+        tracing::debug!(target: "regproxy::tls", side = "client", host = %target.host, suite = ?suite.suite(), "negotiated");
+    }
     serve_http(tls, Some(target), user, peer, shared).await;
 }
 

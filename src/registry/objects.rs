@@ -20,6 +20,7 @@ use crate::credentials::ProxyUser;
 use crate::exchange::Target;
 use crate::exchange::{fetch_request, upstream_is_down, DOCKER_CONTENT_DIGEST};
 use crate::fleet::FromMember;
+use crate::upstream::pieces::Ranged;
 use crate::upstream::How;
 use crate::upstream::OwnConnection;
 use crate::Shared;
@@ -226,7 +227,7 @@ enum Answer {
 /// client and releases the followers, who ask for themselves.
 async fn lead(
     leader: Leader,
-    up: Request<Body>,
+    mut up: Request<Body>,
     (target, repo, digest): (Target, String, Digest),
     (shared, ask_fleet): (Arc<Shared>, bool),
     answer: oneshot::Sender<Answer>,
@@ -247,6 +248,12 @@ async fn lead(
         }
         false => (leader, answer),
     };
+    if up.uri().path().contains("/blobs/") {
+        // Blobs fill on connections of their own (a large one on several), so that no flow's
+        // limit on a long path caps every download.
+        up.extensions_mut().insert(OwnConnection);
+    }
+    let ranged = Ranged::of(&up);
     let resp = match shared.client.send(up, How::following()).await {
         Ok(r) => r,
         Err(e) => {
@@ -259,7 +266,8 @@ async fn lead(
         return;
     }
     access::served_to(&shared, &sent, user.as_ref(), &target, &repo).await;
-    if !fill(leader, resp, (origin, Source::Upstream), &shared, answer).await {
+    let from = (origin, Source::Upstream);
+    if !fill(leader, (resp, Some(ranged)), from, &shared, answer).await {
         return;
     }
     if sent.contains_key(header::AUTHORIZATION) {
@@ -329,15 +337,23 @@ async fn from_owner(
         }
     };
     shared.metrics.peer_fetches.fetch_add(1, Ordering::Relaxed);
-    fill(leader, resp, (origin.clone(), Source::Peer), shared, answer).await;
+    fill(
+        leader,
+        (resp, None),
+        (origin.clone(), Source::Peer),
+        shared,
+        answer,
+    )
+    .await;
     None
 }
 
-/// Starts the fill from a 200 of `origin` (by way of `source`); `false` when it could not start
-/// (the client then has its answer, or streams past a cache without room).
+/// Starts the fill from a 200 of `origin` (by way of `source`), continued in ranged pieces where
+/// `ranged` says so; `false` when it could not start (the client then has its answer, or streams
+/// past a cache without room).
 async fn fill(
     leader: Leader,
-    resp: Response<Incoming>,
+    (resp, ranged): (Response<Incoming>, Option<Ranged>),
     from: (Origin, Source),
     shared: &Arc<Shared>,
     answer: oneshot::Sender<Answer>,
@@ -360,7 +376,10 @@ async fn fill(
         let _ = answer.send(Answer::NoRoom(resp));
         return false;
     }
-    let body = body::incoming(resp.into_body());
+    let body = match ranged {
+        Some(ranged) => ranged.body(shared.clone(), resp),
+        None => body::incoming(resp.into_body()),
+    };
     if let Err(e) = leader.start(&shared.cache, head, body, from) {
         let _ = answer.send(Answer::Upstream(text(
             StatusCode::INTERNAL_SERVER_ERROR,

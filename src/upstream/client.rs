@@ -73,6 +73,16 @@ impl Client {
         }
     }
 
+    /// Where requests and their outcomes are counted.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.http.metrics
+    }
+
+    /// Connections at once for one large blob's ranged pieces; 1 for none.
+    pub fn blob_connections(&self) -> usize {
+        self.http.blob_connections
+    }
+
     /// The credentials in force and their sources.
     pub fn credentials(&self) -> &Arc<Credentials> {
         &self.credentials

@@ -77,7 +77,12 @@ impl Connector {
         })?;
         let handshake = tokio::time::timeout(self.timeout, self.tls.connect(name, tcp));
         match handshake.await {
-            Ok(Ok(tls)) => Ok(Conn::Tls(Box::new(TokioIo::new(tls)))),
+            Ok(Ok(tls)) => {
+                if let Some(suite) = tls.get_ref().1.negotiated_cipher_suite() {
+                    tracing::debug!(target: "regproxy::tls", side = "upstream", host = %bare, suite = ?suite.suite(), "negotiated");
+                }
+                Ok(Conn::Tls(Box::new(TokioIo::new(tls))))
+            }
             Ok(Err(e)) => Err(ConnectError::Tls {
                 reason: tls_reason(&e, &bare),
                 host,

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod client;
 mod connector;
+pub mod pieces;
 pub mod resolve;
 
 use std::error::Error as _;
@@ -92,6 +93,8 @@ pub struct Upstream {
     own_connections: Pool<Connector, Body>,
     metrics: Arc<crate::metrics::Metrics>,
     timeout: std::time::Duration,
+    // Connections at once for one large blob's ranged pieces (see `pieces`).
+    blob_connections: usize,
 }
 
 impl Upstream {
@@ -133,6 +136,7 @@ impl Upstream {
             own_connections,
             metrics,
             timeout: config.upstream_timeout,
+            blob_connections: config.blob_connections,
         })
     }
 
