@@ -107,6 +107,9 @@ fn the_status_page_shows_a_pull_in_flight_and_what_the_cache_holds() {
             }
         }
         c.max_cache_size = Some(1 << 30);
+        // One connection per blob: the relay holds that one download part way (ranged pieces
+        // would ask for the rest on connections the hold does not cover).
+        c.blob_connections = 1;
     });
     let admin = proxy.admin_addr();
     let url = format!("http://{admin}/");
