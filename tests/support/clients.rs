@@ -272,8 +272,26 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
+        // SIGTERM first: dockerd unmounts its data root when it shuts down. A killed dockerd
+        // leaves that mount behind, and with it every layer it pulled (GiBs under /tmp per test).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for dir in ["data", "exec"] {
+            let path = self.short.path().join(dir);
+            // Lazy and recursive: whatever dockerd left mounted goes, so the temp dir can too.
+            let _ = Command::new("umount")
+                .args(["--recursive", "--lazy", "--quiet"])
+                .arg(&path)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
