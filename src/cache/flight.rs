@@ -698,7 +698,12 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
+/// `n` bytes of `file` at `pos`: on this thread when the page cache holds them (a warm read costs
+/// a copy, not a hand-off to the blocking pool and back), else on the blocking pool.
 async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Result<Bytes> {
+    if let Some(cached) = read_cached(&file, pos, n) {
+        return Ok(cached);
+    }
     tokio::task::spawn_blocking(move || {
         // Read into spare capacity: zeroing it first would cost as much as a copy.
         let mut buf = Vec::with_capacity(n);
@@ -711,9 +716,40 @@ async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Resul
     .map_err(std::io::Error::other)?
 }
 
+/// The bytes at `pos` that the page cache holds, up to `n`, read without waiting for the disk
+/// (`RWF_NOWAIT`); `None` when none are cached or the kernel cannot tell.
+fn read_cached(file: &std::fs::File, pos: u64, n: usize) -> Option<Bytes> {
+    let mut buf = vec![0u8; n];
+    let flags = rustix::io::ReadWriteFlags::NOWAIT;
+    match rustix::io::preadv2(file, &mut [std::io::IoSliceMut::new(&mut buf)], pos, flags) {
+        Ok(got) if got > 0 => {
+            buf.truncate(got);
+            Some(Bytes::from(buf))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read of cached pages gives exactly the file's bytes, stops at its end, and beyond the
+    /// end gives nothing (the caller then reads on the blocking pool and sees the short file).
+    #[tokio::test]
+    async fn reads_of_cached_pages_are_the_files_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("object");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let got = read_at(file.clone(), 1000, CHUNK).await.unwrap();
+        assert_eq!(&got[..], &bytes[1000..1000 + CHUNK]);
+        let tail = read_at(file.clone(), 290_000, CHUNK).await.unwrap();
+        assert_eq!(&tail[..], &bytes[290_000..]);
+        assert!(read_cached(&file, 300_000, CHUNK).is_none());
+        assert!(read_at(file, 300_000, CHUNK).await.unwrap().is_empty());
+    }
 
     /// Bytes leave the in-memory tail only once they are in the file, so a reader that falls
     /// behind the tail always finds them there.
