@@ -1489,10 +1489,11 @@ def draw_plots(a, res, names, floor):
               plots.concurrency(os.path.join(d, name), series,
                                 "Site uplink (200 Mbit/s, 20 ms): cold pulls of 1 × 200 MiB"))
     peers = {p: {c: res.med(c, p) for c in CPU_CASES if res.med(c, p) is not None} for p in names}
-    if any(peers.values()):
+    cases = [c for c in CPU_CASES if any(c in v for v in peers.values())]
+    if cases:
         name = f"{prefix}cpu.png"
         place("cpu", name, "CPU per GiB against the floor",
-              plots.cpu_per_gib(os.path.join(d, name), CPU_CASES, {c: floor[CPU_KIND[c]] for c in CPU_CASES},
+              plots.cpu_per_gib(os.path.join(d, name), cases, {c: floor[CPU_KIND[c]] for c in cases},
                                 peers, "CPU per GiB pulled, TLS-terminating peers, against the floor"))
     return out
 
