@@ -15,10 +15,18 @@ WAN profiles (--sections wan): every peer again, its upstream traffic (and direc
 bench/wan.py, a shaping relay in front of the origin: a site uplink (200 Mbit/s shared, 20 ms each
 way) and a long fat path (60 ms each way, 40 Mbit/s per connection, 500 Mbit/s in all). CPU per GiB:
 the TLS-terminating peers' utime + stime per GiB pulled, against a floor that `openssl speed`
-measures in the same run for the suites regproxy negotiated.
+measures in the same run for the suites regproxy negotiated. On the site uplink, a concurrency sweep
+(--clients 1,2,4,8): that many cold pulls at once, direct and through regproxy, plotted with matplotlib
+(bench/plots.py) next to the report.
+
+The fleet (--sections fleet): bench/fleet.py's two fleets of regproxy nodes, alone and sharing a Garage
+store: how many times an image crosses the origin link.
 """
 import argparse, datetime, http.client, json, os, platform, re, resource, shutil, signal, socket, ssl
 import statistics, subprocess, sys, tempfile, time
+
+import fleet
+import plots
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -33,7 +41,8 @@ UPLINK = ("uplink", "Site uplink", 20, 200, 0)
 FAT = ("fat", "Long fat path", 60, 500, 40)
 W_COLD = "Site uplink: pull 1 × 200 MiB, cold"
 W_WARM = "Site uplink: pull 1 × 200 MiB, warm (origin up, across the link)"
-W_CONC = f"Site uplink: {CONC} concurrent cold pulls of 1 × 200 MiB (wall time)"
+SWEEP = "Site uplink: {n} concurrent cold pulls of 1 × 200 MiB (wall time)"
+W_CONC = SWEEP.format(n=CONC)
 W_CONCR = f"Site uplink: {CONC} concurrent cold pulls ÷ one direct cold pull"
 W_LINK = f"Site uplink: MiB carried from the origin across the link, {CONC} concurrent cold pulls"
 F_COLD = "Long fat path: two clients at once, 1 × 64 MiB and 8 × 4 MiB, cold (wall time)"
@@ -43,6 +52,7 @@ WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, F_COLD, F_CONNS)
 G_LC, G_LW = "loopback cold", "loopback warm"
 G_UC, G_UW = "site uplink cold", "site uplink warm"
 CPU_CASES = (G_LC, G_LW, G_UC, G_UW)
+CPU_KIND = {G_LC: "cold", G_LW: "warm", G_UC: "cold", G_UW: "warm"}  # which floor each case is held against
 
 PROCS = []  # every Popen we start, killed in the finally
 
@@ -772,6 +782,52 @@ def uplink_round(clients, origin, link, peers, res, size, r):
     return failures
 
 
+def sweep_case(n):
+    """The case of n concurrent cold pulls of `big` on the site uplink: 1 and CONC are the uplink
+    round's own cases, so the sweep does not pull them again."""
+    return {1: W_COLD, CONC: W_CONC}.get(n, SWEEP.format(n=n))
+
+
+def sweep_round(clients, link, peers, res, counts, r):
+    """The concurrency sweep: per count, that many concurrent cold pulls of `big` by direct clients
+    and through regproxy (fresh cache), wall time until all finished; the points the uplink round
+    measured already are not pulled again. Returns failures."""
+    failures = []
+    one = res.data.get((W_COLD, "direct"), [None])[-1]
+    for p in peers:
+        for n in counts if p.name in ("direct", "regproxy") else ():
+            if n == 1 or (n == CONC and p.caching):
+                continue
+            try:
+                p.fresh()
+                before = link.carried()
+                wall = clients.pull(p, "big", n)
+                res.add(sweep_case(n), p.name, wall)
+                if n == CONC:  # direct's own figures for the uplink round's tables
+                    res.add(W_LINK, p.name, (link.carried()[1] - before[1]) / MiB)
+                    if one:
+                        res.add(W_CONCR, p.name, wall / one)
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"round {r + 1}, {link.key}, {p.name}, {n} concurrent (sweep): {e}")
+                log(failures[-1])
+    return failures
+
+
+def sweep_lines(res, counts, png):
+    """The sweep's table: wall time per count of concurrent clients, direct and regproxy."""
+    L = ["### Site uplink: pull time against concurrent clients", "",
+         f"Cold pulls of `big` (1 × 200 MiB) by {', '.join(map(str, counts))} skopeo clients started together, "
+         "direct and through regproxy (a fresh cache for each count), wall time until all finished. The points for "
+         f"1 client and regproxy's for {CONC} are the cases above (the same pulls); the others are pulled in the first "
+         "WAN round only, unless `--wan-rounds` is given.", "",
+         "| clients | direct | regproxy | regproxy ÷ direct |", "|---:|---:|---:|---:|"]
+    for n in counts:
+        d, g = res.data.get((sweep_case(n), "direct")), res.data.get((sweep_case(n), "regproxy"))
+        ratio = fmt(statistics.median(g) / statistics.median(d), "x") if d and g else "n/a"
+        L.append(f"| {n} | {spread(d, 's')} | {spread(g, 's')} | {ratio} |")
+    return L + ["", png, ""]
+
+
 def fat_round(clients, origin, link, peers, res, r):
     """One round of the long fat path: per peer, two clients at once, one per image."""
     failures = []
@@ -807,6 +863,9 @@ def wan_phase(a, work, origin, clients, res, rounds, size):
                                  f"(other work on the machine)")
                 if profile is UPLINK:
                     failures += uplink_round(clients, origin, link, peers, res, size, r)
+                    # the sweep costs ~3 min a round: the first only, unless --wan-rounds asks for more
+                    if r == 0 or a.wan_rounds:
+                        failures += sweep_round(clients, link, peers, res, a.clients, r)
                 else:
                     failures += fat_round(clients, origin, link, peers, res, r)
         finally:
@@ -1002,6 +1061,7 @@ class Results:
         self.data = {}     # (case, peer) -> [values]
         self.cases = []    # (case, unit, note)
         self.notes = []
+        self.fleet = None  # the fleet section's figures (fleet_section), or why it has none
 
     def case(self, case, unit, note=""):
         if case not in [c[0] for c in self.cases]:
@@ -1053,10 +1113,13 @@ def main():
     ap.add_argument("--peers", default="direct,tunnel,regproxy,distribution,nginx,mitmproxy")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
     ap.add_argument("--regproxy-args", default="", help="more flags for regproxy, e.g. \"--blob-connections 1\"")
-    ap.add_argument("--sections", default="loopback,wan",
-                    help="loopback: the cases over loopback; wan: the WAN profiles (comma list)")
+    ap.add_argument("--sections", default="loopback,wan,fleet",
+                    help="loopback: the cases over loopback; wan: the WAN profiles; fleet: bench/fleet.py (comma list)")
     ap.add_argument("--profiles", default="uplink,fat", help="WAN profiles to run (comma list)")
     ap.add_argument("--wan-rounds", type=int, default=None, help="rounds of the WAN profiles (default 2, 1 with --quick)")
+    ap.add_argument("--clients", default="1,2,4,8", type=lambda v: [int(n) for n in v.split(",") if n],
+                    help="the site uplink's concurrency sweep: counts of concurrent clients (empty: no sweep); "
+                         "in the first WAN round, or in each when --wan-rounds is given")
     a = ap.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
     wan_rounds = a.wan_rounds or (1 if a.quick else 2)
@@ -1144,9 +1207,10 @@ def main():
         res.case(W_WARM, "s", "direct and tunnel: their cold pull (their only mode); caching peers: a second pull, "
                               "the origin up behind the link.")
         res.case(W_CONC, "s")
-        res.case(W_CONCR, "x", "The goal's ratio: the caching peer's 8 pulls against one direct pull of the same round.")
+        res.case(W_CONCR, "x", "The goal's ratio: the caching peer's 8 pulls against one direct pull of the same round "
+                               "(direct: its own 8 pulls in the concurrency sweep).")
         res.case(W_LINK, "MiB", "Bytes from the origin that crossed the link (relay counters) during the 8 pulls; the image "
-                                "is 200 MiB.")
+                                "is 200 MiB (direct: its 8 pulls in the concurrency sweep).")
         res.case(F_COLD, "s")
         res.case(F_CONNS, "n", "Connections the relay accepted during the two pulls (clients' for direct; the "
                                "proxy's upstream connections otherwise).")
@@ -1284,6 +1348,8 @@ def main():
             (p.stop_all if hasattr(p, "stop_all") else p.stop)()
         if "wan" in sections:
             failures += wan_phase(a, work, origin, clients, res, wan_rounds, size_of["big"])
+        if "fleet" in sections:
+            failures += fleet_section(a, res)
         suites = negotiated([os.path.join(work, f) for f in os.listdir(work) if re.match(r"regproxy.*\.log$", f)])
         log(f"negotiated suites {suites}; measuring the floor with openssl speed")
         floor = cpu_floor(suites)
@@ -1339,9 +1405,9 @@ def wan_cpu_goals(res, floor, goal):
     v = ratio(F_COLD, "regproxy", F_COLD)
     goal("long fat path: two clients at once, cold, regproxy ÷ direct ≤ 0.6", v, v is not None and v <= 0.6,
          fmt(v, "x"))
-    for case, kind in ((G_LC, "cold"), (G_LW, "warm"), (G_UC, "cold"), (G_UW, "warm")):
+    for case in CPU_CASES:
         v = res.med(case, "regproxy")
-        v = v / floor[kind] if v is not None else None
+        v = v / floor[CPU_KIND[case]] if v is not None else None
         goal(f"CPU per GiB, {case}: regproxy ÷ floor ≤ 1.5", v, v is not None and v <= 1.5, fmt(v, "x"))
     for case in (G_LC, G_LW):
         mine = res.med(case, "regproxy")
@@ -1356,18 +1422,80 @@ def cpu_table(res, names, floor):
     """CPU seconds per GiB of each TLS-terminating peer, and ÷ the floor, per case."""
     head = "| peer | " + " | ".join(f"{c} | ÷ floor" for c in CPU_CASES) + " |"
     L = [head, "|---|" + "---:|---:|" * len(CPU_CASES)]
-    kinds = {G_LC: "cold", G_LW: "warm", G_UC: "cold", G_UW: "warm"}
-    row = "| floor | " + " | ".join(f"{floor[kinds[c]]:.2f} | 1.00" for c in CPU_CASES) + " |"
+    row = "| floor | " + " | ".join(f"{floor[CPU_KIND[c]]:.2f} | 1.00" for c in CPU_CASES) + " |"
     L.append(row)
     for p in names:
         cells = []
         for c in CPU_CASES:
             vs = res.data.get((c, p))
-            r = fmt(statistics.median(vs) / floor[kinds[c]], "x") if vs else "—"
+            r = fmt(statistics.median(vs) / floor[CPU_KIND[c]], "x") if vs else "—"
             cells.append(f"{spread(vs, 'x') if vs else '—'} | {r}")
         if any(res.data.get((c, p)) for c in CPU_CASES):
             L.append(f"| {p} | " + " | ".join(cells) + " |")
     return L
+
+
+def fleet_section(a, res):
+    """bench/fleet.py's two fleets with its default sizes; `res.fleet` gets their figures, or why there
+    are none. Returns failures."""
+    res.fleet = fleet.garage_missing()
+    if res.fleet:
+        log(f"fleet: skipped, {res.fleet}")
+        return []
+    args = fleet.parser().parse_args(["--regproxy", a.regproxy])
+    log(f"fleet: {args.pulls} pulls over {args.nodes} nodes, alone then sharing a store")
+    try:
+        res.fleet = (args,) + fleet.measure(args)
+    except Exception as e:  # noqa: BLE001
+        res.fleet = "it failed (see Failures)"
+        return [f"fleet: {e}"]
+    return []
+
+
+def fleet_lines(result):
+    """The fleet section of the report: fleet.py's table, or why it was skipped."""
+    if result is None:
+        return []
+    L = ["", "## The fleet case: one uplink for many nodes", ""]
+    if isinstance(result, str):
+        return L + [f"Skipped: {result}."]
+    args, image_bytes, rows = result
+    L += [f"`bench/fleet.py` (its defaults): {args.pulls} concurrent cold pulls of one image ({args.layers} × "
+          f"{args.size}, {image_bytes} bytes) spread over {args.nodes} regproxy nodes, twice: each node alone with "
+          "its own disk, then the nodes sharing one bucket (Garage on loopback, `scripts/garage.sh`) and knowing "
+          "each other (`--peer`, fleet-wide single flight). Origin bytes are the sizes of the origin's 2xx GETs of "
+          "blobs and manifests in its access log: what a site's uplink would carry. They include what the origin "
+          "wrote into a connection before regproxy closed it: a blob of 16 MiB or more is read from its 200 answer "
+          "for the first piece only, the rest in ranged pieces, and on loopback socket buffers take megabytes more. "
+          "The origin is on loopback, not behind a WAN link, so the wall times say little.", ""]
+    return L + fleet.table(image_bytes, rows)
+
+
+def draw_plots(a, res, names, floor):
+    """PNGs next to the report, as the Markdown that shows each (or says why it is missing):
+    {"sweep": …, "cpu": …}, a key only where there is something to plot."""
+    d = os.path.dirname(os.path.abspath(a.out))
+    stem = os.path.splitext(os.path.basename(a.out))[0]
+    prefix = "" if stem == "RESULTS" else f"{stem}-"
+    out = {}
+
+    def place(key, name, alt, why):
+        out[key] = f"Plot `{name}`: {why}." if why else f"![{alt}]({name})"
+
+    series = {p: [(n, res.data.get((sweep_case(n), p))) for n in a.clients] for p in ("direct", "regproxy")}
+    if any(vs for pts in series.values() for _, vs in pts):
+        name = f"{prefix}concurrency.png"
+        place("sweep", name, "Site uplink: pull time against concurrent clients",
+              plots.concurrency(os.path.join(d, name), series,
+                                "Site uplink (200 Mbit/s, 20 ms): cold pulls of 1 × 200 MiB"))
+    peers = {p: {c: res.med(c, p) for c in CPU_CASES if res.med(c, p) is not None} for p in names}
+    cases = [c for c in CPU_CASES if any(c in v for v in peers.values())]
+    if cases:
+        name = f"{prefix}cpu.png"
+        place("cpu", name, "CPU per GiB against the floor",
+              plots.cpu_per_gib(os.path.join(d, name), cases, {c: floor[CPU_KIND[c]] for c in cases},
+                                peers, "CPU per GiB pulled, TLS-terminating peers, against the floor"))
+    return out
 
 
 def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, floor, C):
@@ -1382,6 +1510,9 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
         goals.append(f"| {text} | {shown} | {'PASS' if ok else ('FAIL' if value is not None else 'n/a')} |")
 
     wan_cpu_goals(res, floor, goal)
+    if isinstance(res.fleet, tuple):
+        for g in fleet.goals(*res.fleet):
+            goal(*g)
     top, goals = goals, []
     v = ratio(m("C_BIG", "regproxy"), m("C_BIG", "tunnel"))
     goal("cold 200 MiB, regproxy ÷ tunnel ≤ 1.05", v, v is not None and v <= 1.05, fmt(v, "x"))
@@ -1440,7 +1571,7 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
          f"{' (with uncommitted changes in src/)' if dirty else ''}.", "",
          "Ratios are of medians of the same run: absolute times on this shared 2-core machine are noise, ratios "
          "against a peer measured minutes apart much less so. Cells give median (min–max) of the rounds.", "",
-         "## Goals: WAN and CPU", "", "| goal | measured | result |", "|---|---|---|"] + top
+         "## Goals: WAN, CPU and the fleet", "", "| goal | measured | result |", "|---|---|---|"] + top
     L += ["", "## WAN profiles", "",
           "`bench/wan.py`, a TCP relay on loopback, stands between every peer and the origin (direct clients "
           "connect to it instead of the origin; the tunnel, regproxy, nginx, mitmproxy and distribution connect "
@@ -1455,6 +1586,9 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
           "- The relay holds at most 8 MiB per connection and direction in flight (a TCP window), so a reader that "
           "stops reading stops its sender.", ""]
     L += res.table(names, only=WAN_CASES)
+    figs = draw_plots(a, res, names, floor)
+    if "sweep" in figs:
+        L += sweep_lines(res, a.clients, figs["sweep"])
     L += ["## CPU per GiB against the floor", "",
           "utime + stime (from /proc/PID/stat) of the processes that terminate TLS (regproxy; nginx's workers, not "
           "its CONNECT front; the distribution mirror; mitmproxy) over one pull of `big`, ÷ GiB pulled. Loopback "
@@ -1467,6 +1601,8 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
           + ("assumed (regproxy logged none)." if floor["assumed"] else
              "as regproxy negotiated them with skopeo and with the origin (its `regproxy::tls` debug lines)."), ""]
     L += cpu_table(res, names, floor)
+    L += ["", figs["cpu"]] if "cpu" in figs else []
+    L += fleet_lines(res.fleet)
     L += ["", "## Machine", ""]
     L += [f"- **{k}**: {v}" for k, v in mach.items()]
     L += ["", "## Goals: loopback (medians of this run)", "", "| goal | measured | result |", "|---|---|---|"] + goals
