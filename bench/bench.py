@@ -1062,6 +1062,7 @@ class Results:
         self.cases = []    # (case, unit, note)
         self.notes = []
         self.fleet = None  # the fleet section's figures (fleet_section), or why it has none
+        self.profiles = None  # the profile section's markdown (profile_section), or why it has none
 
     def case(self, case, unit, note=""):
         if case not in [c[0] for c in self.cases]:
@@ -1113,8 +1114,9 @@ def main():
     ap.add_argument("--peers", default="direct,tunnel,regproxy,distribution,nginx,mitmproxy")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
     ap.add_argument("--regproxy-args", default="", help="more flags for regproxy, e.g. \"--blob-connections 1\"")
-    ap.add_argument("--sections", default="loopback,wan,fleet",
-                    help="loopback: the cases over loopback; wan: the WAN profiles; fleet: bench/fleet.py (comma list)")
+    ap.add_argument("--sections", default="loopback,wan,fleet,cpuprofile",
+                    help="loopback: the cases over loopback; wan: the WAN profiles; fleet: bench/fleet.py; "
+                         "cpuprofile: bench/cpuprofile.py, where the CPU goes (comma list)")
     ap.add_argument("--profiles", default="uplink,fat", help="WAN profiles to run (comma list)")
     ap.add_argument("--wan-rounds", type=int, default=None, help="rounds of the WAN profiles (default 2, 1 with --quick)")
     ap.add_argument("--clients", default="1,2,4,8", type=lambda v: [int(n) for n in v.split(",") if n],
@@ -1350,6 +1352,8 @@ def main():
             failures += wan_phase(a, work, origin, clients, res, wan_rounds, size_of["big"])
         if "fleet" in sections:
             failures += fleet_section(a, res)
+        if "cpuprofile" in sections:
+            failures += profile_section(a, res)
         suites = negotiated([os.path.join(work, f) for f in os.listdir(work) if re.match(r"regproxy.*\.log$", f)])
         log(f"negotiated suites {suites}; measuring the floor with openssl speed")
         floor = cpu_floor(suites)
@@ -1433,6 +1437,40 @@ def cpu_table(res, names, floor):
         if any(res.data.get((c, p)) for c in CPU_CASES):
             L.append(f"| {p} | " + " | ".join(cells) + " |")
     return L
+
+
+def profile_section(a, res):
+    """bench/cpuprofile.py for regproxy and nginx, cold and warm: what bounds their CPU per GiB."""
+    if not shutil.which("perf"):
+        res.profiles = "perf is not installed (Debian: linux-perf)"
+        return []
+    import cpuprofile  # it imports this module: not at the top
+    res.profiles, failures = [], []
+    for peer in ("regproxy", "nginx"):
+        for case in ("cold", "warm"):
+            args = argparse.Namespace(regproxy=a.regproxy, mitmdump=a.mitmdump, peer=peer, case=case, freq=1999,
+                                      image_cache=a.image_cache, data=None)
+            log(f"profile: {peer}, {case}")
+            try:
+                res.profiles += cpuprofile.report(args)
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"profile of {peer}, {case}: {e}")
+    return failures
+
+
+def profile_lines(profiles):
+    """The profile section of the report: where the CPU goes, or why it was not profiled."""
+    if profiles is None:
+        return []
+    L = ["", "### What bounds the CPU per GiB", ""]
+    if isinstance(profiles, str):
+        return L + [f"Not profiled: {profiles}.", ""]
+    return L + ["`bench/cpuprofile.py`: `perf record --call-graph dwarf` of the peer's TLS processes over one more pull "
+                "of `big` (loopback; warm with the origin stopped), each sample put in one category by its call "
+                "chain. perf itself adds CPU, so the totals run above the table above; the shares are what count. "
+                "With no kTLS on this kernel (its `tcp_available_ulp` lacks `tls`), every byte a proxy serves is "
+                "read from the page cache into user space, encrypted there and copied into a socket: the kernel rows "
+                "and the copies sit above the cryptographic floor for every peer.", ""] + profiles
 
 
 def fleet_section(a, res):
@@ -1602,6 +1640,7 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
              "as regproxy negotiated them with skopeo and with the origin (its `regproxy::tls` debug lines)."), ""]
     L += cpu_table(res, names, floor)
     L += ["", figs["cpu"]] if "cpu" in figs else []
+    L += profile_lines(res.profiles)
     L += fleet_lines(res.fleet)
     L += ["", "## Machine", ""]
     L += [f"- **{k}**: {v}" for k, v in mach.items()]

@@ -5,8 +5,8 @@ SHA-256, kernel network, kernel file I/O, user-space copies, scheduling and wake
 management, the rest), as CPU-s per GiB beside the `openssl speed` floor. It answers "what bounds
 this figure" for the CPU goals of bench/RESULTS.md.
 
-  python3 bench/profile.py --peer regproxy --case warm        # needs perf (Debian linux-perf) and root
-  python3 bench/profile.py --peer nginx --case cold --out /tmp/nginx-cold.md
+  python3 bench/cpuprofile.py --peer regproxy --case warm        # needs perf (Debian linux-perf) and root
+  python3 bench/cpuprofile.py --peer nginx --case cold --out /tmp/nginx-cold.md
 """
 import argparse
 import os
