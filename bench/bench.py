@@ -20,6 +20,8 @@ measures in the same run for the suites regproxy negotiated.
 import argparse, datetime, http.client, json, os, platform, re, resource, shutil, signal, socket, ssl
 import statistics, subprocess, sys, tempfile, time
 
+import small
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HOST = "registry.test"
@@ -1053,8 +1055,9 @@ def main():
     ap.add_argument("--peers", default="direct,tunnel,regproxy,distribution,nginx,mitmproxy")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
     ap.add_argument("--regproxy-args", default="", help="more flags for regproxy, e.g. \"--blob-connections 1\"")
-    ap.add_argument("--sections", default="loopback,wan",
-                    help="loopback: the cases over loopback; wan: the WAN profiles (comma list)")
+    ap.add_argument("--sections", default="loopback,wan,small",
+                    help="loopback: the cases over loopback; wan: the WAN profiles; small: small requests, "
+                         "regproxy against nginx (comma list)")
     ap.add_argument("--profiles", default="uplink,fat", help="WAN profiles to run (comma list)")
     ap.add_argument("--wan-rounds", type=int, default=None, help="rounds of the WAN profiles (default 2, 1 with --quick)")
     a = ap.parse_args()
@@ -1173,6 +1176,8 @@ def main():
                               "times above.")
         res.case(C_CPU8C, "s")
         res.case(C_CPU8A, "s")
+        small_seconds = 2 if a.quick else 5
+        small.register(res, small_seconds)
         res.case(C_LEAF, "ms", f"Median of 200 handshakes through CONNECT to `hN.bench.test:443` (never seen before) minus the median of 200 "
                                f"to one already-seen name; Python ssl client, P-256 leaf. nginx serves one static leaf (n/a).")
 
@@ -1280,6 +1285,8 @@ def main():
                                     if l.startswith("regproxy_") and not l.endswith(" 0"))
             except Exception:  # noqa: BLE001
                 pass
+        if "small" in sections:
+            failures += small.phase(a.regproxy, peers, big[0], res, rounds, small_seconds, log)
         for p in peers:
             (p.stop_all if hasattr(p, "stop_all") else p.stop)()
         if "wan" in sections:
@@ -1402,6 +1409,7 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
          f"{fmt(hv, 'MiB')} (200 MiB: {fmt(s, 'MiB')})")
     v = m("C_LEAF", "regproxy")
     goal("leaf issuance after warm-up < 1 ms", v, v is not None and v < 1, fmt(v, "ms"))
+    small.goals(res, goal)
 
     why = []
     if m("C_CPUP", "regproxy") is not None and m("C_CPUP", "tunnel") is not None:
