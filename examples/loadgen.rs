@@ -77,6 +77,7 @@ struct Tally {
     errors: u64,
     statuses: BTreeMap<u16, u64>,
     failure: Option<String>,
+    reconnects: u64,
 }
 
 /// One request sender of either protocol.
@@ -86,19 +87,22 @@ enum Sender {
 }
 
 impl Sender {
+    /// Waits until a request may be sent: an error means the server closed the connection
+    /// between requests (as nginx does after `keepalive_requests`), nothing was lost.
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
     async fn send(
         &mut self,
         req: Request<Empty<Bytes>>,
     ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
         match self {
-            Sender::H1(s) => {
-                s.ready().await?;
-                s.send_request(req).await
-            }
-            Sender::H2(s) => {
-                s.ready().await?;
-                s.send_request(req).await
-            }
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
         }
     }
 }
@@ -124,6 +128,7 @@ async fn main() -> Result<()> {
         let one = t.await.context("a connection task panicked")?;
         all.latencies_us.extend(one.latencies_us);
         all.errors += one.errors;
+        all.reconnects += one.reconnects;
         for (k, v) in one.statuses {
             *all.statuses.entry(k).or_default() += v;
         }
@@ -150,6 +155,7 @@ fn report(args: &Args, mut all: Tally, failed_conns: u64, elapsed: f64) {
         "count": count,
         "errors": all.errors,
         "failed_conns": failed_conns,
+        "reconnects": all.reconnects,
         "conns": args.conns,
         "seconds": elapsed,
         "rps": count as f64 / elapsed,
@@ -198,7 +204,7 @@ async fn connection(
     sent: &AtomicU64,
 ) -> Tally {
     let mut tally = Tally::default();
-    let sender = setup(args, tls).await;
+    let sender = setup(args, tls.clone()).await;
     start.wait().await;
     let mut sender = match sender {
         Ok(s) => s,
@@ -209,6 +215,17 @@ async fn connection(
     };
     let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
     while Instant::now() < deadline && sent.fetch_add(1, Ordering::Relaxed) < args.max_requests {
+        if sender.ready().await.is_err() {
+            // Closed by the server between requests: a new connection, as any client would.
+            tally.reconnects += 1;
+            sender = match setup(args, tls.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tally.failure = Some(format!("reconnecting: {e:#}"));
+                    break;
+                }
+            };
+        }
         match one_request(args, &mut sender).await {
             Ok((status, us)) => {
                 *tally.statuses.entry(status).or_default() += 1;
