@@ -27,6 +27,7 @@ import statistics, subprocess, sys, tempfile, time
 
 import fleet
 import plots
+import small
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -1114,9 +1115,10 @@ def main():
     ap.add_argument("--peers", default="direct,tunnel,regproxy,distribution,nginx,mitmproxy")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
     ap.add_argument("--regproxy-args", default="", help="more flags for regproxy, e.g. \"--blob-connections 1\"")
-    ap.add_argument("--sections", default="loopback,wan,fleet,cpuprofile",
-                    help="loopback: the cases over loopback; wan: the WAN profiles; fleet: bench/fleet.py; "
-                         "cpuprofile: bench/cpuprofile.py, where the CPU goes (comma list)")
+    ap.add_argument("--sections", default="loopback,small,wan,fleet,cpuprofile",
+                    help="loopback: the cases over loopback; small: small requests, regproxy against nginx; "
+                         "wan: the WAN profiles; fleet: bench/fleet.py; cpuprofile: bench/cpuprofile.py, where "
+                         "the CPU goes (comma list)")
     ap.add_argument("--profiles", default="uplink,fat", help="WAN profiles to run (comma list)")
     ap.add_argument("--wan-rounds", type=int, default=None, help="rounds of the WAN profiles (default 2, 1 with --quick)")
     ap.add_argument("--clients", default="1,2,4,8", type=lambda v: [int(n) for n in v.split(",") if n],
@@ -1239,6 +1241,8 @@ def main():
                               "times above.")
         res.case(C_CPU8C, "s")
         res.case(C_CPU8A, "s")
+        small_seconds = 2 if a.quick else 5
+        small.register(res, small_seconds)
         res.case(C_LEAF, "ms", f"Median of 200 handshakes through CONNECT to `hN.bench.test:443` (never seen before) minus the median of 200 "
                                f"to one already-seen name; Python ssl client, P-256 leaf. nginx serves one static leaf (n/a).")
 
@@ -1346,6 +1350,8 @@ def main():
                                     if l.startswith("regproxy_") and not l.endswith(" 0"))
             except Exception:  # noqa: BLE001
                 pass
+        if "small" in sections:
+            failures += small.phase(a.regproxy, peers, big[0], res, rounds, small_seconds, log)
         for p in peers:
             (p.stop_all if hasattr(p, "stop_all") else p.stop)()
         if "wan" in sections:
@@ -1571,6 +1577,7 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
          f"{fmt(hv, 'MiB')} (200 MiB: {fmt(s, 'MiB')})")
     v = m("C_LEAF", "regproxy")
     goal("leaf issuance after warm-up < 1 ms", v, v is not None and v < 1, fmt(v, "ms"))
+    small.goals(res, goal)
 
     why = []
     if m("C_CPUP", "regproxy") is not None and m("C_CPUP", "tunnel") is not None:

@@ -129,6 +129,40 @@ impl Flight {
         Arc::new(flight)
     }
 
+    /// A complete, verified object held in memory (a small hit), served through the same
+    /// reader without touching the disk.
+    pub fn in_memory(data: Bytes, head: Head, pin: Pin) -> Arc<Flight> {
+        let size = data.len() as u64;
+        let recent = Recent {
+            start: 0,
+            len: size,
+            chunks: std::iter::once(data).collect(),
+        };
+        let flight = Flight {
+            state: watch::Sender::new(State::Done(size)),
+            head: OnceLock::from(head),
+            recent: Mutex::new(recent),
+            on_disk: AtomicU64::new(size),
+            _pin: Some(pin),
+            ..Flight::pending()
+        };
+        Arc::new(flight)
+    }
+
+    /// Bytes `start..end` of an object held in memory ([`Flight::in_memory`]), if this is one.
+    pub fn held(&self, start: u64, end: u64) -> Option<Bytes> {
+        if self.file.get().is_some() {
+            return None;
+        }
+        let r = self.recent.lock();
+        let whole = r
+            .chunks
+            .front()
+            .filter(|_| r.chunks.len() == 1 && r.start == 0)?;
+        let (start, end) = (usize::try_from(start).ok()?, usize::try_from(end).ok()?);
+        (start <= end && end <= whole.len()).then(|| whole.slice(start..end))
+    }
+
     /// The head, once the upstream answered.
     pub fn head(&self) -> Option<&Head> {
         self.head.get()
@@ -614,10 +648,15 @@ fn write_all(
 async fn pump(flight: Arc<Flight>, mut pos: u64, end: Option<u64>, tx: Feed, budget: Budget) {
     let mut rx = flight.state.subscribe();
     let total = flight.head().and_then(|h| h.length);
-    let Some(file) = flight.file.get().cloned() else {
+    let file = flight.file.get().cloned();
+    let in_memory = {
+        let held = flight.recent.lock().len;
+        held > 0 && held == flight.on_disk.load(Ordering::Acquire)
+    };
+    if file.is_none() && !in_memory {
         let _ = tx.send(Err("download did not start".into())).await;
         return;
-    };
+    }
     loop {
         let state = rx.borrow_and_update().clone();
         let (available, done) = match state {
@@ -660,7 +699,10 @@ async fn pump(flight: Arc<Flight>, mut pos: u64, end: Option<u64>, tx: Feed, bud
                     let n = CHUNK
                         .min(left)
                         .min(usize::try_from(written).unwrap_or(usize::MAX));
-                    read_at(file.clone(), pos, n).await
+                    match &file {
+                        Some(file) => read_at(file.clone(), pos, n).await,
+                        None => Err(std::io::Error::other("object not in memory")),
+                    }
                 }
             };
             let chunk = match chunk {

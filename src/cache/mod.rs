@@ -9,6 +9,7 @@ pub mod flight;
 pub mod herd;
 pub mod keys;
 pub mod layout;
+mod memo;
 pub mod ops;
 pub mod shared;
 pub mod store;
@@ -193,6 +194,10 @@ impl Cache {
 
     /// A cached object as a complete flight, ready to be read, if it is on disk.
     pub async fn hit(&self, digest: &Digest) -> Option<(Arc<Flight>, Entry)> {
+        if let Some((data, entry)) = self.store.remembered(digest) {
+            let pin = self.store.pin(&entry.path);
+            return Some((Flight::in_memory(data, head_of(&entry), pin), entry));
+        }
         let (file, entry) = match self.store.object(digest).await {
             Ok(Some(found)) => found,
             Ok(None) => {
@@ -206,11 +211,16 @@ impl Cache {
         };
         tracing::debug!(digest = %digest, size = entry.meta.size, "cache lookup: cached");
         let pin = self.store.pin(&entry.path);
-        let head = Head {
-            content_type: entry.meta.content_type.clone(),
-            length: Some(entry.meta.size),
-        };
+        let head = head_of(&entry);
         Some((Flight::complete(file, head, entry.meta.size, pin), entry))
+    }
+}
+
+/// The head a cached object is answered with.
+fn head_of(entry: &Entry) -> Head {
+    Head {
+        content_type: entry.meta.content_type.clone(),
+        length: Some(entry.meta.size),
     }
 }
 

@@ -19,6 +19,7 @@ use cacache::WriteOpts;
 use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
+use super::memo::Memo;
 use super::{keys, layout};
 use crate::metrics::Metrics;
 
@@ -77,6 +78,13 @@ impl std::fmt::Display for Origin {
     }
 }
 
+/// Objects up to this size are kept in memory once looked up.
+const SMALL: u64 = 16 * 1024;
+/// Small objects kept in memory at most (4 MiB at most in all).
+const MAX_SMALL: usize = 256;
+/// Tag entries kept in memory at most.
+const MAX_TAGS: usize = 1024;
+
 /// A verified object on disk.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -109,6 +117,10 @@ pub struct Store {
     // Where objects came from, as read from or written to the index by this process (a bounded
     // cache of the index), and the lock that orders its updates.
     sources: Arc<Mutex<HashMap<Digest, Vec<Origin>>>>,
+    // Small objects (manifests, configs) and tag entries as last read from the disk, so that
+    // their hits need no disk at all.
+    small: Arc<Memo<Digest, (bytes::Bytes, Entry)>>,
+    tags: Arc<Memo<String, TagEntry>>,
     adding: Arc<tokio::sync::Mutex<()>>,
     // This process's directory for partial downloads, and the lock that marks it alive.
     run_dir: PathBuf,
@@ -168,6 +180,8 @@ impl Store {
             pins: Arc::default(),
             committed: Arc::default(),
             sources: Arc::default(),
+            small: Arc::new(Memo::new(MAX_SMALL)),
+            tags: Arc::new(Memo::new(MAX_TAGS)),
             adding: Arc::default(),
             run_dir,
             _run_lock: Arc::new(run_lock),
@@ -228,6 +242,7 @@ impl Store {
             Err(e) => return Err(io_err("remove", &object.path)(e)),
         }
         self.sources.lock().remove(&object.digest);
+        self.small.remove(&object.digest);
         cacache::index::delete(&self.dir, &keys::object(&object.digest))
             .map_err(|e| StoreError::Index(e.to_string()))
     }
@@ -245,11 +260,12 @@ impl Store {
             Some(d) => Digest::parse(d).is_ok_and(|d| self.content_path(&d).exists()),
             None => true,
         };
-        layout::compact_index(&self.dir, live).map_err(|(what, path, source)| StoreError::Io {
-            what,
-            path,
-            source,
-        })
+        let compacted = layout::compact_index(&self.dir, live)
+            .map_err(|(what, path, source)| StoreError::Io { what, path, source });
+        // What was read from the index before may be gone from it now.
+        self.small.clear();
+        self.tags.clear();
+        compacted
     }
 
     /// The metrics the store keeps current.
@@ -275,26 +291,42 @@ impl Store {
         &self,
         digest: &Digest,
     ) -> Result<Option<(std::fs::File, Entry)>, StoreError> {
-        let Some(found) = self.find(&keys::object(digest)).await? else {
-            return Ok(None);
-        };
-        let Ok(meta) = serde_json::from_value::<ObjectMeta>(found.metadata) else {
-            return Ok(None);
-        };
-        let path = self.content_path(digest);
-        let (p, size) = (path.clone(), meta.size);
-        let opened = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&p).ok()?;
-            // Index without content (removed by hand) or a file of the wrong size: a miss.
-            (file.metadata().ok()?.len() == size).then(|| {
-                touch(&file);
-                file
-            })
+        let (dir, key, path) = (
+            self.dir.clone(),
+            keys::object(digest),
+            self.content_path(digest),
+        );
+        // The index read and the open in one blocking task: each hand-off to the blocking pool
+        // and back costs more than a small hit's whole answer.
+        let found = blocking(move || {
+            let Some(found) = find_in(&dir, &key)? else {
+                return Ok(None);
+            };
+            let Ok(meta) = serde_json::from_value::<ObjectMeta>(found.metadata) else {
+                return Ok(None);
+            };
+            let Some(file) = open_sized(&path, meta.size) else {
+                return Ok(None);
+            };
+            let data = (meta.size > 0 && meta.size <= SMALL)
+                .then(|| read_whole(&file, meta.size))
+                .flatten();
+            Ok(Some((file, Entry { path, meta }, data)))
         })
-        .await
-        .ok()
-        .flatten();
-        Ok(opened.map(|file| (file, Entry { path, meta })))
+        .await?;
+        let Some((file, entry, data)) = found else {
+            self.small.remove(digest);
+            return Ok(None);
+        };
+        if let Some(data) = data {
+            self.small.put(digest.clone(), (data, entry.clone()));
+        }
+        Ok(Some((file, entry)))
+    }
+
+    /// A small object's bytes and entry, if read from the disk a moment ago.
+    pub fn remembered(&self, digest: &Digest) -> Option<(bytes::Bytes, Entry)> {
+        self.small.get(digest)
     }
 
     /// Moves the verified file `tmp` into place as `digest` and records it in the index.
@@ -417,9 +449,15 @@ impl Store {
             .integrity(record.digest.integrity())
             .size(record.size as usize)
             .metadata(json);
-        cacache::index::insert_async(&self.dir, &name.key(), opts)
-            .await
-            .map_err(|e| StoreError::Index(e.to_string()))?;
+        let key = name.key();
+        let written = cacache::index::insert_async(&self.dir, &key, opts).await;
+        match written {
+            Ok(_) => self.tags.put(key, entry),
+            Err(e) => {
+                self.tags.remove(&key);
+                return Err(StoreError::Index(e.to_string()));
+            }
+        }
         Ok(())
     }
 
@@ -493,17 +531,56 @@ impl Store {
     }
 
     async fn tag_entry(&self, name: &TagName<'_>) -> Result<TagEntry, StoreError> {
-        let found = self.find(&name.key()).await?;
-        Ok(found
+        let key = name.key();
+        if let Some(entry) = self.tags.get(&key) {
+            return Ok(entry);
+        }
+        let found = self.find(&key).await?;
+        let entry: TagEntry = found
             .and_then(|f| serde_json::from_value(f.metadata).ok())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        self.tags.put(key, entry.clone());
+        Ok(entry)
     }
 
     async fn find(&self, key: &str) -> Result<Option<cacache::Metadata>, StoreError> {
-        cacache::index::find_async(&self.dir, key)
-            .await
-            .map_err(|e| StoreError::Index(e.to_string()))
+        let (dir, key) = (self.dir.clone(), key.to_owned());
+        blocking(move || find_in(&dir, &key)).await
     }
+}
+
+/// The index entry under `key`, read with the blocking reader: cacache's async one hands each
+/// read of the bucket to the blocking pool on its own.
+fn find_in(dir: &Path, key: &str) -> Result<Option<cacache::Metadata>, StoreError> {
+    cacache::index::find(dir, key).map_err(|e| StoreError::Index(e.to_string()))
+}
+
+/// Runs a lookup on the blocking pool, in one hand-off there and back.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Index(e.to_string()))?
+}
+
+/// All `size` bytes of a small content file, or `None` if it does not have them.
+fn read_whole(file: &std::fs::File, size: u64) -> Option<bytes::Bytes> {
+    let mut data = vec![0u8; usize::try_from(size).ok()?];
+    rustix::io::pread(file, &mut data, 0)
+        .ok()
+        .filter(|n| *n as u64 == size)?;
+    Some(data.into())
+}
+
+/// The content file at `path`, touched, if it is there with `size` bytes: an index entry
+/// without content (removed by hand) or a file of the wrong size is a miss.
+fn open_sized(path: &Path, size: u64) -> Option<std::fs::File> {
+    let file = std::fs::File::open(path).ok()?;
+    (file.metadata().ok()?.len() == size).then(|| {
+        touch(&file);
+        file
+    })
 }
 
 /// Where a tag pointed for each Accept class, as stored in its index entry.
@@ -667,6 +744,43 @@ mod tests {
         );
         let (_, entry) = store.object(&d2).await.unwrap().unwrap();
         assert_eq!(entry.meta, meta);
+    }
+
+    /// A small object's hits come from memory once it was looked up on disk; removing it (as
+    /// eviction does) makes it a miss at once.
+    #[tokio::test]
+    async fn small_objects_answer_from_memory_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Arc::default()).unwrap();
+        let data = br#"{"schemaVersion":2}"#.to_vec();
+        let digest = Digest::sha256_of(&data);
+        let meta = ObjectMeta {
+            content_type: Some("application/vnd.oci.image.manifest.v1+json".into()),
+            size: data.len() as u64,
+        };
+        store.put(&digest, &data, &meta).await.unwrap();
+        assert!(store.remembered(&digest).is_none(), "not looked up yet");
+        store.object(&digest).await.unwrap().unwrap();
+        let (bytes, entry) = store.remembered(&digest).unwrap();
+        assert_eq!(&bytes[..], &data[..]);
+        assert_eq!(entry.meta, meta);
+
+        let on_disk = store.objects_on_disk();
+        let object = on_disk.iter().find(|o| o.digest == digest).unwrap();
+        store.remove_object(object).unwrap();
+        assert!(store.remembered(&digest).is_none());
+        assert!(store.object(&digest).await.unwrap().is_none());
+
+        // Larger objects are not held in memory.
+        let big = vec![7u8; SMALL as usize + 1];
+        let d2 = Digest::sha256_of(&big);
+        let meta2 = ObjectMeta {
+            content_type: None,
+            size: big.len() as u64,
+        };
+        store.put(&d2, &big, &meta2).await.unwrap();
+        store.object(&d2).await.unwrap().unwrap();
+        assert!(store.remembered(&d2).is_none());
     }
 
     /// An object whose index entry cannot be written is not left on disk or counted: it could

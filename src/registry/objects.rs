@@ -454,8 +454,12 @@ pub(super) fn respond(
             return resp;
         }
     };
+    let held = end.and_then(|e| flight.held(start, e));
     let body = if head_only {
         body::empty()
+    } else if let Some(data) = held {
+        // Already in memory and shared with the cache's copy: no reader task, nothing queued.
+        body::full(data)
     } else {
         flight.reader(start, end, body::Budget::of(&parts.extensions))
     };
