@@ -8,9 +8,10 @@
 //! it is asked for, and given back once its bytes have been passed on.
 //!
 //! Every piece's answer is checked: a 206 for exactly the range asked, of the same total length,
-//! not encoded, and exactly that many bytes. On any failure the pieces stop, and the rest comes
-//! from one whole `GET` again, its first bytes (those already passed on) skipped. Wrong bytes in a
-//! well-formed piece are the digest's to catch: the fill fails, and no client sees a clean end.
+//! not encoded, and exactly that many bytes (its body read to the end, even past the range). On
+//! any failure the pieces stop, and the rest comes from one whole `GET` again, its first bytes
+//! (those already passed on) skipped. Wrong bytes in a well-formed piece are the digest's to
+//! catch: the fill fails, and no client sees a clean end.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -239,12 +240,11 @@ enum Source {
 }
 
 impl Source {
-    /// The next bytes, at most `left`; `None` once `left` is 0 or the source is spent.
+    /// The next bytes, at most `left`; `None` once the source is spent, or the first answer
+    /// has given its piece (`left` is 0).
     async fn next(&mut self, left: u64) -> Option<Result<Bytes, PieceError>> {
-        if left == 0 {
-            return None;
-        }
         match self {
+            Source::First(_) if left == 0 => None,
             Source::First(body) => loop {
                 match body.frame().await? {
                     Ok(frame) => {
@@ -259,6 +259,8 @@ impl Source {
                     Err(e) => return Some(Err(PieceError::Body(e))),
                 }
             },
+            // Read to its end even when all its bytes are in: `fetch` may yet find that the
+            // answer goes on past the range, and then the piece is not what was asked for.
             Source::Piece(piece) => piece.rx.recv().await,
         }
     }
