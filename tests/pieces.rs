@@ -60,6 +60,8 @@ enum Wrong {
     LongUnframed,
     /// A `Content-Length` one more than the range, and one byte more of the object.
     LongFramed,
+    /// The right head, half the bytes, then nothing for longer than the fill waits.
+    StallBody,
     /// A well-formed 206 of the range asked for, with one byte flipped.
     FlippedByte,
 }
@@ -139,6 +141,10 @@ fn wrongly(data: &[u8], (a, b): (usize, usize), wrong: Wrong) -> Scripted {
         Wrong::ShortUnframed => Scripted::partial(&part[..len / 2], right, None),
         Wrong::LongUnframed => Scripted::partial(&data[a..=b + 1024], right, None),
         Wrong::LongFramed => Scripted::partial(&data[a..=b + 1], right, Some(len + 1)),
+        Wrong::StallBody => Scripted {
+            stall_after: true,
+            ..Scripted::partial(&part[..len / 2], right, Some(len))
+        },
         Wrong::FlippedByte => {
             let mut s = Scripted::partial(part, right, Some(len));
             s.body[len / 2] ^= 0xff;
@@ -337,7 +343,8 @@ fn pieces_with_a_wrong_head_fall_back_to_one_whole_get() {
     ]);
 }
 
-/// Pieces with a right head and a body of the wrong length (framed or not).
+/// Pieces with a right head and a body of the wrong length (framed or not), or one that stalls
+/// part way.
 #[test]
 fn pieces_with_a_wrong_length_fall_back_to_one_whole_get() {
     assert_falls_back(&[
@@ -345,6 +352,7 @@ fn pieces_with_a_wrong_length_fall_back_to_one_whole_get() {
         Wrong::ShortUnframed,
         Wrong::LongUnframed,
         Wrong::LongFramed,
+        Wrong::StallBody,
     ]);
 }
 

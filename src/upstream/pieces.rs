@@ -8,14 +8,15 @@
 //! it is asked for, and given back once its bytes have been passed on.
 //!
 //! Every piece's answer is checked: a 206 for exactly the range asked, of the same total length,
-//! not encoded, and exactly that many bytes (its body read to the end, even past the range). On
-//! any failure the pieces stop, and the rest comes from one whole `GET` again, its first bytes
-//! (those already passed on) skipped. Wrong bytes in a well-formed piece are the digest's to
-//! catch: the fill fails, and no client sees a clean end.
+//! not encoded, and exactly that many bytes (its body read to the end, even past the range), none
+//! more than [`PIECE_STALL`] after the one before. On any failure the pieces stop, and the rest
+//! comes from one whole `GET` again, its first bytes (those already passed on) skipped. Wrong bytes
+//! in a well-formed piece are the digest's to catch: the fill fails, and no client sees a clean end.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -34,6 +35,10 @@ const THRESHOLD: u64 = 16 << 20;
 /// Bytes per piece: each costs a round trip before its first byte, and each waiting for its turn
 /// is held in memory; at 4 MiB the long fat path of bench/ gained 8% and peak RSS 16 MiB.
 const PIECE: u64 = 2 << 20;
+/// The longest a piece may send nothing before it is given up (less if `--upstream-timeout` is
+/// less): the fill gives up after 60 s without a byte, and the whole `GET` that takes over must
+/// have its bytes flowing before then.
+const PIECE_STALL: Duration = Duration::from_secs(20);
 /// Frames queued between the pieces and the body's reader.
 const QUEUE: usize = 8;
 
@@ -58,6 +63,9 @@ pub enum PieceError {
     /// The body broke off.
     #[error("its body broke off")]
     Body(#[source] BoxError),
+    /// Nothing came for this long.
+    #[error("sent nothing for {0:?}")]
+    Stalled(Duration),
     /// Fewer or more bytes than the range has.
     #[error("sent {got} bytes of a {want}-byte range")]
     Length { got: u64, want: u64 },
@@ -305,7 +313,12 @@ async fn fetch(
     let want = end - start;
     let mut got = 0u64;
     let mut body = resp.into_body();
-    while let Some(frame) = body.frame().await {
+    let stall = client.timeout().min(PIECE_STALL);
+    loop {
+        let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
+            return Err(PieceError::Stalled(stall));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| PieceError::Body(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
