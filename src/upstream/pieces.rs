@@ -10,8 +10,9 @@
 //! Every piece's answer is checked: a 206 for exactly the range asked, of the same total length,
 //! not encoded, and exactly that many bytes (its body read to the end, even past the range), none
 //! more than [`PIECE_STALL`] after the one before. On any failure the pieces stop, and the rest
-//! comes from one whole `GET` again, its first bytes (those already passed on) skipped. Wrong bytes
-//! in a well-formed piece are the digest's to catch: the fill fails, and no client sees a clean end.
+//! comes from one ranged `GET` of all of it, checked as a piece is, or else from one whole `GET`
+//! again, its first bytes (those already passed on) skipped. Wrong bytes in a well-formed piece
+//! are the digest's to catch: the fill fails, and no client sees a clean end.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -141,7 +142,7 @@ struct Piece {
 }
 
 /// Feeds the object to `feed` in order: the first piece from `first`, the others from ranged
-/// requests; the rest from a whole `GET` again if any of that fails.
+/// requests; the rest in one request (see [`rest`]) if any of that fails.
 async fn drive(ranged: Ranged, via: Via, first: Body, (total, parallel): (u64, u64), feed: Feed) {
     let ranged = Arc::new(ranged);
     let mut tasks = JoinSet::new();
@@ -153,7 +154,7 @@ async fn drive(ranged: Ranged, via: Via, first: Body, (total, parallel): (u64, u
         }
         Err(Stop::ClientGone) => return,
         Err(Stop::Broken(sent, e)) => {
-            tracing::warn!(error = %crate::upstream::error_chain(&e), at = sent, "a piece failed; the rest comes from one whole GET");
+            tracing::warn!(error = %crate::upstream::error_chain(&e), at = sent, "a piece failed; the rest comes in one request");
             sent
         }
     };
@@ -373,7 +374,9 @@ fn check(
     }
 }
 
-/// The object from byte `from` on, out of one whole `GET`; `Ok(false)` if the reader left.
+/// The object from byte `from` on: one ranged `GET` of the rest if the upstream answers it as a
+/// piece must be answered, else one whole `GET`, its first `from` bytes skipped; `Ok(false)` if
+/// the reader left.
 async fn rest(
     ranged: &Ranged,
     client: &Client,
@@ -381,6 +384,17 @@ async fn rest(
     total: u64,
     feed: &Feed,
 ) -> Result<bool, PieceError> {
+    if from > 0 {
+        // Skipping what went out means fetching it again while the fill receives nothing: on a
+        // slow path, long enough for the fill to give up on a large object.
+        match ask_rest(ranged, client, (from, total)).await {
+            Ok(resp) => return pass_on(resp, (0, total - from), feed).await,
+            Err(e) => {
+                let error = crate::upstream::error_chain(&e);
+                tracing::warn!(%error, at = from, "the rest as a range failed; asking for all of it");
+            }
+        }
+    }
     let resp = client.send(ranged.request(None), How::following()).await?;
     let length = resp
         .headers()
@@ -395,6 +409,29 @@ async fn rest(
             want: total,
         });
     }
+    pass_on(resp, (from, total), feed).await
+}
+
+/// Asks for bytes `start..total`, the end of the object, checked as a piece is.
+async fn ask_rest(
+    ranged: &Ranged,
+    client: &Client,
+    (start, total): (u64, u64),
+) -> Result<Response<Incoming>, PieceError> {
+    let resp = client
+        .send(ranged.request(Some((start, total))), How::following())
+        .await?;
+    check(&resp, (start, total), total)?;
+    Ok(resp)
+}
+
+/// Passes `resp`'s body on to `feed`, but for its first `skip` bytes (those went out already);
+/// it must have exactly `length` bytes. `Ok(false)` if the reader left.
+async fn pass_on(
+    resp: Response<Incoming>,
+    (skip, length): (u64, u64),
+    feed: &Feed,
+) -> Result<bool, PieceError> {
     let mut body = resp.into_body();
     let mut at = 0u64;
     while let Some(frame) = body.frame().await {
@@ -403,23 +440,22 @@ async fn rest(
             continue;
         };
         let len = data.len() as u64;
-        // Bytes before `from` went out already, from the pieces.
-        let skip = from.saturating_sub(at).min(len) as usize;
+        let skipped = skip.saturating_sub(at).min(len) as usize;
         at += len;
-        if at > total {
+        if at > length {
             return Err(PieceError::Length {
                 got: at,
-                want: total,
+                want: length,
             });
         }
-        if skip < data.len() && feed.send(Ok(data.slice(skip..))).await.is_err() {
+        if skipped < data.len() && feed.send(Ok(data.slice(skipped..))).await.is_err() {
             return Ok(false);
         }
     }
-    if at != total {
+    if at != length {
         return Err(PieceError::Length {
             got: at,
-            want: total,
+            want: length,
         });
     }
     Ok(true)
