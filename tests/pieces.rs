@@ -25,7 +25,7 @@ const PIECE: usize = 2 << 20;
 /// Ten pieces, above regproxy's 16 MiB threshold for pieces.
 const SIZE: usize = 20 << 20;
 /// Where the piece answered wrongly starts: three pieces (the first answer's and two ranged
-/// ones) have gone out before it, so the whole `GET` that follows must skip them.
+/// ones) have gone out before it, so the request for the rest must start after them.
 const BAD: usize = 3 * PIECE;
 /// How long a stalled answer stalls: longer than the fill's own stall bound (60 s), so that only
 /// a bound on the piece itself gives it up in time to fall back.
@@ -57,7 +57,8 @@ enum Wrong {
     Short,
     /// The right head without a `Content-Length`, then half the bytes, then closed.
     ShortUnframed,
-    /// The right head without a `Content-Length`, then the bytes and 1 KiB more of the object.
+    /// The right head without a `Content-Length`, then the bytes and 1 KiB more of the object
+    /// (zeros past its end).
     LongUnframed,
     /// A `Content-Length` one more than the range, and one byte more of the object.
     LongFramed,

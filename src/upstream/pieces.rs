@@ -36,9 +36,9 @@ const THRESHOLD: u64 = 16 << 20;
 /// Bytes per piece: each costs a round trip before its first byte, and each waiting for its turn
 /// is held in memory; at 4 MiB the long fat path of bench/ gained 8% and peak RSS 16 MiB.
 const PIECE: u64 = 2 << 20;
-/// The longest a piece may send nothing before it is given up (less if `--upstream-timeout` is
-/// less): the fill gives up after 60 s without a byte, and the whole `GET` that takes over must
-/// have its bytes flowing before then.
+/// The longest a ranged request may keep the download waiting, for its head or its next bytes,
+/// before it is given up (less if `--upstream-timeout` is less): the fill gives up after 60 s
+/// without a byte, and the request that takes over must have its bytes flowing before then.
 const PIECE_STALL: Duration = Duration::from_secs(20);
 /// Frames queued between the pieces and the body's reader.
 const QUEUE: usize = 8;
@@ -306,15 +306,12 @@ async fn fetch(
     total: u64,
     tx: &mpsc::UnboundedSender<Result<Bytes, PieceError>>,
 ) -> Result<(), PieceError> {
-    let resp = client
-        .send(ranged.request(Some((start, end))), How::following())
-        .await?;
-    check(&resp, (start, end), total)?;
+    let resp = ask_range(ranged, client, (start, end), total).await?;
     client.metrics().pieces.fetch_add(1, Ordering::Relaxed);
     let want = end - start;
     let mut got = 0u64;
     let mut body = resp.into_body();
-    let stall = client.timeout().min(PIECE_STALL);
+    let stall = stall(client);
     loop {
         let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
             return Err(PieceError::Stalled(stall));
@@ -336,6 +333,28 @@ async fn fetch(
         return Err(PieceError::Length { got, want });
     }
     Ok(())
+}
+
+/// How long a ranged request may keep the download waiting, for its head or between its bytes.
+fn stall(client: &Client) -> Duration {
+    client.timeout().min(PIECE_STALL)
+}
+
+/// Asks for bytes `start..end` of the object of `total` bytes: the answer's head, checked.
+async fn ask_range(
+    ranged: &Ranged,
+    client: &Client,
+    (start, end): (u64, u64),
+    total: u64,
+) -> Result<Response<Incoming>, PieceError> {
+    let wait = stall(client);
+    let req = ranged.request(Some((start, end)));
+    let Ok(resp) = tokio::time::timeout(wait, client.send(req, How::following())).await else {
+        return Err(PieceError::Stalled(wait));
+    };
+    let resp = resp?;
+    check(&resp, (start, end), total)?;
+    Ok(resp)
 }
 
 /// Whether `resp` answers the range `start..end` of an object of `total` bytes, as asked.
@@ -387,7 +406,7 @@ async fn rest(
     if from > 0 {
         // Skipping what went out means fetching it again while the fill receives nothing: on a
         // slow path, long enough for the fill to give up on a large object.
-        match ask_rest(ranged, client, (from, total)).await {
+        match ask_range(ranged, client, (from, total), total).await {
             Ok(resp) => return pass_on(resp, (0, total - from), feed).await,
             Err(e) => {
                 let error = crate::upstream::error_chain(&e);
@@ -410,19 +429,6 @@ async fn rest(
         });
     }
     pass_on(resp, (from, total), feed).await
-}
-
-/// Asks for bytes `start..total`, the end of the object, checked as a piece is.
-async fn ask_rest(
-    ranged: &Ranged,
-    client: &Client,
-    (start, total): (u64, u64),
-) -> Result<Response<Incoming>, PieceError> {
-    let resp = client
-        .send(ranged.request(Some((start, total))), How::following())
-        .await?;
-    check(&resp, (start, total), total)?;
-    Ok(resp)
 }
 
 /// Passes `resp`'s body on to `feed`, but for its first `skip` bytes (those went out already);
