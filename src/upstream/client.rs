@@ -83,6 +83,11 @@ impl Client {
         self.http.blob_connections
     }
 
+    /// How long an upstream may take to start answering (`--upstream-timeout`).
+    pub fn timeout(&self) -> std::time::Duration {
+        self.http.timeout
+    }
+
     /// The credentials in force and their sources.
     pub fn credentials(&self) -> &Arc<Credentials> {
         &self.credentials

@@ -8,13 +8,16 @@
 //! it is asked for, and given back once its bytes have been passed on.
 //!
 //! Every piece's answer is checked: a 206 for exactly the range asked, of the same total length,
-//! not encoded, and exactly that many bytes. On any failure the pieces stop, and the rest comes
-//! from one whole `GET` again, its first bytes (those already passed on) skipped. Wrong bytes in a
-//! well-formed piece are the digest's to catch: the fill fails, and no client sees a clean end.
+//! not encoded, and exactly that many bytes (its body read to the end, even past the range), none
+//! more than [`PIECE_STALL`] after the one before. On any failure the pieces stop, and the rest
+//! comes from one ranged `GET` of all of it, checked as a piece is, or else from one whole `GET`
+//! again, its first bytes (those already passed on) skipped. Wrong bytes in a well-formed piece
+//! are the digest's to catch: the fill fails, and no client sees a clean end.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -33,6 +36,10 @@ const THRESHOLD: u64 = 16 << 20;
 /// Bytes per piece: each costs a round trip before its first byte, and each waiting for its turn
 /// is held in memory; at 4 MiB the long fat path of bench/ gained 8% and peak RSS 16 MiB.
 const PIECE: u64 = 2 << 20;
+/// The longest a ranged request may keep the download waiting, for its head or its next bytes,
+/// before it is given up (less if `--upstream-timeout` is less): the fill gives up after 60 s
+/// without a byte, and the request that takes over must have its bytes flowing before then.
+const PIECE_STALL: Duration = Duration::from_secs(20);
 /// Frames queued between the pieces and the body's reader.
 const QUEUE: usize = 8;
 
@@ -57,6 +64,9 @@ pub enum PieceError {
     /// The body broke off.
     #[error("its body broke off")]
     Body(#[source] BoxError),
+    /// Nothing came for this long.
+    #[error("sent nothing for {0:?}")]
+    Stalled(Duration),
     /// Fewer or more bytes than the range has.
     #[error("sent {got} bytes of a {want}-byte range")]
     Length { got: u64, want: u64 },
@@ -132,7 +142,7 @@ struct Piece {
 }
 
 /// Feeds the object to `feed` in order: the first piece from `first`, the others from ranged
-/// requests; the rest from a whole `GET` again if any of that fails.
+/// requests; the rest in one request (see [`rest`]) if any of that fails.
 async fn drive(ranged: Ranged, via: Via, first: Body, (total, parallel): (u64, u64), feed: Feed) {
     let ranged = Arc::new(ranged);
     let mut tasks = JoinSet::new();
@@ -144,7 +154,7 @@ async fn drive(ranged: Ranged, via: Via, first: Body, (total, parallel): (u64, u
         }
         Err(Stop::ClientGone) => return,
         Err(Stop::Broken(sent, e)) => {
-            tracing::warn!(error = %crate::upstream::error_chain(&e), at = sent, "a piece failed; the rest comes from one whole GET");
+            tracing::warn!(error = %crate::upstream::error_chain(&e), at = sent, "a piece failed; the rest comes in one request");
             sent
         }
     };
@@ -239,12 +249,11 @@ enum Source {
 }
 
 impl Source {
-    /// The next bytes, at most `left`; `None` once `left` is 0 or the source is spent.
+    /// The next bytes, at most `left`; `None` once the source is spent, or the first answer
+    /// has given its piece (`left` is 0).
     async fn next(&mut self, left: u64) -> Option<Result<Bytes, PieceError>> {
-        if left == 0 {
-            return None;
-        }
         match self {
+            Source::First(_) if left == 0 => None,
             Source::First(body) => loop {
                 match body.frame().await? {
                     Ok(frame) => {
@@ -259,6 +268,8 @@ impl Source {
                     Err(e) => return Some(Err(PieceError::Body(e))),
                 }
             },
+            // Read to its end even when all its bytes are in: `fetch` may yet find that the
+            // answer goes on past the range, and then the piece is not what was asked for.
             Source::Piece(piece) => piece.rx.recv().await,
         }
     }
@@ -295,15 +306,17 @@ async fn fetch(
     total: u64,
     tx: &mpsc::UnboundedSender<Result<Bytes, PieceError>>,
 ) -> Result<(), PieceError> {
-    let resp = client
-        .send(ranged.request(Some((start, end))), How::following())
-        .await?;
-    check(&resp, (start, end), total)?;
+    let resp = ask_range(ranged, client, (start, end), total).await?;
     client.metrics().pieces.fetch_add(1, Ordering::Relaxed);
     let want = end - start;
     let mut got = 0u64;
     let mut body = resp.into_body();
-    while let Some(frame) = body.frame().await {
+    let stall = stall(client);
+    loop {
+        let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
+            return Err(PieceError::Stalled(stall));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| PieceError::Body(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
@@ -320,6 +333,28 @@ async fn fetch(
         return Err(PieceError::Length { got, want });
     }
     Ok(())
+}
+
+/// How long a ranged request may keep the download waiting, for its head or between its bytes.
+fn stall(client: &Client) -> Duration {
+    client.timeout().min(PIECE_STALL)
+}
+
+/// Asks for bytes `start..end` of the object of `total` bytes: the answer's head, checked.
+async fn ask_range(
+    ranged: &Ranged,
+    client: &Client,
+    (start, end): (u64, u64),
+    total: u64,
+) -> Result<Response<Incoming>, PieceError> {
+    let wait = stall(client);
+    let req = ranged.request(Some((start, end)));
+    let Ok(resp) = tokio::time::timeout(wait, client.send(req, How::following())).await else {
+        return Err(PieceError::Stalled(wait));
+    };
+    let resp = resp?;
+    check(&resp, (start, end), total)?;
+    Ok(resp)
 }
 
 /// Whether `resp` answers the range `start..end` of an object of `total` bytes, as asked.
@@ -358,7 +393,9 @@ fn check(
     }
 }
 
-/// The object from byte `from` on, out of one whole `GET`; `Ok(false)` if the reader left.
+/// The object from byte `from` on: one ranged `GET` of the rest if the upstream answers it as a
+/// piece must be answered, else one whole `GET`, its first `from` bytes skipped; `Ok(false)` if
+/// the reader left.
 async fn rest(
     ranged: &Ranged,
     client: &Client,
@@ -366,6 +403,17 @@ async fn rest(
     total: u64,
     feed: &Feed,
 ) -> Result<bool, PieceError> {
+    if from > 0 {
+        // Skipping what went out means fetching it again while the fill receives nothing: on a
+        // slow path, long enough for the fill to give up on a large object.
+        match ask_range(ranged, client, (from, total), total).await {
+            Ok(resp) => return pass_on(resp, (0, total - from), feed).await,
+            Err(e) => {
+                let error = crate::upstream::error_chain(&e);
+                tracing::warn!(%error, at = from, "the rest as a range failed; asking for all of it");
+            }
+        }
+    }
     let resp = client.send(ranged.request(None), How::following()).await?;
     let length = resp
         .headers()
@@ -380,6 +428,16 @@ async fn rest(
             want: total,
         });
     }
+    pass_on(resp, (from, total), feed).await
+}
+
+/// Passes `resp`'s body on to `feed`, but for its first `skip` bytes (those went out already);
+/// it must have exactly `length` bytes. `Ok(false)` if the reader left.
+async fn pass_on(
+    resp: Response<Incoming>,
+    (skip, length): (u64, u64),
+    feed: &Feed,
+) -> Result<bool, PieceError> {
     let mut body = resp.into_body();
     let mut at = 0u64;
     while let Some(frame) = body.frame().await {
@@ -388,23 +446,22 @@ async fn rest(
             continue;
         };
         let len = data.len() as u64;
-        // Bytes before `from` went out already, from the pieces.
-        let skip = from.saturating_sub(at).min(len) as usize;
+        let skipped = skip.saturating_sub(at).min(len) as usize;
         at += len;
-        if at > total {
+        if at > length {
             return Err(PieceError::Length {
                 got: at,
-                want: total,
+                want: length,
             });
         }
-        if skip < data.len() && feed.send(Ok(data.slice(skip..))).await.is_err() {
+        if skipped < data.len() && feed.send(Ok(data.slice(skipped..))).await.is_err() {
             return Ok(false);
         }
     }
-    if at != total {
+    if at != length {
         return Err(PieceError::Length {
             got: at,
-            want: total,
+            want: length,
         });
     }
     Ok(true)

@@ -23,6 +23,16 @@ fn init_tracing() {
     });
 }
 
+/// Where a proxy's cache at `cache_dir` keeps a verified object (cacache's content layout).
+pub fn cached_object(cache_dir: &Path, digest: &str) -> PathBuf {
+    let hex = &digest["sha256:".len()..];
+    cache_dir
+        .join("content-v2/sha256")
+        .join(&hex[0..2])
+        .join(&hex[2..4])
+        .join(&hex[4..])
+}
+
 /// regproxy running on its own thread (own tokio runtime) on 127.0.0.1:N, with its CA and cache in
 /// temporary directories. Stopped on drop.
 pub struct Proxy {

@@ -1,0 +1,430 @@
+//! Ranged pieces from a hostile upstream: a blob of 16 MiB or more from an upstream that offers
+//! ranges comes in pieces over several connections, and an upstream that answers those ranged
+//! `GET`s wrongly never gets wrong bytes served, cached, or ended cleanly. A piece that is not
+//! what was asked for (a 200, another range or total, a malformed `Content-Range`, too few or too
+//! many bytes, an encoding, a stall) makes the rest come in one request (a range, or all of the
+//! blob if that range is answered wrongly too), verified as ever;
+//! wrong bytes in a well-formed piece fail the digest: the client's response is cut and the next
+//! pull asks the upstream again. The client is curl through the proxy, over HTTP/1.1 and h2.
+
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use regproxy::Config;
+use support::*;
+
+const HOST: &str = "blobs.test";
+/// regproxy's piece (`upstream::pieces::PIECE`).
+const PIECE: usize = 2 << 20;
+/// Ten pieces, above regproxy's 16 MiB threshold for pieces.
+const SIZE: usize = 20 << 20;
+/// Where the piece answered wrongly starts: three pieces (the first answer's and two ranged
+/// ones) have gone out before it, so the request for the rest must start after them.
+const BAD: usize = 3 * PIECE;
+/// How long a stalled answer stalls: longer than the fill's own stall bound (60 s), so that only
+/// a bound on the piece itself gives it up in time to fall back.
+const STALL: Duration = Duration::from_secs(90);
+/// The proxy's `--upstream-timeout` here: what a stalled piece may take.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the scripted upstream answers the ranged `GET` of the piece at [`BAD`] (of every piece
+/// for `Ignored`). Whole `GET`s and the other pieces it answers truthfully.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Wrong {
+    /// 200 and the whole blob.
+    Whole200,
+    /// Every ranged `GET`: 200 and the whole blob, as if `Range` were not there.
+    Ignored,
+    /// A 206 of the bytes one further on, saying so in its `Content-Range`.
+    OtherRange,
+    /// A 206 of the right bytes whose `Content-Range` names another total.
+    OtherTotal,
+    /// `Content-Range: bytes A-B`, without the total.
+    NoTotal,
+    /// `Content-Range: bytes=A-B/N`, the request's syntax.
+    Malformed,
+    /// The right head and the right bytes, with `Content-Encoding: gzip`.
+    Encoded,
+    /// Nothing at all, for longer than the proxy waits for a head.
+    StallHead,
+    /// The right head with its `Content-Length`, then half the bytes, then the connection closed.
+    Short,
+    /// The right head without a `Content-Length`, then half the bytes, then closed.
+    ShortUnframed,
+    /// The right head without a `Content-Length`, then the bytes and 1 KiB more of the object
+    /// (zeros past its end).
+    LongUnframed,
+    /// A `Content-Length` one more than the range, and one byte more of the object.
+    LongFramed,
+    /// The right head, half the bytes, then nothing for longer than the fill waits.
+    StallBody,
+    /// A well-formed 206 of the range asked for, with one byte flipped.
+    FlippedByte,
+}
+
+/// What the scripted upstream writes for one request, and where it stalls.
+struct Scripted {
+    head: String,
+    body: Vec<u8>,
+    stall_before: bool,
+    stall_after: bool,
+}
+
+impl Scripted {
+    fn new(status: &str, headers: String, body: &[u8]) -> Scripted {
+        let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\n{headers}Connection: close\r\n\r\n");
+        Scripted {
+            head,
+            body: body.to_vec(),
+            stall_before: false,
+            stall_after: false,
+        }
+    }
+
+    fn whole(data: &[u8]) -> Scripted {
+        let headers = format!("Accept-Ranges: bytes\r\nContent-Length: {}\r\n", data.len());
+        Scripted::new("200 OK", headers, data)
+    }
+
+    /// A 206 of `body` saying `range`, with a `Content-Length` of `length` if any.
+    fn partial(body: &[u8], range: String, length: Option<usize>) -> Scripted {
+        let length = length.map_or(String::new(), |n| format!("Content-Length: {n}\r\n"));
+        let headers = format!("Content-Range: {range}\r\n{length}");
+        Scripted::new("206 Partial Content", headers, body)
+    }
+
+    fn write(self, w: &mut dyn Write) {
+        if self.stall_before {
+            thread::sleep(STALL);
+        }
+        if w.write_all(self.head.as_bytes()).is_err() || w.write_all(&self.body).is_err() {
+            return;
+        }
+        if self.stall_after {
+            let _ = w.flush();
+            thread::sleep(STALL);
+        }
+    }
+}
+
+/// The answer to a ranged `GET` of bytes `a..=b` of `data`, wrong as `wrong` says.
+fn wrongly(data: &[u8], (a, b): (usize, usize), wrong: Wrong) -> Scripted {
+    let n = data.len();
+    let (part, len) = (&data[a..=b], b + 1 - a);
+    let right = format!("bytes {a}-{b}/{n}");
+    match wrong {
+        Wrong::Whole200 | Wrong::Ignored => Scripted::whole(data),
+        Wrong::OtherRange => {
+            let (a, b) = (a + 1, (b + 1).min(n - 1));
+            Scripted::partial(&data[a..=b], format!("bytes {a}-{b}/{n}"), Some(b + 1 - a))
+        }
+        Wrong::OtherTotal => Scripted::partial(part, format!("bytes {a}-{b}/{}", n + 1), Some(len)),
+        Wrong::NoTotal => Scripted::partial(part, format!("bytes {a}-{b}"), Some(len)),
+        Wrong::Malformed => Scripted::partial(part, format!("bytes={a}-{b}/{n}"), Some(len)),
+        Wrong::Encoded => {
+            let mut s = Scripted::partial(part, right, Some(len));
+            s.head = s
+                .head
+                .replace("\r\n\r\n", "\r\nContent-Encoding: gzip\r\n\r\n");
+            s
+        }
+        Wrong::StallHead => Scripted {
+            stall_before: true,
+            ..Scripted::partial(part, right, Some(len))
+        },
+        Wrong::Short => Scripted::partial(&part[..len / 2], right, Some(len)),
+        Wrong::ShortUnframed => Scripted::partial(&part[..len / 2], right, None),
+        Wrong::LongUnframed => Scripted::partial(&longer(data, a, len + 1024), right, None),
+        Wrong::LongFramed => Scripted::partial(&longer(data, a, len + 1), right, Some(len + 1)),
+        Wrong::StallBody => Scripted {
+            stall_after: true,
+            ..Scripted::partial(&part[..len / 2], right, Some(len))
+        },
+        Wrong::FlippedByte => {
+            let mut s = Scripted::partial(part, right, Some(len));
+            s.body[len / 2] ^= 0xff;
+            s
+        }
+    }
+}
+
+/// `len` bytes of `data` from `a`: those it has, then zeros.
+fn longer(data: &[u8], a: usize, len: usize) -> Vec<u8> {
+    let mut out = data[a..data.len().min(a + len)].to_vec();
+    out.resize(len, 0);
+    out
+}
+
+/// The range `a-b` a request head asks for, if any.
+fn range_of(head: &str) -> Option<(usize, usize)> {
+    head.lines().find_map(|l| {
+        let v = l.to_ascii_lowercase();
+        let (a, b) = v.strip_prefix("range: bytes=")?.trim().split_once('-')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    })
+}
+
+/// The upstream of one blob at `/v2/x/blobs/DIGEST` of [`HOST`], wrong as `wrong` says; its
+/// port and the request heads it saw.
+fn upstream(dir: &Path, data: Arc<Vec<u8>>, wrong: Wrong) -> (u16, Arc<Mutex<Vec<String>>>) {
+    tiny_https(dir, &[HOST], move |head, w| {
+        let scripted = match range_of(head) {
+            Some((a, b)) if a == BAD || wrong == Wrong::Ignored => wrongly(&data, (a, b), wrong),
+            Some((a, b)) => {
+                let range = format!("bytes {a}-{b}/{}", data.len());
+                Scripted::partial(&data[a..=b], range, Some(b + 1 - a))
+            }
+            None => Scripted::whole(&data),
+        };
+        scripted.write(w);
+    })
+}
+
+/// A blob behind a scripted upstream, and a proxy in front of it.
+struct Case {
+    dir: PathBuf,
+    data: Arc<Vec<u8>>,
+    digest: String,
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+    proxy: Proxy,
+}
+
+/// A blob of [`SIZE`] bytes made from `seed`, and its digest.
+fn blob(seed: u64) -> (Arc<Vec<u8>>, String) {
+    let data = random_bytes(SIZE, seed);
+    let digest = sha256_digest(&data);
+    (Arc::new(data), digest)
+}
+
+impl Case {
+    /// `blob` behind an upstream (in `dir`) wrong as `wrong` says, and a proxy with
+    /// `connections` per blob that waits [`UPSTREAM_TIMEOUT`] for an upstream.
+    fn new(
+        dir: PathBuf,
+        (data, digest): (Arc<Vec<u8>>, String),
+        wrong: Wrong,
+        connections: usize,
+    ) -> Case {
+        let (port, seen) = upstream(&dir, data.clone(), wrong);
+        let ca = dir.join("ca.crt");
+        let proxy = Proxy::start(|c: &mut Config| {
+            reach_test_host(c, HOST, port, ca);
+            c.blob_connections = connections;
+            c.upstream_timeout = UPSTREAM_TIMEOUT;
+        });
+        Case {
+            dir,
+            data,
+            digest,
+            port,
+            seen,
+            proxy,
+        }
+    }
+
+    /// Pulls the blob with curl through the proxy (`http`: `--http1.1` or `--http2`).
+    fn pull(&self, http: &str) -> Pull {
+        let out = self.dir.join("pulled");
+        let _ = std::fs::remove_file(&out);
+        let url = format!("https://{HOST}:{}/v2/x/blobs/{}", self.port, self.digest);
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", http, "-w", "%{http_code}", "-o"])
+            .arg(&out)
+            .args(["--proxy", &self.proxy.url(), "--cacert"])
+            .arg(self.proxy.ca_cert_path())
+            .arg(&url);
+        proxy_env(&mut cmd, None);
+        // Longer than any bound of the proxy's: a hang is the proxy's failure, reported as such.
+        let done = run_with_timeout(&mut cmd, Duration::from_secs(240));
+        Pull {
+            ok: done.status.success(),
+            status: String::from_utf8_lossy(&done.stdout).into_owned(),
+            body: std::fs::read(out).unwrap_or_default(),
+            stderr: String::from_utf8_lossy(&done.stderr).into_owned(),
+        }
+    }
+
+    /// Pulls the blob and asserts that the pull was complete and its bytes right.
+    fn pull_whole(&self, http: &str, what: &str) {
+        let pull = self.pull(http);
+        assert!(pull.ok, "{what}: curl failed: {}", pull.stderr);
+        assert_eq!(pull.status, "200", "{what}");
+        assert_eq!(pull.body.len(), self.data.len(), "{what}: length");
+        assert!(pull.body == *self.data, "{what}: wrong bytes served");
+    }
+
+    /// The ranged `GET`s the upstream saw, by where they start.
+    fn ranges_asked(&self) -> Vec<usize> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter_map(|h| range_of(h))
+            .map(|r| r.0)
+            .collect()
+    }
+
+    /// Where the ranged `GET`s of the rest of the blob after a failed piece start (to the
+    /// blob's end, and longer than a piece).
+    fn rests_asked(&self) -> Vec<usize> {
+        let seen = self.seen.lock().unwrap();
+        let ranges = seen.iter().filter_map(|h| range_of(h));
+        ranges
+            .filter(|&(a, b)| b + 1 == SIZE && b + 1 - a > PIECE)
+            .map(|r| r.0)
+            .collect()
+    }
+
+    /// The `GET`s the upstream saw: all of them, and the whole (unranged) ones.
+    fn gets(&self) -> (usize, usize) {
+        let seen = self.seen.lock().unwrap();
+        let all = seen.iter().filter(|h| h.starts_with("GET "));
+        (
+            all.clone().count(),
+            all.filter(|h| range_of(h).is_none()).count(),
+        )
+    }
+
+    fn cached(&self) -> PathBuf {
+        cached_object(self.proxy.cache_dir(), &self.digest)
+    }
+
+    /// Waits for the blob's commit (its last byte goes out once verified, the commit follows);
+    /// panics after 30 s.
+    fn assert_cached(&self, what: &str) {
+        let committed = || self.cached().exists().then_some(());
+        wait_for(Duration::from_secs(30), committed, || {
+            format!("{what}: not cached")
+        });
+    }
+}
+
+/// One pull of a blob by curl through the proxy.
+struct Pull {
+    /// curl exited 0: a complete response, as long as its framing said.
+    ok: bool,
+    status: String,
+    body: Vec<u8>,
+    stderr: String,
+}
+
+/// For each of `wrongs`: the piece at [`BAD`] answered so makes the rest come from one whole
+/// `GET`; the client gets the blob whole and right, it is cached, and a second pull is served
+/// from the cache.
+fn assert_falls_back(wrongs: &[Wrong]) {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let blob = blob(23);
+    for &wrong in wrongs {
+        let what = format!("{wrong:?}");
+        let case = Case::new(dir.join(&what), blob.clone(), wrong, 4);
+        case.pull_whole("--http1.1", &what);
+        let (asked, bad) = (
+            case.ranges_asked(),
+            if wrong == Wrong::Ignored { PIECE } else { BAD },
+        );
+        assert!(
+            asked.contains(&bad),
+            "{what}: no piece at {bad} asked for: {asked:?}"
+        );
+        let m = metrics(&case.proxy);
+        assert!(
+            sample(&m, "regproxy_piece_fallbacks_total") >= 1,
+            "{what}: no fallback"
+        );
+        let rests = case.rests_asked();
+        assert_eq!(
+            rests.len(),
+            1,
+            "{what}: the rest asked for as one range: {rests:?}"
+        );
+        // The upstream answers that range wrongly too if it starts at BAD: then comes all of it.
+        let whole = 1 + usize::from(wrong == Wrong::Ignored || rests[0] == BAD);
+        assert_eq!(case.gets().1, whole, "{what}: whole GETs");
+        case.assert_cached(&what);
+        let before = case.gets();
+        case.pull_whole("--http2", &format!("{what}, from the cache"));
+        assert_eq!(case.gets(), before, "{what}: asked the upstream again");
+    }
+}
+
+/// Pieces whose head is not what was asked for: a 200 (for one piece, or for every piece of an
+/// upstream that ignores `Range`), another range, another total, a malformed `Content-Range`,
+/// an encoding, no head at all within `--upstream-timeout`.
+#[test]
+fn pieces_with_a_wrong_head_fall_back_to_one_request_for_the_rest() {
+    assert_falls_back(&[
+        Wrong::Whole200,
+        Wrong::Ignored,
+        Wrong::OtherRange,
+        Wrong::OtherTotal,
+        Wrong::NoTotal,
+        Wrong::Malformed,
+        Wrong::Encoded,
+        Wrong::StallHead,
+    ]);
+}
+
+/// Pieces with a right head and a body of the wrong length (framed or not), or one that stalls
+/// part way.
+#[test]
+fn pieces_with_a_wrong_length_fall_back_to_one_request_for_the_rest() {
+    assert_falls_back(&[
+        Wrong::Short,
+        Wrong::ShortUnframed,
+        Wrong::LongUnframed,
+        Wrong::LongFramed,
+        Wrong::StallBody,
+    ]);
+}
+
+/// A well-formed piece with one wrong byte: the digest fails at the end, the client's response
+/// is cut (HTTP/1.1 and h2), nothing is cached, and the next pull asks the upstream again.
+#[test]
+fn wrong_bytes_in_a_piece_are_never_served_cleanly_nor_cached() {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let case = Case::new(dir.join("up"), blob(29), Wrong::FlippedByte, 4);
+    for (n, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
+        let pull = case.pull(http);
+        assert!(
+            !pull.ok,
+            "{http}: a corrupt blob ended cleanly ({})",
+            pull.status
+        );
+        assert!(pull.body.len() < SIZE, "{http}: every byte went out");
+        let asked = case.ranges_asked();
+        assert!(
+            asked.contains(&BAD),
+            "{http}: the bad piece was not asked for: {asked:?}"
+        );
+        let m = metrics(&case.proxy);
+        assert_eq!(sample(&m, "regproxy_cache_entries"), 0, "{http}: cached");
+        assert!(!case.cached().exists(), "{http}: cached");
+        assert_eq!(
+            case.gets().1,
+            n + 1,
+            "{http}: the pull did not ask the upstream"
+        );
+    }
+}
+
+/// `--blob-connections 1`: no ranged `GET` at all, so an upstream whose ranges are corrupt
+/// still gives a right pull, in one stream.
+#[test]
+fn one_blob_connection_asks_for_no_range() {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let case = Case::new(dir.join("up"), blob(31), Wrong::FlippedByte, 1);
+    case.pull_whole("--http1.1", "one stream");
+    assert_eq!(case.ranges_asked(), Vec::<usize>::new(), "ranges asked for");
+    assert_eq!(case.gets(), (1, 1));
+    let m = metrics(&case.proxy);
+    assert_eq!(sample(&m, "regproxy_upstream_pieces_total"), 0);
+    case.assert_cached("one stream");
+}
