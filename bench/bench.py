@@ -546,12 +546,13 @@ class Nginx(ViaProxy):
         return [self.proc.pid, self.front.pid]
     def tls_pids(self):
         return [self.proc.pid]
-    def cache_statuses(self):
+    def cache_statuses(self, kind="/blobs/"):
+        """{status: count} of the cache statuses in the access log of requests whose path has `kind`."""
         counts = {}
         try:
             with open(os.path.join(self.w, "access.log")) as f:
                 for line in f:
-                    if "/blobs/" in line:
+                    if kind in line:
                         st = line.split()[-2]
                         counts[st] = counts.get(st, 0) + 1
         except OSError:

@@ -91,16 +91,7 @@ def warm(binary, peer, digest):
 
 def cache_statuses(nginx):
     """{status: count} of nginx's manifest answers: HIT, and EXPIRED/UPDATING/MISS when it asked the origin."""
-    counts = {}
-    try:
-        with open(os.path.join(nginx.w, "access.log")) as f:
-            for line in f:
-                if "/manifests/" in line:
-                    st = line.split()[-2]
-                    counts[st] = counts.get(st, 0) + 1
-    except OSError:
-        pass
-    return counts
+    return nginx.cache_statuses("/manifests/")
 
 
 def phase(regproxy_bin, peers, layout, res, rounds, seconds, log):
