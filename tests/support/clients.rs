@@ -283,12 +283,18 @@ impl Drop for Dockerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for dir in ["data", "exec"] {
-            let path = self.short.path().join(dir);
-            // Lazy and recursive: whatever dockerd left mounted goes, so the temp dir can too.
+        // Whatever dockerd left mounted under its directories (its data root, the netns under
+        // its exec root), deepest first, so that the temp dir can go.
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut left: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| Path::new(m).starts_with(self.short.path()))
+            .collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in left {
             let _ = Command::new("umount")
-                .args(["--recursive", "--lazy", "--quiet"])
-                .arg(&path)
+                .args(["--lazy", mount])
                 .stderr(std::process::Stdio::null())
                 .status();
         }
