@@ -743,15 +743,14 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 /// `n` bytes of `file` at `pos`: on this thread when the page cache holds them (a warm read costs
 /// a copy, not a hand-off to the blocking pool and back), else on the blocking pool.
 async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Result<Bytes> {
-    if let Some(cached) = read_cached(&file, pos, n) {
-        return Ok(cached);
-    }
+    let mut buf = match read_cached(&file, pos, n) {
+        Ok(cached) => return Ok(cached),
+        Err(buf) => buf,
+    };
     tokio::task::spawn_blocking(move || {
-        // Read into spare capacity: zeroing it first would cost as much as a copy.
-        let mut buf = Vec::with_capacity(n);
-        if n > 0 {
-            rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), pos)?;
-        }
+        // The buffer the cached read could not fill, reused.
+        let got = rustix::io::pread(&*file, &mut buf[..], pos)?;
+        buf.truncate(got);
         Ok(Bytes::from(buf))
     })
     .await
@@ -759,16 +758,16 @@ async fn read_at(file: Arc<std::fs::File>, pos: u64, n: usize) -> std::io::Resul
 }
 
 /// The bytes at `pos` that the page cache holds, up to `n`, read without waiting for the disk
-/// (`RWF_NOWAIT`); `None` when none are cached or the kernel cannot tell.
-fn read_cached(file: &std::fs::File, pos: u64, n: usize) -> Option<Bytes> {
+/// (`RWF_NOWAIT`); else the unused buffer, when none are cached or the kernel cannot tell.
+fn read_cached(file: &std::fs::File, pos: u64, n: usize) -> Result<Bytes, Vec<u8>> {
     let mut buf = vec![0u8; n];
     let flags = rustix::io::ReadWriteFlags::NOWAIT;
     match rustix::io::preadv2(file, &mut [std::io::IoSliceMut::new(&mut buf)], pos, flags) {
         Ok(got) if got > 0 => {
             buf.truncate(got);
-            Some(Bytes::from(buf))
+            Ok(Bytes::from(buf))
         }
-        _ => None,
+        _ => Err(buf),
     }
 }
 
@@ -789,7 +788,7 @@ mod tests {
         assert_eq!(&got[..], &bytes[1000..1000 + CHUNK]);
         let tail = read_at(file.clone(), 290_000, CHUNK).await.unwrap();
         assert_eq!(&tail[..], &bytes[290_000..]);
-        assert!(read_cached(&file, 300_000, CHUNK).is_none());
+        assert!(read_cached(&file, 300_000, CHUNK).is_err());
         assert!(read_at(file, 300_000, CHUNK).await.unwrap().is_empty());
     }
 
