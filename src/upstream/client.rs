@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use super::auth::{fetch_token, parse_challenge};
-use super::{Upstream, UpstreamError};
+use super::{head_of, Upstream, UpstreamError};
 use crate::body::{self, Body};
 use crate::credentials::{Credentials, Login, ProxyUser};
 use crate::secret::{basic, Secret};
@@ -347,16 +347,6 @@ fn sensitive(value: &Secret) -> Result<HeaderValue, UpstreamError> {
         .map_err(|_| UpstreamError::Auth("credentials are not header text".into()))?;
     v.set_sensitive(true);
     Ok(v)
-}
-
-/// A body-less copy of a request's head, to replay it with credentials.
-fn head_of(req: &Request<Body>) -> Request<Body> {
-    let mut again = Request::new(body::empty());
-    *again.method_mut() = req.method().clone();
-    *again.uri_mut() = req.uri().clone();
-    *again.headers_mut() = req.headers().clone();
-    *again.extensions_mut() = req.extensions().clone();
-    again
 }
 
 /// The repository of a `/v2/REPO/…` path; empty for `/v2/` and other paths.

@@ -140,8 +140,26 @@ impl Upstream {
         })
     }
 
-    /// Sends one request, returning the response head with its body still streaming.
+    /// Sends one request, returning the response head with its body still streaming. A `GET` or
+    /// `HEAD` whose connection closed before any answer is sent once more: a pooled connection
+    /// the server closed just as it was reused (distribution closes one after a 416, unsaid).
     pub async fn send(
+        &self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        let idempotent = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+        let again =
+            (idempotent && http_body::Body::is_end_stream(req.body())).then(|| head_of(&req));
+        match (self.send_once(req).await, again) {
+            (Err(e), Some(again)) if e.closed_before_answer() => {
+                tracing::debug!(error = %error_chain(&e), "the connection closed before an answer; sending again");
+                self.send_once(again).await
+            }
+            (result, _) => result,
+        }
+    }
+
+    async fn send_once(
         &self,
         req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
@@ -169,6 +187,17 @@ impl Upstream {
     }
 }
 
+/// A body-less copy of `req`'s head, to send it again (or follow it elsewhere).
+pub(crate) fn head_of(req: &http::Request<Body>) -> http::Request<Body> {
+    let mut again = http::Request::new(crate::body::empty());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    *again.extensions_mut() = req.extensions().clone();
+    again
+}
+
 /// Names a failed request by where it failed: connecting (refused by policy, TLS, or the network)
 /// or after; the original error stays as the source.
 fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
@@ -190,6 +219,21 @@ fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the connection closed before any answer came (a request, not a connect, failed).
+    fn closed_before_answer(&self) -> bool {
+        let UpstreamError::Request(e) = self else {
+            return false;
+        };
+        let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(h) = s.downcast_ref::<hyper::Error>() {
+                return h.is_incomplete_message();
+            }
+            source = s.source();
+        }
+        false
+    }
+
     /// Whether a cached tag should be served stale: the upstream (or its token endpoint) is out
     /// of reach or answering nonsense, as opposed to TLS that does not verify.
     pub fn is_outage(&self) -> bool {
