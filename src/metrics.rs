@@ -36,7 +36,7 @@ pub struct Metrics {
     pub passthrough: AtomicU64,
     /// Ranged pieces of large objects fetched upstream on connections of their own.
     pub pieces: AtomicU64,
-    /// Objects whose pieces failed, fetched whole again for the rest.
+    /// Objects whose pieces (the first one too) failed, fetched in one request for the rest.
     pub piece_fallbacks: AtomicU64,
     /// Bytes of verified objects on disk.
     pub cache_bytes: AtomicU64,
@@ -273,7 +273,7 @@ impl Metrics {
         let help =
             "Ranged pieces of large objects fetched upstream, each on a connection of its own";
         r.register("upstream_pieces", help, counter(&self.pieces));
-        let help = "Objects whose ranged pieces failed, fetched whole again for the rest";
+        let help = "Objects whose ranged pieces (the first one too) failed, fetched in one request for the rest";
         r.register("piece_fallbacks", help, counter(&self.piece_fallbacks));
         let help = "Bytes of verified objects in the cache";
         r.register("cache_bytes", help, gauge(&self.cache_bytes));

@@ -1,11 +1,14 @@
-//! Ranged pieces from a hostile upstream: a blob of 16 MiB or more from an upstream that offers
-//! ranges comes in pieces over several connections, and an upstream that answers those ranged
-//! `GET`s wrongly never gets wrong bytes served, cached, or ended cleanly. A piece that is not
-//! what was asked for (a 200, another range or total, a malformed `Content-Range`, too few or too
-//! many bytes, an encoding, a stall) makes the rest come in one request (a range, or all of the
-//! blob if that range is answered wrongly too), verified as ever;
-//! wrong bytes in a well-formed piece fail the digest: the client's response is cut and the next
-//! pull asks the upstream again. The client is curl through the proxy, over HTTP/1.1 and h2.
+//! Ranged pieces from a hostile upstream: a blob larger than a piece comes in pieces over
+//! several connections, the first request already asking for the first piece, and an upstream
+//! that answers those ranged `GET`s wrongly never gets wrong bytes served, cached, or ended
+//! cleanly. A piece that is not what was asked for (a 200, another range or total, a malformed
+//! `Content-Range`, too few or too many bytes, an encoding, a stall) makes the rest come in one
+//! request (a range, or all of the blob if that range is answered wrongly too), verified as ever;
+//! a first piece with a wrong head makes the whole blob come in one `GET`; an upstream that
+//! ignores ranges is read whole from its first answer; wrong bytes in a well-formed piece fail
+//! the digest: the client's response is cut and the next pull asks the upstream again. The
+//! client is curl through the proxy, over HTTP/1.1 and h2. Last, blobs of every size around a
+//! piece's, the empty one too, through a real registry: every byte crosses once.
 
 mod support;
 
@@ -22,7 +25,7 @@ use support::*;
 const HOST: &str = "blobs.test";
 /// regproxy's piece (`upstream::pieces::PIECE`).
 const PIECE: usize = 2 << 20;
-/// Ten pieces, above regproxy's 16 MiB threshold for pieces.
+/// Ten pieces.
 const SIZE: usize = 20 << 20;
 /// Where the piece answered wrongly starts: three pieces (the first answer's and two ranged
 /// ones) have gone out before it, so the request for the rest must start after them.
@@ -33,8 +36,8 @@ const STALL: Duration = Duration::from_secs(90);
 /// The proxy's `--upstream-timeout` here: what a stalled piece may take.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How the scripted upstream answers the ranged `GET` of the piece at [`BAD`] (of every piece
-/// for `Ignored`). Whole `GET`s and the other pieces it answers truthfully.
+/// How the scripted upstream answers the ranged `GET` of the piece at a given start (every
+/// ranged `GET` for `Ignored`). Whole `GET`s and the other pieces it answers truthfully.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Wrong {
     /// 200 and the whole blob.
@@ -170,13 +173,22 @@ fn range_of(head: &str) -> Option<(usize, usize)> {
     })
 }
 
-/// The upstream of one blob at `/v2/x/blobs/DIGEST` of [`HOST`], wrong as `wrong` says; its
+/// The upstream of one blob at `/v2/x/blobs/DIGEST` of [`HOST`], wrong as `wrong` says for the
+/// range starting `at`; its
 /// port and the request heads it saw.
-fn upstream(dir: &Path, data: Arc<Vec<u8>>, wrong: Wrong) -> (u16, Arc<Mutex<Vec<String>>>) {
+fn upstream(
+    dir: &Path,
+    data: Arc<Vec<u8>>,
+    (wrong, at): (Wrong, usize),
+) -> (u16, Arc<Mutex<Vec<String>>>) {
     tiny_https(dir, &[HOST], move |head, w| {
         let scripted = match range_of(head) {
-            Some((a, b)) if a == BAD || wrong == Wrong::Ignored => wrongly(&data, (a, b), wrong),
+            // As servers do, a range past the end is cut at the end.
+            Some((a, b)) if a == at || wrong == Wrong::Ignored => {
+                wrongly(&data, (a, b.min(data.len() - 1)), wrong)
+            }
             Some((a, b)) => {
+                let b = b.min(data.len() - 1);
                 let range = format!("bytes {a}-{b}/{}", data.len());
                 Scripted::partial(&data[a..=b], range, Some(b + 1 - a))
             }
@@ -204,12 +216,12 @@ fn blob(seed: u64) -> (Arc<Vec<u8>>, String) {
 }
 
 impl Case {
-    /// `blob` behind an upstream (in `dir`) wrong as `wrong` says, and a proxy with
-    /// `connections` per blob that waits [`UPSTREAM_TIMEOUT`] for an upstream.
+    /// `blob` behind an upstream (in `dir`) wrong as `wrong` says for the range starting `at`,
+    /// and a proxy with `connections` per blob that waits [`UPSTREAM_TIMEOUT`] for an upstream.
     fn new(
         dir: PathBuf,
         (data, digest): (Arc<Vec<u8>>, String),
-        wrong: Wrong,
+        wrong: (Wrong, usize),
         connections: usize,
     ) -> Case {
         let (port, seen) = upstream(&dir, data.clone(), wrong);
@@ -294,6 +306,15 @@ impl Case {
         cached_object(self.proxy.cache_dir(), &self.digest)
     }
 
+    /// Waits for the blob to be cached, then pulls it again (over h2): from the cache, the
+    /// upstream not asked.
+    fn assert_cached_and_served(&self, what: &str) {
+        self.assert_cached(what);
+        let before = self.gets();
+        self.pull_whole("--http2", &format!("{what}, from the cache"));
+        assert_eq!(self.gets(), before, "{what}: asked the upstream again");
+    }
+
     /// Waits for the blob's commit (its last byte goes out once verified, the commit follows);
     /// panics after 30 s.
     fn assert_cached(&self, what: &str) {
@@ -313,24 +334,21 @@ struct Pull {
     stderr: String,
 }
 
-/// For each of `wrongs`: the piece at [`BAD`] answered so makes the rest come from one whole
-/// `GET`; the client gets the blob whole and right, it is cached, and a second pull is served
-/// from the cache.
+/// For each of `wrongs`: the piece at [`BAD`] answered so makes the rest come in one request;
+/// the client gets the blob whole and right, it is cached, and a second pull is served from the
+/// cache.
 fn assert_falls_back(wrongs: &[Wrong]) {
     require_tool("curl");
     let dir = TestDir::new();
     let blob = blob(23);
     for &wrong in wrongs {
         let what = format!("{wrong:?}");
-        let case = Case::new(dir.join(&what), blob.clone(), wrong, 4);
+        let case = Case::new(dir.join(&what), blob.clone(), (wrong, BAD), 4);
         case.pull_whole("--http1.1", &what);
-        let (asked, bad) = (
-            case.ranges_asked(),
-            if wrong == Wrong::Ignored { PIECE } else { BAD },
-        );
+        let asked = case.ranges_asked();
         assert!(
-            asked.contains(&bad),
-            "{what}: no piece at {bad} asked for: {asked:?}"
+            asked.contains(&BAD),
+            "{what}: no piece at {BAD} asked for: {asked:?}"
         );
         let m = metrics(&case.proxy);
         assert!(
@@ -344,23 +362,18 @@ fn assert_falls_back(wrongs: &[Wrong]) {
             "{what}: the rest asked for as one range: {rests:?}"
         );
         // The upstream answers that range wrongly too if it starts at BAD: then comes all of it.
-        let whole = 1 + usize::from(wrong == Wrong::Ignored || rests[0] == BAD);
+        let whole = usize::from(rests[0] == BAD);
         assert_eq!(case.gets().1, whole, "{what}: whole GETs");
-        case.assert_cached(&what);
-        let before = case.gets();
-        case.pull_whole("--http2", &format!("{what}, from the cache"));
-        assert_eq!(case.gets(), before, "{what}: asked the upstream again");
+        case.assert_cached_and_served(&what);
     }
 }
 
-/// Pieces whose head is not what was asked for: a 200 (for one piece, or for every piece of an
-/// upstream that ignores `Range`), another range, another total, a malformed `Content-Range`,
-/// an encoding, no head at all within `--upstream-timeout`.
+/// Pieces whose head is not what was asked for: a 200, another range, another total, a
+/// malformed `Content-Range`, an encoding, no head at all within `--upstream-timeout`.
 #[test]
 fn pieces_with_a_wrong_head_fall_back_to_one_request_for_the_rest() {
     assert_falls_back(&[
         Wrong::Whole200,
-        Wrong::Ignored,
         Wrong::OtherRange,
         Wrong::OtherTotal,
         Wrong::NoTotal,
@@ -383,13 +396,120 @@ fn pieces_with_a_wrong_length_fall_back_to_one_request_for_the_rest() {
     ]);
 }
 
+/// The first request, for the first piece, answered with a wrong head (another range or total,
+/// a malformed `Content-Range`, an encoding, a length that is not the piece's): the blob is asked
+/// for whole, once, and comes in that one answer.
+#[test]
+fn a_first_piece_with_a_wrong_head_makes_the_blob_come_whole() {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let blob = blob(37);
+    let wrongs = [
+        Wrong::OtherRange,
+        Wrong::NoTotal,
+        Wrong::Malformed,
+        Wrong::Encoded,
+        Wrong::LongFramed,
+    ];
+    for wrong in wrongs {
+        let what = format!("first {wrong:?}");
+        let case = Case::new(dir.join(&what), blob.clone(), (wrong, 0), 4);
+        case.pull_whole("--http1.1", &what);
+        assert_eq!(case.ranges_asked(), vec![0], "{what}: ranges asked for");
+        assert_eq!(case.gets(), (2, 1), "{what}: GETs, whole GETs");
+        let m = metrics(&case.proxy);
+        assert_eq!(sample(&m, "regproxy_upstream_pieces_total"), 0, "{what}");
+        assert_eq!(sample(&m, "regproxy_piece_fallbacks_total"), 1, "{what}");
+        case.assert_cached_and_served(&what);
+    }
+}
+
+/// A first piece whose `Content-Range` names another total than the blob's: the client is
+/// promised that many bytes, the upstream's later answers contradict it, and the response is cut
+/// short; nothing is cached, and the next pull asks again.
+#[test]
+fn a_first_piece_with_another_total_is_never_served_cleanly_nor_cached() {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let case = Case::new(dir.join("up"), blob(47), (Wrong::OtherTotal, 0), 4);
+    for (n, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
+        let pull = case.pull(http);
+        assert!(
+            !pull.ok,
+            "{http}: a wrong total ended cleanly ({})",
+            pull.status
+        );
+        assert!(
+            pull.body.len() < SIZE + 1,
+            "{http}: every promised byte went out"
+        );
+        let m = metrics(&case.proxy);
+        assert_eq!(sample(&m, "regproxy_cache_entries"), 0, "{http}: cached");
+        assert!(!case.cached().exists(), "{http}: cached");
+        let firsts = case.ranges_asked().iter().filter(|a| **a == 0).count();
+        assert_eq!(firsts, n + 1, "{http}: the pull did not ask the upstream");
+    }
+}
+
+/// The first piece with a right head and a body of the wrong length, or one that stalls part
+/// way: the bytes it gave that were right go out, and the rest comes in one ranged request.
+#[test]
+fn a_first_piece_of_the_wrong_length_falls_back_to_one_request_for_the_rest() {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let blob = blob(41);
+    let wrongs = [
+        Wrong::Short,
+        Wrong::ShortUnframed,
+        Wrong::LongUnframed,
+        Wrong::StallBody,
+    ];
+    for wrong in wrongs {
+        let what = format!("first {wrong:?}");
+        let case = Case::new(dir.join(&what), blob.clone(), (wrong, 0), 4);
+        case.pull_whole("--http1.1", &what);
+        let m = metrics(&case.proxy);
+        assert!(
+            sample(&m, "regproxy_piece_fallbacks_total") >= 1,
+            "{what}: no fallback"
+        );
+        let rests = case.rests_asked();
+        assert!(
+            rests.len() == 1 && rests[0] > 0 && rests[0] <= PIECE,
+            "{what}: the rest asked for as one range after the bytes passed on: {rests:?}"
+        );
+        assert_eq!(case.gets().1, 0, "{what}: whole GETs");
+        case.assert_cached_and_served(&what);
+    }
+}
+
+/// An upstream that ignores `Range` (or answers the first piece with the whole blob): its first
+/// answer, a 200, is the blob, read whole; nothing more is asked.
+#[test]
+fn an_upstream_that_ignores_ranges_is_read_whole_from_its_first_answer() {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let blob = blob(43);
+    for wrong in [Wrong::Ignored, Wrong::Whole200] {
+        let what = format!("{wrong:?}");
+        let case = Case::new(dir.join(&what), blob.clone(), (wrong, 0), 4);
+        case.pull_whole("--http1.1", &what);
+        assert_eq!(case.ranges_asked(), vec![0], "{what}: ranges asked for");
+        assert_eq!(case.gets(), (1, 0), "{what}: GETs, whole GETs");
+        let m = metrics(&case.proxy);
+        assert_eq!(sample(&m, "regproxy_upstream_pieces_total"), 0, "{what}");
+        assert_eq!(sample(&m, "regproxy_piece_fallbacks_total"), 0, "{what}");
+        case.assert_cached_and_served(&what);
+    }
+}
+
 /// A well-formed piece with one wrong byte: the digest fails at the end, the client's response
 /// is cut (HTTP/1.1 and h2), nothing is cached, and the next pull asks the upstream again.
 #[test]
 fn wrong_bytes_in_a_piece_are_never_served_cleanly_nor_cached() {
     require_tool("curl");
     let dir = TestDir::new();
-    let case = Case::new(dir.join("up"), blob(29), Wrong::FlippedByte, 4);
+    let case = Case::new(dir.join("up"), blob(29), (Wrong::FlippedByte, BAD), 4);
     for (n, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
         let pull = case.pull(http);
         assert!(
@@ -406,11 +526,8 @@ fn wrong_bytes_in_a_piece_are_never_served_cleanly_nor_cached() {
         let m = metrics(&case.proxy);
         assert_eq!(sample(&m, "regproxy_cache_entries"), 0, "{http}: cached");
         assert!(!case.cached().exists(), "{http}: cached");
-        assert_eq!(
-            case.gets().1,
-            n + 1,
-            "{http}: the pull did not ask the upstream"
-        );
+        let firsts = asked.iter().filter(|a| **a == 0).count();
+        assert_eq!(firsts, n + 1, "{http}: the pull did not ask the upstream");
     }
 }
 
@@ -420,11 +537,103 @@ fn wrong_bytes_in_a_piece_are_never_served_cleanly_nor_cached() {
 fn one_blob_connection_asks_for_no_range() {
     require_tool("curl");
     let dir = TestDir::new();
-    let case = Case::new(dir.join("up"), blob(31), Wrong::FlippedByte, 1);
+    let case = Case::new(dir.join("up"), blob(31), (Wrong::FlippedByte, 0), 1);
     case.pull_whole("--http1.1", "one stream");
     assert_eq!(case.ranges_asked(), Vec::<usize>::new(), "ranges asked for");
     assert_eq!(case.gets(), (1, 1));
     let m = metrics(&case.proxy);
     assert_eq!(sample(&m, "regproxy_upstream_pieces_total"), 0);
     case.assert_cached("one stream");
+}
+
+/// Pushes `data` as a blob of `repo` straight to `registry` (a two-step upload with curl); its
+/// digest.
+fn push_blob(registry: &Registry, repo: &str, data: &[u8], dir: &Path) -> String {
+    let digest = sha256_digest(data);
+    let file = dir.join(digest.replace(':', "-"));
+    std::fs::write(&file, data).unwrap();
+    let base = format!("https://{}", registry.direct_host());
+    let curl = |args: &[&str]| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-f", "--cacert"])
+            .arg(registry.ca_cert_path())
+            .args(args);
+        proxy_env(&mut cmd, None);
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+        assert_success(&out, "curl to the registry");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let head = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-X",
+        "POST",
+        &format!("{base}/v2/{repo}/blobs/uploads/"),
+    ]);
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or(l.strip_prefix("location: "))
+        })
+        .expect("an upload location")
+        .trim()
+        .to_owned();
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let put = if location.starts_with('/') {
+        format!("{base}{location}{sep}digest={digest}")
+    } else {
+        format!("{location}{sep}digest={digest}")
+    };
+    let upload = format!("@{}", file.display());
+    // Not a form (curl's default type): the registry would read the body as its fields.
+    let binary = "Content-Type: application/octet-stream";
+    curl(&["-X", "PUT", "-H", binary, "--data-binary", &upload, &put]);
+    digest
+}
+
+/// Blobs of every size around a piece's, the empty one too, through the proxy from a real
+/// registry (which answers ranges): each comes right, is cached, and every byte crosses from the
+/// registry once; one no larger than a piece in one request.
+#[test]
+fn blobs_of_every_size_around_a_piece_cross_once() {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let registry = Registry::start(dir.join("registry"));
+    let proxy = Proxy::for_registry(&registry);
+    let sizes = [0, 1, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 5];
+    for (n, size) in sizes.into_iter().enumerate() {
+        let data = random_bytes(size, 50 + n as u64);
+        let digest = push_blob(&registry, "test/sizes", &data, &dir.join(""));
+        let out = dir.join("pulled");
+        let url = format!("https://{}/v2/test/sizes/blobs/{digest}", registry.host());
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-f", "-o"])
+            .arg(&out)
+            .args(["--proxy", &proxy.url(), "--cacert"])
+            .arg(proxy.ca_cert_path())
+            .arg(&url);
+        proxy_env(&mut cmd, None);
+        let done = run_with_timeout(&mut cmd, Duration::from_secs(120));
+        assert_success(&done, &format!("{size} bytes through the proxy"));
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "{size} bytes: wrong bytes"
+        );
+        let carried = registry.blob_bytes(&digest);
+        assert_eq!(carried, size as u64, "{size} bytes: bytes carried");
+        if size <= PIECE {
+            assert_eq!(registry.blob_gets(&digest), 1, "{size} bytes: GETs");
+        }
+        let cached = || {
+            cached_object(proxy.cache_dir(), &digest)
+                .exists()
+                .then_some(())
+        };
+        wait_for(Duration::from_secs(30), cached, || {
+            format!("{size} bytes: not cached")
+        });
+    }
 }

@@ -474,21 +474,32 @@ fn a_full_disk_costs_capacity_not_availability() {
     assert_eq!(status, 200, "{text}");
 }
 
-/// An upstream that answers a whole-object GET with a 206 (or any success but 200) does not get
-/// its unverifiable bytes to the client as a clean answer.
+/// An upstream that answers with a 206 the proxy did not ask for (any success but 200 to a whole
+/// `GET`, or to a first piece a range other than that piece) does not get its unverifiable bytes
+/// to the client as a clean answer: a 502. With one blob connection no range is asked at all;
+/// with several the first piece is, and the whole blob again after the wrong answer.
 #[test]
-fn a_partial_answer_to_a_whole_get_is_a_502() {
+fn a_partial_answer_not_asked_for_is_a_502() {
     let dir = TestDir::new();
     let data = random_bytes(64 << 10, 9);
     let digest = sha256_digest(&data);
-    let body = data.clone();
-    let (port, _) = tiny_https(&dir.join("up"), &["blobs.test"], move |_, w| {
-        let n = body.len();
-        let _ = write!(w, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{n}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n", n - 1);
-        let _ = w.write_all(&body);
-    });
-    let proxy = Proxy::start(blob_config(port, dir.join("up/ca.crt")));
-    let resp = get_blob(&proxy, port, &digest, None);
-    assert_eq!(resp.status, 502, "{}", resp.head);
-    assert!(!resp.body.windows(32).any(|w| w == &data[..32]));
+    for connections in [1, 4] {
+        let body = data.clone();
+        let up = dir.join(format!("up{connections}"));
+        let (port, seen) = tiny_https(&up, &["blobs.test"], move |_, w| {
+            let (n, part) = (body.len(), 1024);
+            let _ = write!(w, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{n}\r\nContent-Length: {part}\r\nConnection: close\r\n\r\n", part - 1);
+            let _ = w.write_all(&body[..part]);
+        });
+        let config = blob_config(port, up.join("ca.crt"));
+        let proxy = Proxy::start(|c: &mut Config| {
+            config(c);
+            c.blob_connections = connections;
+        });
+        let resp = get_blob(&proxy, port, &digest, None);
+        assert_eq!(resp.status, 502, "{connections}: {}", resp.head);
+        assert!(!resp.body.windows(32).any(|w| w == &data[..32]));
+        let gets = seen.lock().unwrap().len();
+        assert_eq!(gets, connections.min(2), "{connections}: upstream GETs");
+    }
 }

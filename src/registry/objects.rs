@@ -66,37 +66,16 @@ impl Ask<'_> {
     /// Streams the object from the upstream without caching it, verified on the way: the last
     /// byte goes out only once the digest checks out. For bytes another origin served (this
     /// one must show its own) and for a disk that has no room. `resp` is the upstream's answer
-    /// when the caller already has it.
-    async fn passthrough(&self, resp: Option<Response<Incoming>>) -> (Response<Body>, Outcome) {
+    /// (a 200, plain) when the caller already has it.
+    async fn passthrough(&self, resp: Option<Response<Body>>) -> (Response<Body>, Outcome) {
         let shared = self.shared;
-        let (resp, sent) = match resp {
-            Some(resp) => (resp, None),
-            None => {
-                let mut up = match fetch_request(self.target, self.parts, Method::GET) {
-                    Ok(r) => r,
-                    Err(reason) => {
-                        return (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused)
-                    }
-                };
-                up.extensions_mut().insert(OwnConnection);
-                let sent = up.headers().clone();
-                match shared.client.send(up, How::following()).await {
-                    Ok(r) => (r, Some(sent)),
-                    Err(e) => return (bad_gateway(self.target, &e), Outcome::Failed),
-                }
-            }
+        let resp = match resp {
+            Some(resp) => resp,
+            None => match self.fetch_whole().await {
+                Ok(resp) => resp,
+                Err(answer) => return answer,
+            },
         };
-        if resp.status() != StatusCode::OK {
-            return (not_whole(resp), Outcome::Forward);
-        }
-        if resp.headers().contains_key(header::CONTENT_ENCODING) {
-            let reason = "upstream sent an encoded blob although asked for identity";
-            return (text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed);
-        }
-        if let Some(sent) = sent {
-            let user = self.parts.extensions.get::<ProxyUser>();
-            access::served_to(shared, &sent, user, self.target, self.repo).await;
-        }
         let length =
             header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let content_type = header_str(resp.headers(), header::CONTENT_TYPE);
@@ -107,7 +86,7 @@ impl Ask<'_> {
         };
         let metrics = shared.metrics.clone();
         let verified = crate::cache::verified::verified(
-            body::incoming(resp.into_body()),
+            resp.into_body(),
             self.digest.clone(),
             length,
             metrics,
@@ -121,6 +100,30 @@ impl Ask<'_> {
             passthrough_response(verified, self.digest, &flightless),
             Outcome::Miss,
         )
+    }
+
+    /// The upstream's 200 of the whole object, on a connection of its own, its bytes not
+    /// encoded; else what to answer the client.
+    async fn fetch_whole(&self) -> Result<Response<Body>, (Response<Body>, Outcome)> {
+        let shared = self.shared;
+        let mut up = fetch_request(self.target, self.parts, Method::GET)
+            .map_err(|reason| (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused))?;
+        up.extensions_mut().insert(OwnConnection);
+        let sent = up.headers().clone();
+        let resp = match shared.client.send(up, How::following()).await {
+            Ok(r) => r,
+            Err(e) => return Err((bad_gateway(self.target, &e), Outcome::Failed)),
+        };
+        if resp.status() != StatusCode::OK {
+            return Err((not_whole(resp), Outcome::Forward));
+        }
+        if resp.headers().contains_key(header::CONTENT_ENCODING) {
+            let reason = "upstream sent an encoded blob although asked for identity";
+            return Err((text(StatusCode::BAD_GATEWAY, reason), Outcome::Failed));
+        }
+        let user = self.parts.extensions.get::<ProxyUser>();
+        access::served_to(shared, &sent, user, self.target, self.repo).await;
+        Ok(resp.map(body::incoming))
     }
 }
 
@@ -219,7 +222,7 @@ enum Answer {
     /// The upstream's (or the proxy's) answer as it stands: 401, 404, 502, …
     Upstream(Response<Body>),
     /// A 200 whose object the disk has no room for: stream it past the cache.
-    NoRoom(Response<Incoming>),
+    NoRoom(Response<Body>),
 }
 
 /// The leader's side: the shared tier first, then the fleet member that owns the digest, then
@@ -253,8 +256,8 @@ async fn lead(
         // limit on a long path caps every download.
         up.extensions_mut().insert(OwnConnection);
     }
-    let ranged = Ranged::of(&up);
-    let resp = match shared.client.send(up, How::following()).await {
+    let mut ranged = Ranged::of(&up);
+    let resp = match ranged.send(&shared.client, up).await {
         Ok(r) => r,
         Err(e) => {
             let _ = answer.send(Answer::Upstream(bad_gateway(&target, &e)));
@@ -370,16 +373,17 @@ async fn fill(
         )));
         return false;
     }
+    let (parts, body) = resp.into_parts();
+    let body = match ranged {
+        Some(ranged) => ranged.body(shared.clone(), body),
+        None => body::incoming(body),
+    };
     if !room_for(shared, head.length).await {
         shared.metrics.passthrough.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%digest, bytes = head.length, "no room in the cache even after eviction; streaming past it");
-        let _ = answer.send(Answer::NoRoom(resp));
+        let _ = answer.send(Answer::NoRoom(Response::from_parts(parts, body)));
         return false;
     }
-    let body = match ranged {
-        Some(ranged) => ranged.body(shared.clone(), resp),
-        None => body::incoming(resp.into_body()),
-    };
     if let Err(e) = leader.start(&shared.cache, head, body, from) {
         let _ = answer.send(Answer::Upstream(text(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,18 +1,22 @@
 //! One large object over several upstream connections at once. A long path allows one TCP flow
 //! only so much (a window per round trip); a few flows, each asked for a range, carry more.
 //!
-//! The upstream's 200 answer is read for the first piece only; the rest is asked for in ranged
-//! pieces, each on a connection of its own, a few at a time, and the bytes still come out as one
-//! body, in order, for the fill to hash. Pieces are held in memory until their turn: at most
-//! `--blob-connections` of `PIECE` bytes per object, each drawn from the process's budget before
-//! it is asked for, and given back once its bytes have been passed on.
+//! The first request for a blob already asks for its first piece only: a whole `GET` that is cut
+//! after its first piece has had the rest of the socket's buffers sent for nothing (on loopback,
+//! more than the piece). A 206 that answers it tells the object's length, and is passed on as the
+//! 200 of the whole object; the rest is asked for in ranged pieces, each on a connection of its
+//! own, a few at a time, and the bytes still come out as one body, in order, for the fill to
+//! hash. Pieces are held in memory until their turn: at most `--blob-connections` of `PIECE`
+//! bytes per object, each drawn from the process's budget before it is asked for, and given back
+//! once its bytes have been passed on.
 //!
-//! Every piece's answer is checked: a 206 for exactly the range asked, of the same total length,
-//! not encoded, and exactly that many bytes (its body read to the end, even past the range), none
-//! more than [`PIECE_STALL`] after the one before. On any failure the pieces stop, and the rest
-//! comes from one ranged `GET` of all of it, checked as a piece is, or else from one whole `GET`
-//! again, its first bytes (those already passed on) skipped. Wrong bytes in a well-formed piece
-//! are the digest's to catch: the fill fails, and no client sees a clean end.
+//! Every piece's answer is checked, the first one's too: a 206 for exactly the range asked, of
+//! the same total length, not encoded, and exactly that many bytes (its body read to the end, even
+//! past the range), none more than [`PIECE_STALL`] after the one before. On any failure the pieces
+//! stop, and the rest comes from one ranged `GET` of all of it, checked as a piece is, or else
+//! from one whole `GET` again, its first bytes (those already passed on) skipped. Wrong bytes in a
+//! well-formed piece are the digest's to catch: the fill fails, and no client sees a clean end.
+//! An upstream that ignores the first range (a 200) is read whole, as it answered.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -31,10 +35,9 @@ use tracing::Instrument;
 use super::{Client, How, UpstreamError};
 use crate::body::{self, Body, BoxError, Feed};
 
-/// Objects at least this large are fetched in pieces, when the upstream offers ranges.
-const THRESHOLD: u64 = 16 << 20;
-/// Bytes per piece: each costs a round trip before its first byte, and each waiting for its turn
-/// is held in memory; at 4 MiB the long fat path of bench/ gained 8% and peak RSS 16 MiB.
+/// Bytes per piece, the first one's too: each costs a round trip before its first byte, and each
+/// waiting for its turn is held in memory; at 4 MiB the long fat path of bench/ gained 8% and
+/// peak RSS 16 MiB. An object no larger comes in one request.
 const PIECE: u64 = 2 << 20;
 /// The longest a ranged request may keep the download waiting, for its head or its next bytes,
 /// before it is given up (less if `--upstream-timeout` is less): the fill gives up after 60 s
@@ -46,7 +49,7 @@ const QUEUE: usize = 8;
 /// What holds the client that asks for the pieces (the proxy's shared state).
 pub type Via = Arc<dyn AsRef<Client> + Send + Sync>;
 
-/// Why a piece (or the first answer, up to its piece's end) could not be used.
+/// Why a piece (the first one too) could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PieceError {
     /// The request failed.
@@ -75,62 +78,116 @@ pub enum PieceError {
 /// The head of a whole-object `GET`, kept so that the object's parts can be asked for alike.
 pub struct Ranged {
     head: request::Parts,
+    /// The object's length, once a 206 has answered the first request with its first piece.
+    total: Option<u64>,
 }
 
 impl Ranged {
     /// Keeps the head of `req`, before it is sent.
     pub fn of(req: &Request<Body>) -> Ranged {
-        let mut again = Request::new(());
-        *again.method_mut() = req.method().clone();
-        *again.uri_mut() = req.uri().clone();
-        *again.version_mut() = req.version();
-        *again.headers_mut() = req.headers().clone();
-        *again.extensions_mut() = req.extensions().clone();
         Ranged {
-            head: again.into_parts().0,
+            head: super::head_of(req).into_parts().0,
+            total: None,
         }
     }
 
-    /// The body of `resp`, the upstream's answer to the request: fetched in pieces when it is a
-    /// `GET` answered 200 with a length of at least [`THRESHOLD`] and `Accept-Ranges: bytes`,
-    /// else as it comes.
-    pub fn body(self, via: Via, resp: Response<Incoming>) -> Body {
-        let parallel = (*via).as_ref().blob_connections() as u64;
-        let Some(total) = self.worth_it(&resp).filter(|_| parallel > 1) else {
-            return body::incoming(resp.into_body());
-        };
-        let (feed, out) = body::channel(QUEUE, Some(total));
-        let first = body::incoming(resp.into_body());
-        tokio::spawn(drive(self, via, first, (total, parallel), feed).in_current_span());
-        out
+    /// Sends `req`, the request whose head this keeps: for a blob that may come in pieces, asks
+    /// for its first piece only, and answers a 206 that is exactly that piece as the 200 of the
+    /// whole object (its body the piece; [`Ranged::body`] makes it whole). Any other answer to the
+    /// range is the upstream's: a 200 (ranges ignored) as it is, a 206 for anything else or a 416
+    /// (an empty object) by asking again for all of it.
+    pub async fn send(
+        &mut self,
+        client: &Client,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let blob = self.head.method == Method::GET && self.head.uri.path().contains("/blobs/");
+        if !blob || client.blob_connections() < 2 || self.head.headers.contains_key(header::RANGE) {
+            return client.send(req, How::following()).await;
+        }
+        if let Some(range) = range_value(0, PIECE) {
+            req.headers_mut().insert(header::RANGE, range);
+        }
+        let resp = client.send(req, How::following()).await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => match first_piece(&resp) {
+                Ok(total) => {
+                    self.total = Some(total);
+                    Ok(as_whole(resp, total))
+                }
+                Err(e) => {
+                    client
+                        .metrics()
+                        .piece_fallbacks
+                        .fetch_add(1, Ordering::Relaxed);
+                    let error = crate::upstream::error_chain(&e);
+                    tracing::warn!(%error, "the first piece was answered wrongly; asking for all of it");
+                    client.send(self.request(None), How::following()).await
+                }
+            },
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                client.send(self.request(None), How::following()).await
+            }
+            _ => Ok(resp),
+        }
     }
 
-    /// The object's length, if it is worth fetching in pieces.
-    fn worth_it(&self, resp: &Response<Incoming>) -> Option<u64> {
-        let headers = resp.headers();
-        let ranges = headers.get(header::ACCEPT_RANGES) == Some(&HeaderValue::from_static("bytes"));
-        let total: u64 = headers
-            .get(header::CONTENT_LENGTH)?
-            .to_str()
-            .ok()?
-            .parse()
-            .ok()?;
-        let plain = !headers.contains_key(header::CONTENT_ENCODING);
-        let whole = self.head.method == Method::GET && resp.status() == StatusCode::OK;
-        (ranges && plain && whole && total >= THRESHOLD).then_some(total)
+    /// The body of the answer [`Ranged::send`] gave: the object's first piece followed by the
+    /// others, fetched ahead, when it was answered in pieces; else the body as it comes.
+    pub fn body(self, via: Via, first: Incoming) -> Body {
+        let parallel = (*via).as_ref().blob_connections() as u64;
+        let Some(total) = self.total.filter(|t| *t > PIECE && parallel > 1) else {
+            return body::incoming(first);
+        };
+        let (feed, out) = body::channel(QUEUE, Some(total));
+        let first = body::incoming(first);
+        tokio::spawn(drive(self, via, first, (total, parallel), feed).in_current_span());
+        out
     }
 
     /// The request again, for `bytes` (`None`: the whole object).
     fn request(&self, bytes: Option<(u64, u64)>) -> Request<Body> {
         let mut req = Request::from_parts(self.head.clone(), body::empty());
-        if let Some((start, end)) = bytes {
-            let range = format!("bytes={start}-{}", end - 1);
-            if let Ok(v) = HeaderValue::try_from(range) {
-                req.headers_mut().insert(header::RANGE, v);
-            }
+        if let Some(range) = bytes.and_then(|(start, end)| range_value(start, end)) {
+            req.headers_mut().insert(header::RANGE, range);
         }
         req
     }
+}
+
+/// `Range: bytes=START-LAST` for the bytes `start..end`.
+fn range_value(start: u64, end: u64) -> Option<HeaderValue> {
+    HeaderValue::try_from(format!("bytes={start}-{}", end - 1)).ok()
+}
+
+/// The object's length, if `resp` (a 206) is exactly its first piece, as the first request
+/// asked: bytes 0 to the piece's end or the object's, whichever comes first.
+fn first_piece(resp: &Response<Incoming>) -> Result<u64, PieceError> {
+    let range = resp
+        .headers()
+        .get(header::CONTENT_RANGE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let total = range
+        .trim()
+        .rsplit_once('/')
+        .and_then(|(_, t)| t.parse::<u64>().ok())
+        .filter(|t| *t > 0);
+    let Some(total) = total else {
+        let want = format!("0-{}/*", PIECE - 1);
+        return Err(PieceError::Range { got: range, want });
+    };
+    check(resp, (0, PIECE.min(total)), total)?;
+    Ok(total)
+}
+
+/// `resp`, the 206 of an object's first piece, as the 200 of all its `total` bytes.
+fn as_whole(mut resp: Response<Incoming>, total: u64) -> Response<Incoming> {
+    *resp.status_mut() = StatusCode::OK;
+    let headers = resp.headers_mut();
+    headers.remove(header::CONTENT_RANGE);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    resp
 }
 
 /// A piece asked for: its bytes as they come, and its share of the process's budget, held until
@@ -198,6 +255,7 @@ async fn pieces(
     let mut sent = 0u64;
     let mut source = Source::First(first);
     let mut end = next;
+    let wait = stall((**via).as_ref());
     loop {
         let room = (ahead.len() as u64) < parallel - 1 && next < total;
         tokio::select! {
@@ -213,9 +271,13 @@ async fn pieces(
                 ahead.push_back(ask(tasks, ranged.clone(), via.clone(), (next, stop), total, held));
                 next = stop;
             }
-            frame = source.next(end - sent) => match frame {
+            frame = source.next(wait) => match frame {
                 Some(Ok(data)) => {
                     let n = data.len() as u64;
+                    if sent + n > end {
+                        let e = PieceError::Length { got: sent + n, want: end };
+                        return Err(Stop::Broken(sent, e));
+                    }
                     if feed.send(Ok(data)).await.is_err() {
                         return Err(Stop::ClientGone);
                     }
@@ -241,35 +303,31 @@ async fn pieces(
     }
 }
 
-/// Where the bytes in front come from: the first answer (read up to its piece's end, then
-/// dropped with its connection), or a piece fetched ahead.
+/// Where the bytes in front come from: the first answer, or a piece fetched ahead.
 enum Source {
     First(Body),
     Piece(Piece),
 }
 
 impl Source {
-    /// The next bytes, at most `left`; `None` once the source is spent, or the first answer
-    /// has given its piece (`left` is 0).
-    async fn next(&mut self, left: u64) -> Option<Result<Bytes, PieceError>> {
+    /// The next bytes; `None` once the source is spent. Both are read to their end, even when all
+    /// their bytes are in: the answer may yet go on past the range, and then it is not what was
+    /// asked for (`fetch` finds that of a piece, the caller of the first answer).
+    async fn next(&mut self, stall: Duration) -> Option<Result<Bytes, PieceError>> {
         match self {
-            Source::First(_) if left == 0 => None,
             Source::First(body) => loop {
-                match body.frame().await? {
+                let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
+                    return Some(Err(PieceError::Stalled(stall)));
+                };
+                match frame? {
                     Ok(frame) => {
-                        let Ok(mut data) = frame.into_data() else {
-                            continue;
-                        };
-                        if data.len() as u64 > left {
-                            data.truncate(left as usize);
+                        if let Ok(data) = frame.into_data() {
+                            return Some(Ok(data));
                         }
-                        return Some(Ok(data));
                     }
                     Err(e) => return Some(Err(PieceError::Body(e))),
                 }
             },
-            // Read to its end even when all its bytes are in: `fetch` may yet find that the
-            // answer goes on past the range, and then the piece is not what was asked for.
             Source::Piece(piece) => piece.rx.recv().await,
         }
     }

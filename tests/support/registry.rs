@@ -24,6 +24,8 @@ pub struct AccessEntry {
     /// Path and query, as the client sent them (`/v2/test/img/blobs/sha256:…`).
     pub uri: String,
     pub status: u16,
+    /// Body bytes the registry wrote (`-`, as for a HEAD, is 0).
+    pub bytes: u64,
     /// The client's User-Agent (the proxy's own, for upstream requests it makes).
     pub user_agent: String,
 }
@@ -337,6 +339,16 @@ http:
             .count()
     }
 
+    /// How many bytes of the blob `digest` the registry has sent in successful (2xx) `GET`s,
+    /// whole or ranged: its size once if every byte crossed once.
+    pub fn blob_bytes(&self, digest: &str) -> u64 {
+        self.access_log()
+            .iter()
+            .filter(|e| e.is_blob_get(digest) && (200..300).contains(&e.status))
+            .map(|e| e.bytes)
+            .sum()
+    }
+
     /// Makes a proxy config reach this registry as `registry.test:PORT`: intercept
     /// `registry.test`, resolve it to 127.0.0.1:PORT, trust the registry CA upstream, allow CONNECT
     /// to PORT.
@@ -370,7 +382,7 @@ fn parse_access_line(line: &str) -> Option<AccessEntry> {
     let (method, uri) = (request.next()?, request.next()?);
     let mut rest = rest.splitn(3, ' ');
     let status = rest.next()?.parse().ok()?;
-    let _size = rest.next()?;
+    let bytes = rest.next()?.parse().unwrap_or(0);
     // `"REFERER" "USER AGENT"`
     let user_agent = rest
         .next()?
@@ -381,6 +393,7 @@ fn parse_access_line(line: &str) -> Option<AccessEntry> {
         method: method.to_string(),
         uri: uri.to_string(),
         status,
+        bytes,
         user_agent: user_agent.to_string(),
     })
 }
