@@ -46,9 +46,12 @@ SWEEP = "Site uplink: {n} concurrent cold pulls of 1 × 200 MiB (wall time)"
 W_CONC = SWEEP.format(n=CONC)
 W_CONCR = f"Site uplink: {CONC} concurrent cold pulls ÷ one direct cold pull"
 W_LINK = f"Site uplink: MiB carried from the origin across the link, {CONC} concurrent cold pulls"
+NCPUS = os.cpu_count() or 1
+W_CPU1 = f"Site uplink: CPU time of client + origin + proxy + relay ÷ {NCPUS} CPUs, one cold pull"
+W_CPU8 = f"Site uplink: CPU time of clients + origin + proxy + relay ÷ {NCPUS} CPUs, {CONC} concurrent cold pulls"
 F_COLD = "Long fat path: two clients at once, 1 × 64 MiB and 8 × 4 MiB, cold (wall time)"
 F_CONNS = "Long fat path: TCP connections opened across the link during the two pulls"
-WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, F_COLD, F_CONNS)
+WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, W_CPU1, W_CPU8, F_COLD, F_CONNS)
 # CPU seconds per GiB pulled, of the processes that terminate TLS.
 G_LC, G_LW = "loopback cold", "loopback warm"
 G_UC, G_UW = "site uplink cold", "site uplink warm"
@@ -761,9 +764,17 @@ def uplink_round(clients, origin, link, peers, res, size, r):
     caching = [p for p in peers if p.caching]
     for p in caching:
         p.fresh()
+    def everyone(p, images):
+        """Wall time, CPU of everything, and the TLS processes' CPU, of pulls of `images` through p."""
+        r0 = cpu_s([link.proc.pid])
+        wall, cpu = measured(clients, origin, p, images)
+        all_cpu = cpu["client"] + cpu["origin"] + cpu["proxy"] + cpu_s([link.proc.pid]) - r0
+        return wall, all_cpu / NCPUS, cpu
     def pull(p, case, cpu_case):
-        wall, cpu = measured(clients, origin, p, ["big"])
+        wall, all_cpu, cpu = everyone(p, ["big"])
         res.add(case, p.name, wall)
+        if case == W_COLD:
+            res.add(W_CPU1, p.name, all_cpu)
         if p.terminates_tls:
             res.add(cpu_case, p.name, cpu["tls"] / (size / GiB))
         if not p.caching:
@@ -776,8 +787,9 @@ def uplink_round(clients, origin, link, peers, res, size, r):
     def concurrent(p):
         p.fresh()
         before = link.carried()
-        wall, _ = measured(clients, origin, p, ["big"] * CONC)
+        wall, all_cpu, _ = everyone(p, ["big"] * CONC)
         res.add(W_CONC, p.name, wall)
+        res.add(W_CPU8, p.name, all_cpu)
         if one:
             res.add(W_CONCR, p.name, wall / one)
         res.add(W_LINK, p.name, (link.carried()[1] - before[1]) / MiB)
@@ -1218,6 +1230,9 @@ def main():
                                "(direct: its own 8 pulls in the concurrency sweep).")
         res.case(W_LINK, "MiB", "Bytes from the origin that crossed the link (relay counters) during the 8 pulls; the image "
                                 "is 200 MiB (direct: its 8 pulls in the concurrency sweep).")
+        res.case(W_CPU1, "s", "utime + stime of the skopeo client, the origin, the peer's processes and bench/wan.py, ÷ CPUs: "
+                              "the shortest wall time this machine's CPUs allow the pull, were they idle otherwise.")
+        res.case(W_CPU8, "s", "The same for the 8 concurrent pulls: compare with their wall time above.")
         res.case(F_COLD, "s")
         res.case(F_CONNS, "n", "Connections the relay accepted during the two pulls (clients' for direct; the "
                                "proxy's upstream connections otherwise).")
@@ -1430,6 +1445,24 @@ def wan_cpu_goals(res, floor, goal):
              f"regproxy {fmt(mine, 'x')}; {shown or 'no other peer'} (CPU-s/GiB)")
 
 
+def wan_why(res):
+    """What bounds the site uplink's CPU-heavy cases, from the CPU accounting of the same pulls."""
+    out = []
+    c8, w8 = res.med(W_CPU8, "regproxy"), res.med(W_CONC, "regproxy")
+    c1, w1 = res.med(W_CPU1, "direct"), res.med(W_COLD, "direct")
+    if None not in (c8, w8, c1, w1):
+        out.append(f"- Site uplink, {CONC} concurrent cold pulls through regproxy: all processes' CPU ÷ CPUs "
+                   f"{fmt(c8, 's')} against a wall time of {fmt(w8, 's')}; for one direct pull {fmt(c1, 's')} against "
+                   f"{fmt(w1, 's')}. The {CONC} skopeo clients need most of it; with other work on the machine (load "
+                   f"average in the notes) the pulls wait for CPU, not for the link.")
+    cw, ww = res.med(W_CPU1, "regproxy"), res.med(W_WARM, "regproxy")
+    if None not in (cw, ww):
+        out.append(f"- Site uplink, cold pull through regproxy: all processes' CPU ÷ CPUs {fmt(cw, 's')} "
+                   f"(wall {fmt(res.med(W_COLD, 'regproxy'), 's')}); a warm pull moves the same 200 MiB through skopeo "
+                   f"at local speed, so its wall time ({fmt(ww, 's')}) is CPU time.")
+    return out
+
+
 def cpu_table(res, names, floor):
     """CPU seconds per GiB of each TLS-terminating peer, and ÷ the floor, per case."""
     head = "| peer | " + " | ".join(f"{c} | ÷ floor" for c in CPU_CASES) + " |"
@@ -1619,6 +1652,9 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
          "Ratios are of medians of the same run: absolute times on this shared 2-core machine are noise, ratios "
          "against a peer measured minutes apart much less so. Cells give median (min–max) of the rounds.", "",
          "## Goals: WAN, CPU and the fleet", "", "| goal | measured | result |", "|---|---|---|"] + top
+    why_wan = wan_why(res)
+    if why_wan:
+        L += ["", "Where the time goes (CPU accounting of the same pulls):", ""] + why_wan
     L += ["", "## WAN profiles", "",
           "`bench/wan.py`, a TCP relay on loopback, stands between every peer and the origin (direct clients "
           "connect to it instead of the origin; the tunnel, regproxy, nginx, mitmproxy and distribution connect "
