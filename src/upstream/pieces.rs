@@ -16,7 +16,10 @@
 //! stop, and the rest comes from one ranged `GET` of all of it, checked as a piece is, or else
 //! from one whole `GET` again, its first bytes (those already passed on) skipped. Wrong bytes in a
 //! well-formed piece are the digest's to catch: the fill fails, and no client sees a clean end.
-//! An upstream that ignores the first range (a 200) is read whole, as it answered.
+//! An upstream that ignores the first range (a 200) is read whole, as it answered. A blob no
+//! larger than a piece is that first answer alone: its head is checked as a piece's, and its body
+//! is the fill's to check (length, digest, stall) as a whole `GET`'s would be; a short or stalled
+//! one fails the download rather than falling back.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -116,6 +119,7 @@ impl Ranged {
                     Ok(as_whole(resp, total))
                 }
                 Err(e) => {
+                    drop(resp); // not to keep its connection busy with a piece nobody reads
                     client
                         .metrics()
                         .piece_fallbacks
@@ -126,6 +130,7 @@ impl Ranged {
                 }
             },
             StatusCode::RANGE_NOT_SATISFIABLE => {
+                drop(resp);
                 client.send(self.request(None), How::following()).await
             }
             _ => Ok(resp),
@@ -257,6 +262,13 @@ async fn pieces(
     let mut end = next;
     let wait = stall((**via).as_ref());
     loop {
+        if matches!(source, Source::Waiting) {
+            // The budget held the next piece back; now asked for, it is in front.
+            if let Some(piece) = ahead.pop_front() {
+                end = piece.end;
+                source = Source::Piece(piece);
+            }
+        }
         let room = (ahead.len() as u64) < parallel - 1 && next < total;
         tokio::select! {
             biased;
@@ -290,23 +302,31 @@ async fn pieces(
                 }
                 None if sent == total => return Ok(()),
                 None => {
-                    // The next piece was asked for when there was room, in order: it is in front.
-                    let Some(piece) = ahead.pop_front() else {
-                        let e = PieceError::Length { got: sent, want: total };
-                        return Err(Stop::Broken(sent, e));
+                    // The next piece was asked for when there was room, in order: it is in front,
+                    // or waits for the budget (never past the end: then the upstream was short).
+                    source = match ahead.pop_front() {
+                        Some(piece) => {
+                            end = piece.end;
+                            Source::Piece(piece)
+                        }
+                        None if next < total => Source::Waiting,
+                        None => {
+                            let e = PieceError::Length { got: sent, want: total };
+                            return Err(Stop::Broken(sent, e));
+                        }
                     };
-                    end = piece.end;
-                    source = Source::Piece(piece);
                 }
             },
         }
     }
 }
 
-/// Where the bytes in front come from: the first answer, or a piece fetched ahead.
+/// Where the bytes in front come from: the first answer, or a piece fetched ahead; or nothing
+/// yet, while the next piece waits for the budget.
 enum Source {
     First(Body),
     Piece(Piece),
+    Waiting,
 }
 
 impl Source {
@@ -329,6 +349,7 @@ impl Source {
                 }
             },
             Source::Piece(piece) => piece.rx.recv().await,
+            Source::Waiting => std::future::pending().await,
         }
     }
 }
@@ -465,7 +486,7 @@ async fn rest(
         // Skipping what went out means fetching it again while the fill receives nothing: on a
         // slow path, long enough for the fill to give up on a large object.
         match ask_range(ranged, client, (from, total), total).await {
-            Ok(resp) => return pass_on(resp, (0, total - from), feed).await,
+            Ok(resp) => return pass_on(resp, (0, total - from), feed, stall(client)).await,
             Err(e) => {
                 let error = crate::upstream::error_chain(&e);
                 tracing::warn!(%error, at = from, "the rest as a range failed; asking for all of it");
@@ -486,19 +507,29 @@ async fn rest(
             want: total,
         });
     }
-    pass_on(resp, (from, total), feed).await
+    pass_on(resp, (from, total), feed, stall(client)).await
 }
 
 /// Passes `resp`'s body on to `feed`, but for its first `skip` bytes (those went out already);
-/// it must have exactly `length` bytes. `Ok(false)` if the reader left.
+/// it must have exactly `length` bytes, none more than `wait` after the one before. `Ok(false)`
+/// if the reader left.
 async fn pass_on(
     resp: Response<Incoming>,
     (skip, length): (u64, u64),
     feed: &Feed,
+    wait: Duration,
 ) -> Result<bool, PieceError> {
     let mut body = resp.into_body();
     let mut at = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::select! {
+            _ = feed.closed() => return Ok(false),
+            frame = tokio::time::timeout(wait, body.frame()) => frame,
+        };
+        let Ok(frame) = frame else {
+            return Err(PieceError::Stalled(wait));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| PieceError::Body(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
