@@ -174,6 +174,27 @@ pub fn tiny_https(
     names: &[&str],
     answer: impl Fn(&str, &mut dyn Write) + Send + Sync + 'static,
 ) -> (u16, Arc<Mutex<Vec<String>>>) {
+    serve_tiny(dir, names, answer, false)
+}
+
+/// Like [`tiny_https`], but its first connection stays open after the first answer (which must
+/// be framed and not say `Connection: close`), and when a second request comes on it, that
+/// request is recorded and the connection closed cleanly, unanswered: a kept-alive connection the
+/// server drops just as a client reuses it.
+pub fn tiny_https_dropping_reuse(
+    dir: &Path,
+    names: &[&str],
+    answer: impl Fn(&str, &mut dyn Write) + Send + Sync + 'static,
+) -> (u16, Arc<Mutex<Vec<String>>>) {
+    serve_tiny(dir, names, answer, true)
+}
+
+fn serve_tiny(
+    dir: &Path,
+    names: &[&str],
+    answer: impl Fn(&str, &mut dyn Write) + Send + Sync + 'static,
+    drop_reuse: bool,
+) -> (u16, Arc<Mutex<Vec<String>>>) {
     make_test_certs(dir, "tiny test CA", names);
     let config = Arc::new(server_tls_config(dir));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -181,7 +202,7 @@ pub fn tiny_https(
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (record, answer) = (seen.clone(), Arc::new(answer));
     thread::spawn(move || {
-        for tcp in listener.incoming().flatten() {
+        for (n, tcp) in listener.incoming().flatten().enumerate() {
             let (config, record, answer) = (config.clone(), record.clone(), answer.clone());
             thread::spawn(move || {
                 tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -192,6 +213,12 @@ pub fn tiny_https(
                 };
                 record.lock().unwrap().push(head.clone());
                 answer(&head, &mut tls);
+                if drop_reuse && n == 0 {
+                    let _ = tls.flush();
+                    if let Some(again) = read_request_head(&mut tls) {
+                        record.lock().unwrap().push(again);
+                    }
+                }
                 close_tls(tls);
             });
         }
