@@ -1544,8 +1544,8 @@ def fleet_lines(result):
           "its own disk, then the nodes sharing one bucket (Garage on loopback, `scripts/garage.sh`) and knowing "
           "each other (`--peer`, fleet-wide single flight). Origin bytes are the sizes of the origin's 2xx GETs of "
           "blobs and manifests in its access log: what a site's uplink would carry. They include what the origin "
-          "wrote into a connection before regproxy closed it: a blob of 16 MiB or more is read from its 200 answer "
-          "for the first piece only, the rest in ranged pieces, and on loopback socket buffers take megabytes more. "
+          "wrote into a connection before a client closed it (a whole answer cut short counts what the socket "
+          "buffers took; regproxy asks every blob in ranged pieces, the first request too, so it cuts none). "
           "The origin is on loopback, not behind a WAN link, so the wall times say little.", ""]
     return L + fleet.table(image_bytes, rows)
 
