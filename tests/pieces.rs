@@ -306,6 +306,21 @@ impl Case {
         cached_object(self.proxy.cache_dir(), &self.digest)
     }
 
+    /// Pulls the blob over HTTP/1.1 then h2 and asserts that neither ended cleanly, nothing was
+    /// cached, and each pull asked the upstream (its first piece) again; `check` sees each pull.
+    fn assert_never_served_cleanly(&self, what: &str, check: impl Fn(&str, &Pull)) {
+        for (n, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
+            let pull = self.pull(http);
+            assert!(!pull.ok, "{http}: {what} ended cleanly ({})", pull.status);
+            check(http, &pull);
+            let m = metrics(&self.proxy);
+            assert_eq!(sample(&m, "regproxy_cache_entries"), 0, "{http}: cached");
+            assert!(!self.cached().exists(), "{http}: cached");
+            let firsts = self.ranges_asked().iter().filter(|a| **a == 0).count();
+            assert_eq!(firsts, n + 1, "{http}: the pull did not ask the upstream");
+        }
+    }
+
     /// Waits for the blob to be cached, then pulls it again (over h2): from the cache, the
     /// upstream not asked.
     fn assert_cached_and_served(&self, what: &str) {
@@ -401,9 +416,6 @@ fn pieces_with_a_wrong_length_fall_back_to_one_request_for_the_rest() {
 /// for whole, once, and comes in that one answer.
 #[test]
 fn a_first_piece_with_a_wrong_head_makes_the_blob_come_whole() {
-    require_tool("curl");
-    let dir = TestDir::new();
-    let blob = blob(37);
     let wrongs = [
         Wrong::OtherRange,
         Wrong::NoTotal,
@@ -411,15 +423,26 @@ fn a_first_piece_with_a_wrong_head_makes_the_blob_come_whole() {
         Wrong::Encoded,
         Wrong::LongFramed,
     ];
-    for wrong in wrongs {
+    assert_first_answer_alone(37, &wrongs, (2, 1), 1);
+}
+
+/// For each of `wrongs` in the answer to the first request: the blob comes whole and right from
+/// `gets` (GETs, whole GETs), no further piece is asked, `fallbacks` are counted, and it is
+/// cached and served from there.
+fn assert_first_answer_alone(seed: u64, wrongs: &[Wrong], gets: (usize, usize), fallbacks: u64) {
+    require_tool("curl");
+    let dir = TestDir::new();
+    let blob = blob(seed);
+    for &wrong in wrongs {
         let what = format!("first {wrong:?}");
         let case = Case::new(dir.join(&what), blob.clone(), (wrong, 0), 4);
         case.pull_whole("--http1.1", &what);
         assert_eq!(case.ranges_asked(), vec![0], "{what}: ranges asked for");
-        assert_eq!(case.gets(), (2, 1), "{what}: GETs, whole GETs");
+        assert_eq!(case.gets(), gets, "{what}: GETs, whole GETs");
         let m = metrics(&case.proxy);
         assert_eq!(sample(&m, "regproxy_upstream_pieces_total"), 0, "{what}");
-        assert_eq!(sample(&m, "regproxy_piece_fallbacks_total"), 1, "{what}");
+        let counted = sample(&m, "regproxy_piece_fallbacks_total");
+        assert_eq!(counted, fallbacks, "{what}: fallbacks");
         case.assert_cached_and_served(&what);
     }
 }
@@ -432,19 +455,7 @@ fn a_first_piece_with_another_total_is_never_served_cleanly_nor_cached() {
     require_tool("curl");
     let dir = TestDir::new();
     let case = Case::new(dir.join("up"), blob(47), (Wrong::OtherTotal, 0), 4);
-    for (n, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
-        let pull = case.pull(http);
-        assert!(
-            !pull.ok,
-            "{http}: a wrong total ended cleanly ({})",
-            pull.status
-        );
-        let m = metrics(&case.proxy);
-        assert_eq!(sample(&m, "regproxy_cache_entries"), 0, "{http}: cached");
-        assert!(!case.cached().exists(), "{http}: cached");
-        let firsts = case.ranges_asked().iter().filter(|a| **a == 0).count();
-        assert_eq!(firsts, n + 1, "{http}: the pull did not ask the upstream");
-    }
+    case.assert_never_served_cleanly("a wrong total", |_, _| {});
 }
 
 /// The first piece with a right head and a body of the wrong length, or one that stalls part
@@ -483,20 +494,7 @@ fn a_first_piece_of_the_wrong_length_falls_back_to_one_request_for_the_rest() {
 /// answer, a 200, is the blob, read whole; nothing more is asked.
 #[test]
 fn an_upstream_that_ignores_ranges_is_read_whole_from_its_first_answer() {
-    require_tool("curl");
-    let dir = TestDir::new();
-    let blob = blob(43);
-    for wrong in [Wrong::Ignored, Wrong::Whole200] {
-        let what = format!("{wrong:?}");
-        let case = Case::new(dir.join(&what), blob.clone(), (wrong, 0), 4);
-        case.pull_whole("--http1.1", &what);
-        assert_eq!(case.ranges_asked(), vec![0], "{what}: ranges asked for");
-        assert_eq!(case.gets(), (1, 0), "{what}: GETs, whole GETs");
-        let m = metrics(&case.proxy);
-        assert_eq!(sample(&m, "regproxy_upstream_pieces_total"), 0, "{what}");
-        assert_eq!(sample(&m, "regproxy_piece_fallbacks_total"), 0, "{what}");
-        case.assert_cached_and_served(&what);
-    }
+    assert_first_answer_alone(43, &[Wrong::Ignored, Wrong::Whole200], (1, 0), 0);
 }
 
 /// A well-formed piece with one wrong byte: the digest fails at the end, the client's response
@@ -506,25 +504,14 @@ fn wrong_bytes_in_a_piece_are_never_served_cleanly_nor_cached() {
     require_tool("curl");
     let dir = TestDir::new();
     let case = Case::new(dir.join("up"), blob(29), (Wrong::FlippedByte, BAD), 4);
-    for (n, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
-        let pull = case.pull(http);
-        assert!(
-            !pull.ok,
-            "{http}: a corrupt blob ended cleanly ({})",
-            pull.status
-        );
+    case.assert_never_served_cleanly("a corrupt blob", |http, pull| {
         assert!(pull.body.len() < SIZE, "{http}: every byte went out");
         let asked = case.ranges_asked();
         assert!(
             asked.contains(&BAD),
             "{http}: the bad piece was not asked for: {asked:?}"
         );
-        let m = metrics(&case.proxy);
-        assert_eq!(sample(&m, "regproxy_cache_entries"), 0, "{http}: cached");
-        assert!(!case.cached().exists(), "{http}: cached");
-        let firsts = asked.iter().filter(|a| **a == 0).count();
-        assert_eq!(firsts, n + 1, "{http}: the pull did not ask the upstream");
-    }
+    });
 }
 
 /// `--blob-connections 1`: no ranged `GET` at all, so an upstream whose ranges are corrupt
