@@ -243,24 +243,8 @@ impl Case {
 
     /// Pulls the blob with curl through the proxy (`http`: `--http1.1` or `--http2`).
     fn pull(&self, http: &str) -> Pull {
-        let out = self.dir.join("pulled");
-        let _ = std::fs::remove_file(&out);
         let url = format!("https://{HOST}:{}/v2/x/blobs/{}", self.port, self.digest);
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", http, "-w", "%{http_code}", "-o"])
-            .arg(&out)
-            .args(["--proxy", &self.proxy.url(), "--cacert"])
-            .arg(self.proxy.ca_cert_path())
-            .arg(&url);
-        proxy_env(&mut cmd, None);
-        // Longer than any bound of the proxy's: a hang is the proxy's failure, reported as such.
-        let done = run_with_timeout(&mut cmd, Duration::from_secs(240));
-        Pull {
-            ok: done.status.success(),
-            status: String::from_utf8_lossy(&done.stdout).into_owned(),
-            body: std::fs::read(out).unwrap_or_default(),
-            stderr: String::from_utf8_lossy(&done.stderr).into_owned(),
-        }
+        curl_via(&self.proxy, &url, &self.dir, http)
     }
 
     /// Pulls the blob and asserts that the pull was complete and its bytes right.
@@ -337,6 +321,28 @@ impl Case {
         wait_for(Duration::from_secs(30), committed, || {
             format!("{what}: not cached")
         });
+    }
+}
+
+/// Gets `url` with curl through `proxy` (`http`: `--http1.1` or `--http2`), the body into a
+/// file in `dir`.
+fn curl_via(proxy: &Proxy, url: &str, dir: &Path, http: &str) -> Pull {
+    let out = dir.join("pulled");
+    let _ = std::fs::remove_file(&out);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", http, "-w", "%{http_code}", "-o"])
+        .arg(&out)
+        .args(["--proxy", &proxy.url(), "--cacert"])
+        .arg(proxy.ca_cert_path())
+        .arg(url);
+    proxy_env(&mut cmd, None);
+    // Longer than any bound of the proxy's: a hang is the proxy's failure, reported as such.
+    let done = run_with_timeout(&mut cmd, Duration::from_secs(240));
+    Pull {
+        ok: done.status.success(),
+        status: String::from_utf8_lossy(&done.stdout).into_owned(),
+        body: std::fs::read(out).unwrap_or_default(),
+        stderr: String::from_utf8_lossy(&done.stderr).into_owned(),
     }
 }
 
@@ -590,21 +596,14 @@ fn blobs_of_every_size_around_a_piece_cross_once() {
     for (n, size) in sizes.into_iter().enumerate() {
         let data = random_bytes(size, 50 + n as u64);
         let digest = push_blob(&registry, "test/sizes", &data, &dir.join(""));
-        let out = dir.join("pulled");
         let url = format!("https://{}/v2/test/sizes/blobs/{digest}", registry.host());
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "-f", "-o"])
-            .arg(&out)
-            .args(["--proxy", &proxy.url(), "--cacert"])
-            .arg(proxy.ca_cert_path())
-            .arg(&url);
-        proxy_env(&mut cmd, None);
-        let done = run_with_timeout(&mut cmd, Duration::from_secs(120));
-        assert_success(&done, &format!("{size} bytes through the proxy"));
+        let pull = curl_via(&proxy, &url, &dir.join(""), "--http1.1");
         assert!(
-            std::fs::read(&out).unwrap() == data,
-            "{size} bytes: wrong bytes"
+            pull.ok && pull.status == "200",
+            "{size} bytes: {}",
+            pull.stderr
         );
+        assert!(pull.body == data, "{size} bytes: wrong bytes");
         let carried = registry.blob_bytes(&digest);
         assert_eq!(carried, size as u64, "{size} bytes: bytes carried");
         if size <= PIECE {
@@ -649,21 +648,10 @@ fn a_reused_connection_closed_unanswered_is_asked_again() {
     let ca = dir.join("up/ca.crt");
     let proxy = Proxy::start(|c: &mut Config| reach_test_host(c, HOST, port, ca));
     for (digest, data) in digests.iter().zip(&blobs) {
-        let out = dir.join("pulled");
         let url = format!("https://{HOST}:{port}/v2/x/blobs/{digest}");
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "-f", "-o"])
-            .arg(&out)
-            .args(["--proxy", &proxy.url(), "--cacert"])
-            .arg(proxy.ca_cert_path())
-            .arg(&url);
-        proxy_env(&mut cmd, None);
-        let done = run_with_timeout(&mut cmd, Duration::from_secs(60));
-        assert_success(&done, &format!("{digest} through the proxy"));
-        assert!(
-            std::fs::read(&out).unwrap() == *data,
-            "{digest}: wrong bytes"
-        );
+        let pull = curl_via(&proxy, &url, &dir.join(""), "--http1.1");
+        assert!(pull.ok && pull.status == "200", "{digest}: {}", pull.stderr);
+        assert!(pull.body == *data, "{digest}: wrong bytes");
     }
     let heads = seen.lock().unwrap().clone();
     let second = heads.iter().filter(|h| h.contains(&digests[1])).count();
