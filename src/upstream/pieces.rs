@@ -335,19 +335,7 @@ impl Source {
     /// asked for (`fetch` finds that of a piece, the caller of the first answer).
     async fn next(&mut self, stall: Duration) -> Option<Result<Bytes, PieceError>> {
         match self {
-            Source::First(body) => loop {
-                let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
-                    return Some(Err(PieceError::Stalled(stall)));
-                };
-                match frame? {
-                    Ok(frame) => {
-                        if let Ok(data) = frame.into_data() {
-                            return Some(Ok(data));
-                        }
-                    }
-                    Err(e) => return Some(Err(PieceError::Body(e))),
-                }
-            },
+            Source::First(body) => next_data(body, stall).await,
             Source::Piece(piece) => piece.rx.recv().await,
             Source::Waiting => std::future::pending().await,
         }
@@ -391,15 +379,8 @@ async fn fetch(
     let mut got = 0u64;
     let mut body = resp.into_body();
     let stall = stall(client);
-    loop {
-        let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
-            return Err(PieceError::Stalled(stall));
-        };
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| PieceError::Body(e.into()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
+    while let Some(data) = next_data(&mut body, stall).await {
+        let data = data?;
         got += data.len() as u64;
         if got > want {
             return Err(PieceError::Length { got, want });
@@ -412,6 +393,28 @@ async fn fetch(
         return Err(PieceError::Length { got, want });
     }
     Ok(())
+}
+
+/// The next data of `body` (trailers skipped), `None` at its end; an error if it broke off or
+/// sent nothing for `stall`.
+async fn next_data<B>(body: &mut B, stall: Duration) -> Option<Result<Bytes, PieceError>>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
+            return Some(Err(PieceError::Stalled(stall)));
+        };
+        match frame? {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    return Some(Ok(data));
+                }
+            }
+            Err(e) => return Some(Err(PieceError::Body(e.into()))),
+        }
+    }
 }
 
 /// How long a ranged request may keep the download waiting, for its head or between its bytes.
@@ -522,18 +525,12 @@ async fn pass_on(
     let mut body = resp.into_body();
     let mut at = 0u64;
     loop {
-        let frame = tokio::select! {
+        let data = tokio::select! {
             _ = feed.closed() => return Ok(false),
-            frame = tokio::time::timeout(wait, body.frame()) => frame,
+            data = next_data(&mut body, wait) => data,
         };
-        let Ok(frame) = frame else {
-            return Err(PieceError::Stalled(wait));
-        };
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| PieceError::Body(e.into()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
+        let Some(data) = data else { break };
+        let data = data?;
         let len = data.len() as u64;
         let skipped = skip.saturating_sub(at).min(len) as usize;
         at += len;
