@@ -620,43 +620,72 @@ fn blobs_of_every_size_around_a_piece_cross_once() {
     }
 }
 
-/// A kept-alive upstream connection that the server closes, unanswered, as the proxy reuses it
-/// for the next blob (distribution does so after a 416): the request is sent once more, on a new
-/// connection, and the client never sees the failure.
+/// A pooled connection the upstream drops just as it is reused (closed cleanly, or reset with the
+/// request unread) costs the client nothing: the body-less `GET` is sent once more on a new
+/// connection, and the metrics count that attempt as `retried`, not as an error.
 #[test]
-fn a_reused_connection_closed_unanswered_is_asked_again() {
+fn a_reused_connection_dropped_unanswered_is_asked_again() {
     require_tool("curl");
-    let dir = TestDir::new();
-    let blobs: Vec<Vec<u8>> = (0..2)
-        .map(|i| random_bytes(1000 + i, 60 + i as u64))
-        .collect();
-    let digests: Vec<String> = blobs.iter().map(|b| sha256_digest(b)).collect();
-    let by_digest: Vec<(String, Vec<u8>)> = digests.iter().cloned().zip(blobs.clone()).collect();
-    let (port, seen) = tiny_https_dropping_reuse(&dir.join("up"), &[HOST], move |head, w| {
-        let Some((_, data)) = by_digest.iter().find(|(d, _)| head.contains(d.as_str())) else {
-            let _ = w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
-            return;
+    for how in [Dropped::Closed, Dropped::Reset] {
+        let dir = TestDir::new();
+        let blobs: Vec<Vec<u8>> = (0..2)
+            .map(|i| random_bytes(1000 + i, 60 + i as u64))
+            .collect();
+        let digests: Vec<String> = blobs.iter().map(|b| sha256_digest(b)).collect();
+        let by_digest: Vec<(String, Vec<u8>)> =
+            digests.iter().cloned().zip(blobs.clone()).collect();
+        let up = dir.join("up");
+        let (port, seen) = tiny_https_dropping_reuse(&up, &[HOST], how, move |head, w| {
+            let Some((_, data)) = by_digest.iter().find(|(d, _)| head.contains(d.as_str())) else {
+                let _ = w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                return;
+            };
+            let n = data.len();
+            let _ = write!(
+                w,
+                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{n}\r\nContent-Length: {n}\r\n\r\n",
+                n - 1
+            );
+            let _ = w.write_all(data);
+        });
+        let ca = dir.join("up/ca.crt");
+        let proxy = Proxy::start(|c: &mut Config| reach_test_host(c, HOST, port, ca));
+        for (digest, data) in digests.iter().zip(&blobs) {
+            let url = format!("https://{HOST}:{port}/v2/x/blobs/{digest}");
+            let pull = curl_via(&proxy, &url, &dir.join(""), "--http1.1");
+            assert!(
+                pull.ok && pull.status == "200",
+                "{how:?} {digest}: {}",
+                pull.stderr
+            );
+            assert!(pull.body == *data, "{how:?} {digest}: wrong bytes");
+        }
+        let heads = seen.lock().unwrap().clone();
+        let second = heads.iter().filter(|h| h.contains(&digests[1])).count();
+        let want = match how {
+            Dropped::Closed => 2, // dropped after it was read, then again
+            Dropped::Reset => 1,  // reset unread, then again
         };
-        let n = data.len();
-        let _ = write!(
-            w,
-            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{n}\r\nContent-Length: {n}\r\n\r\n",
-            n - 1
+        assert_eq!(
+            second, want,
+            "{how:?}: the second blob's requests: {heads:#?}"
         );
-        let _ = w.write_all(data);
-    });
-    let ca = dir.join("up/ca.crt");
-    let proxy = Proxy::start(|c: &mut Config| reach_test_host(c, HOST, port, ca));
-    for (digest, data) in digests.iter().zip(&blobs) {
-        let url = format!("https://{HOST}:{port}/v2/x/blobs/{digest}");
-        let pull = curl_via(&proxy, &url, &dir.join(""), "--http1.1");
-        assert!(pull.ok && pull.status == "200", "{digest}: {}", pull.stderr);
-        assert!(pull.body == *data, "{digest}: wrong bytes");
+        if how == Dropped::Reset {
+            assert!(
+                heads.iter().any(|h| h == "reset"),
+                "{how:?}: no reuse was reset: {heads:#?}"
+            );
+        }
+        let m = metrics(&proxy);
+        let count = |status: &str| {
+            m.lines()
+                .filter(|l| l.starts_with("regproxy_upstream_requests_total"))
+                .filter(|l| l.contains(&format!("status=\"{status}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+                .sum::<u64>()
+        };
+        assert_eq!(count("retried"), 1, "{how:?}: {m}");
+        assert_eq!(count("error"), 0, "{how:?}: {m}");
+        assert_eq!(count("206"), 2, "{how:?}: {m}");
     }
-    let heads = seen.lock().unwrap().clone();
-    let second = heads.iter().filter(|h| h.contains(&digests[1])).count();
-    assert_eq!(
-        second, 2,
-        "the second blob asked for twice (dropped, then again): {heads:#?}"
-    );
 }

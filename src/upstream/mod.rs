@@ -141,25 +141,10 @@ impl Upstream {
     }
 
     /// Sends one request, returning the response head with its body still streaming. A `GET` or
-    /// `HEAD` whose connection closed before any answer is sent once more: a pooled connection
-    /// the server closed just as it was reused (distribution closes one after a 416, unsaid).
+    /// `HEAD` whose connection closed or was reset before any answer is sent once more: a pooled
+    /// connection the server dropped just as it was reused (distribution closes one after a 416,
+    /// unsaid). The attempt given up is counted as `retried`, not as an error.
     pub async fn send(
-        &self,
-        req: http::Request<Body>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
-        let idempotent = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
-        let again =
-            (idempotent && http_body::Body::is_end_stream(req.body())).then(|| head_of(&req));
-        match (self.send_once(req).await, again) {
-            (Err(e), Some(again)) if e.closed_before_answer() => {
-                tracing::debug!(error = %error_chain(&e), "the connection closed before an answer; sending again");
-                self.send_once(again).await
-            }
-            (result, _) => result,
-        }
-    }
-
-    async fn send_once(
         &self,
         req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
@@ -168,22 +153,40 @@ impl Upstream {
             .authority()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let client = match req.extensions().get::<OwnConnection>() {
-            Some(_) => &self.own_connections,
-            None => &self.client,
-        };
-        let Ok(result) = tokio::time::timeout(self.timeout, client.request(req)).await else {
-            self.metrics.upstream(&registry, "timeout");
-            return Err(UpstreamError::Timeout(self.timeout));
+        let idempotent = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+        let again =
+            (idempotent && http_body::Body::is_end_stream(req.body())).then(|| head_of(&req));
+        let result = match (self.send_once(req).await, again) {
+            (Err(e), Some(again)) if e.closed_before_answer() => {
+                self.metrics.upstream(&registry, "retried");
+                tracing::debug!(error = %error_chain(&e), "the connection dropped before an answer; sending again");
+                self.send_once(again).await
+            }
+            (result, _) => result,
         };
         match &result {
             Ok(resp) => {
                 self.metrics.upstream(&registry, resp.status().as_str());
                 self.metrics.ratelimit(&registry, resp.headers());
             }
+            Err(UpstreamError::Timeout(_)) => self.metrics.upstream(&registry, "timeout"),
             Err(_) => self.metrics.upstream(&registry, "error"),
         }
-        result.map_err(classify)
+        result
+    }
+
+    async fn send_once(
+        &self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        let client = match req.extensions().get::<OwnConnection>() {
+            Some(_) => &self.own_connections,
+            None => &self.client,
+        };
+        match tokio::time::timeout(self.timeout, client.request(req)).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(UpstreamError::Timeout(self.timeout)),
+        }
     }
 }
 
@@ -219,15 +222,22 @@ fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the connection closed before any answer came (a request, not a connect, failed).
+    /// Whether the connection closed or was reset before any answer came (a request, not a
+    /// connect, failed).
     fn closed_before_answer(&self) -> bool {
         let UpstreamError::Request(e) = self else {
             return false;
         };
         let mut source = e.source();
         while let Some(s) = source {
-            if let Some(h) = s.downcast_ref::<hyper::Error>() {
-                return h.is_incomplete_message();
+            if s.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_incomplete_message)
+            {
+                return true;
+            }
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+                return matches!(io.kind(), ConnectionReset | BrokenPipe);
             }
             source = s.source();
         }

@@ -174,26 +174,37 @@ pub fn tiny_https(
     names: &[&str],
     answer: impl Fn(&str, &mut dyn Write) + Send + Sync + 'static,
 ) -> (u16, Arc<Mutex<Vec<String>>>) {
-    serve_tiny(dir, names, answer, false)
+    serve_tiny(dir, names, answer, None)
+}
+
+/// How [`tiny_https_dropping_reuse`]'s first connection ends when a second request comes on it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Dropped {
+    /// Unanswered, with a clean TLS close (the request is recorded).
+    Closed,
+    /// Reset: closed with the request unread, so the kernel answers with a TCP RST (recorded as
+    /// `reset`).
+    Reset,
 }
 
 /// Like [`tiny_https`], but its first connection stays open after the first answer (which must
-/// be framed and not say `Connection: close`), and when a second request comes on it, that
-/// request is recorded and the connection closed cleanly, unanswered: a kept-alive connection the
-/// server drops just as a client reuses it.
+/// be framed and not say `Connection: close`), and when a second request comes on it, the
+/// connection is dropped unanswered as `how` says: a kept-alive connection the server drops just
+/// as a client reuses it.
 pub fn tiny_https_dropping_reuse(
     dir: &Path,
     names: &[&str],
+    how: Dropped,
     answer: impl Fn(&str, &mut dyn Write) + Send + Sync + 'static,
 ) -> (u16, Arc<Mutex<Vec<String>>>) {
-    serve_tiny(dir, names, answer, true)
+    serve_tiny(dir, names, answer, Some(how))
 }
 
 fn serve_tiny(
     dir: &Path,
     names: &[&str],
     answer: impl Fn(&str, &mut dyn Write) + Send + Sync + 'static,
-    drop_reuse: bool,
+    drop_reuse: Option<Dropped>,
 ) -> (u16, Arc<Mutex<Vec<String>>>) {
     make_test_certs(dir, "tiny test CA", names);
     let config = Arc::new(server_tls_config(dir));
@@ -213,10 +224,20 @@ fn serve_tiny(
                 };
                 record.lock().unwrap().push(head.clone());
                 answer(&head, &mut tls);
-                if drop_reuse && n == 0 {
-                    let _ = tls.flush();
-                    if let Some(again) = read_request_head(&mut tls) {
-                        record.lock().unwrap().push(again);
+                match drop_reuse.filter(|_| n == 0) {
+                    None => {}
+                    Some(Dropped::Closed) => {
+                        let _ = tls.flush();
+                        if let Some(again) = read_request_head(&mut tls) {
+                            record.lock().unwrap().push(again);
+                        }
+                    }
+                    Some(Dropped::Reset) => {
+                        let _ = tls.flush();
+                        if tls.sock.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
+                            record.lock().unwrap().push("reset".into());
+                        }
+                        return; // dropped with the request unread: a reset
                     }
                 }
                 close_tls(tls);
