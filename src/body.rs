@@ -153,7 +153,7 @@ impl AccessLog {
         // A root event: the line carries its own fields, and a request span around it (where
         // a body-less answer is logged) would print host, method and path a second time.
         tracing::info!(
-            target: "regproxy::access",
+            target: crate::log_writer::ACCESS,
             parent: None,
             client = %self.client,
             host = %self.host,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, Settings};
+use crate::log_writer::LogWriter;
 
 /// A caching, intercepting HTTPS proxy for every container registry.
 #[derive(Debug, Parser)]
@@ -266,13 +267,15 @@ fn dispatch(command: Command, common: &Common) -> anyhow::Result<ExitCode> {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    init_logging(config.log_format);
+    let log = init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let listener = crate::listener::bind(config.listen)
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
         Ok(crate::run(listener, config, shutdown_signal()).await?)
-    })
+    });
+    log.flush();
+    result
 }
 
 fn ca_init(config: &Config) -> anyhow::Result<()> {
@@ -378,17 +381,21 @@ fn ratelimit(
     Ok(ExitCode::from(code))
 }
 
-fn init_logging(format: LogFormat) {
+/// Installs the log subscriber; the writer it returns holds lines back briefly (see
+/// `log_writer`) and must be flushed before the process exits.
+fn init_logging(format: LogFormat) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REGPROXY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let writer = LogWriter::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    writer
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -17,6 +17,7 @@ pub(crate) mod exchange;
 pub(crate) mod fleet;
 pub(crate) mod hints;
 pub(crate) mod listener;
+pub(crate) mod log_writer;
 pub(crate) mod manifest;
 pub(crate) mod metrics;
 pub(crate) mod prefetch;

@@ -7,6 +7,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use support::*;
 
@@ -299,7 +300,16 @@ fn debug_logs_show_regproxys_decisions() {
         ));
     assert_success(&run_with_timeout(&mut curl, CMD_TIMEOUT), "curl -I");
 
-    let log = proxy.log();
+    // Log lines reach the file in batches, within a moment (regproxy's log writer).
+    let head_logged = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("regproxy::access") && l.contains("method=HEAD"))
+    };
+    let log = wait_for(
+        Duration::from_secs(5),
+        || Some(proxy.log()).filter(|l| head_logged(l)),
+        || format!("no HEAD access line in\n{}", proxy.log()),
+    );
     let ours: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("DEBUG") && l.contains(" regproxy::"))

@@ -28,7 +28,7 @@ pub(super) async fn run(upgrade: OnUpgrade, mut upstream: TcpStream, log: Access
     };
     log.metrics.request(&log.host, log.outcome.as_str(), down);
     tracing::info!(
-        target: "regproxy::access",
+        target: crate::log_writer::ACCESS,
         client = %log.client,
         host = %log.host,
         method = "CONNECT",
