@@ -54,10 +54,13 @@ impl LogWriter {
             pending,
             direct: started.is_err(),
         };
-        let on_panic = writer.clone();
+        let on_panic = writer.pending.clone();
         let default_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            on_panic.flush();
+            // Not waiting for the lock: the panic may have come while it was held.
+            if let Some(mut bytes) = on_panic.bytes.try_lock() {
+                write_out(&mut bytes);
+            }
             default_hook(info);
         }));
         writer
