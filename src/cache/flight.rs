@@ -39,6 +39,11 @@ const PUBLISH_EVERY: u64 = 64 * 1024;
 const RECENT: u64 = 2 * 1024 * 1024;
 /// Free space asked for beyond a download's own size before it is cached.
 pub const ROOM_MARGIN: u64 = 8 * 1024 * 1024;
+/// The writer asks the kernel to start writing a download's pages to disk every this many bytes,
+/// so that the flush before commit finds little left to do and a large download never piles up
+/// as gigabytes of dirty pages that stall every writer on the host when they are flushed at once
+/// (the same reasoning as PostgreSQL's `backend_flush_after` and RocksDB's `bytes_per_sync`).
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
 /// A client that reads nothing of a response for this long loses it.
 const CLIENT_STALL: Duration = Duration::from_secs(60);
 /// A download that delivers nothing for this long is given up.
@@ -644,7 +649,7 @@ fn write_all(
     store: &super::Store,
 ) -> std::io::Result<(u64, bool, std::fs::File)> {
     let mut hasher = digest.hasher();
-    let mut written = 0u64;
+    let (mut written, mut flushed) = (0u64, 0u64);
     for data in std::iter::from_fn(|| rx.blocking_recv()).flatten() {
         if let Err(e) = file.write_all(&data) {
             if !is_disk_full(&e) {
@@ -662,8 +667,25 @@ fn write_all(
         hasher.update(&data);
         written += data.len() as u64;
         flight.on_disk.store(written, Ordering::Release);
+        if written - flushed >= WRITEBACK_EVERY {
+            start_writeback(&file, flushed, written - flushed);
+            flushed = written;
+        }
     }
     Ok((written, hasher.matches(digest), file))
+}
+
+/// Starts writing `len` bytes of `file` at `pos` to disk without waiting for them. Only a hint:
+/// the flush before commit is what makes them durable, so a failure here changes nothing.
+fn start_writeback(file: &std::fs::File, pos: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(pos), Ok(len)) = (i64::try_from(pos), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain system call on a descriptor that `file` keeps open for the call's duration;
+    // it reads no memory of ours.
+    let _ =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), pos, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// Sends `start..end` of the flight's file to a client, waiting for bytes that have not landed.
