@@ -23,7 +23,7 @@ The fleet (--sections fleet): bench/fleet.py's two fleets of regproxy nodes, alo
 store: how many times an image crosses the origin link.
 """
 import argparse, datetime, http.client, json, os, platform, re, resource, shutil, signal, socket, ssl
-import statistics, subprocess, sys, tempfile, time
+import statistics, subprocess, sys, tempfile, threading, time
 
 import fleet
 import plots
@@ -49,9 +49,12 @@ W_LINK = f"Site uplink: MiB carried from the origin across the link, {CONC} conc
 NCPUS = os.cpu_count() or 1
 W_CPU1 = f"Site uplink: CPU time of client + origin + proxy + relay ÷ {NCPUS} CPUs, one cold pull"
 W_CPU8 = f"Site uplink: CPU time of clients + origin + proxy + relay ÷ {NCPUS} CPUs, {CONC} concurrent cold pulls"
+W_CLI8 = f"Site uplink: CPU time of the {CONC} clients (skopeo) alone ÷ {NCPUS} CPUs, {CONC} concurrent cold pulls"
+W_TAIL1 = "Site uplink: seconds from the last byte across the link to the end of the pull, one cold pull"
+W_TAIL8 = f"Site uplink: seconds from the last byte across the link to the end of the pulls, {CONC} concurrent cold pulls"
 F_COLD = "Long fat path: two clients at once, 1 × 64 MiB and 8 × 4 MiB, cold (wall time)"
 F_CONNS = "Long fat path: TCP connections opened across the link during the two pulls"
-WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, W_CPU1, W_CPU8, F_COLD, F_CONNS)
+WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, W_CPU1, W_CPU8, W_CLI8, W_TAIL1, W_TAIL8, F_COLD, F_CONNS)
 # CPU seconds per GiB pulled, of the processes that terminate TLS.
 G_LC, G_LW = "loopback cold", "loopback warm"
 G_UC, G_UW = "site uplink cold", "site uplink warm"
@@ -746,9 +749,38 @@ class Link:
     def carried(self):
         """(bytes to the origin, bytes from it, connections) so far."""
         time.sleep(0.3)  # the relay writes its counters every 100 ms
+        return self.counters()
+    def counters(self):
         with open(self.stats) as f:
             up, down, conns = (int(x) for x in f.read().split())
         return up, down, conns
+
+
+class LinkWatch:
+    """Notes when the bulk of the bytes from the origin had crossed the link (all but the last
+    64 KiB: pings, window updates and TLS alerts go on trickling), to within the relay's 100 ms
+    counter ticks, while in a `with` block."""
+    def __init__(self, link):
+        self.link, self.seen, self.done = link, [], threading.Event()
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+        return self
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+    def watch(self):
+        while not self.done.wait(0.05):
+            try:
+                self.seen.append((time.monotonic(), self.link.counters()[1]))
+            except (OSError, ValueError):  # the relay is rewriting the file
+                continue
+    @property
+    def last(self):
+        if not self.seen:
+            return time.monotonic()
+        final = self.seen[-1][1]
+        return next(t for t, down in self.seen if down >= final - 64 * 1024)
 
 
 def uplink_round(clients, origin, link, peers, res, size, r):
@@ -765,9 +797,13 @@ def uplink_round(clients, origin, link, peers, res, size, r):
     for p in caching:
         p.fresh()
     def everyone(p, images):
-        """Wall time, CPU of everything, and the TLS processes' CPU, of pulls of `images` through p."""
+        """Wall time, CPU of everything, and the TLS processes' CPU, of pulls of `images` through p;
+        in `cpu["tail"]`, how long they went on after the last byte from the origin crossed the link."""
         r0 = cpu_s([link.proc.pid])
-        wall, cpu = measured(clients, origin, p, images)
+        with LinkWatch(link) as watch:
+            start = time.monotonic()
+            wall, cpu = measured(clients, origin, p, images)
+        cpu["tail"] = max(0.0, start + wall - watch.last)
         all_cpu = cpu["client"] + cpu["origin"] + cpu["proxy"] + cpu_s([link.proc.pid]) - r0
         return wall, all_cpu / NCPUS, cpu
     def pull(p, case, cpu_case):
@@ -775,6 +811,7 @@ def uplink_round(clients, origin, link, peers, res, size, r):
         res.add(case, p.name, wall)
         if case == W_COLD:
             res.add(W_CPU1, p.name, all_cpu)
+            res.add(W_TAIL1, p.name, cpu["tail"])
         if p.terminates_tls:
             res.add(cpu_case, p.name, cpu["tls"] / (size / GiB))
         if not p.caching:
@@ -787,9 +824,11 @@ def uplink_round(clients, origin, link, peers, res, size, r):
     def concurrent(p):
         p.fresh()
         before = link.carried()
-        wall, all_cpu, _ = everyone(p, ["big"] * CONC)
+        wall, all_cpu, cpu = everyone(p, ["big"] * CONC)
         res.add(W_CONC, p.name, wall)
         res.add(W_CPU8, p.name, all_cpu)
+        res.add(W_CLI8, p.name, cpu["client"] / NCPUS)
+        res.add(W_TAIL8, p.name, cpu["tail"])
         if one:
             res.add(W_CONCR, p.name, wall / one)
         res.add(W_LINK, p.name, (link.carried()[1] - before[1]) / MiB)
@@ -1233,6 +1272,10 @@ def main():
         res.case(W_CPU1, "s", "utime + stime of the skopeo client, the origin, the peer's processes and bench/wan.py, ÷ CPUs: "
                               "the shortest wall time this machine's CPUs allow the pull, were they idle otherwise.")
         res.case(W_CPU8, "s", "The same for the 8 concurrent pulls: compare with their wall time above.")
+        res.case(W_CLI8, "s", "The part of it that the skopeo clients used (each hashes every blob twice, and writes it).")
+        res.case(W_TAIL1, "s", "From the last change of the relay's byte counter (100 ms ticks) to the end of the pull: "
+                               "what the client, and the proxy before its last byte, do once the link is done.")
+        res.case(W_TAIL8, "s", "The same for the 8 concurrent pulls: each skopeo flushes its 200 MiB to disk at the end.")
         res.case(F_COLD, "s")
         res.case(F_CONNS, "n", "Connections the relay accepted during the two pulls (clients' for direct; the "
                                "proxy's upstream connections otherwise).")
@@ -1455,6 +1498,13 @@ def wan_why(res):
                    f"{fmt(c8, 's')} against a wall time of {fmt(w8, 's')}; for one direct pull {fmt(c1, 's')} against "
                    f"{fmt(w1, 's')}. The {CONC} skopeo clients need most of it; with other work on the machine (load "
                    f"average in the notes) the pulls wait for CPU, not for the link.")
+    k8, t8, t1 = res.med(W_CLI8, "regproxy"), res.med(W_TAIL8, "regproxy"), res.med(W_TAIL1, "direct")
+    if None not in (k8, t8, t1, w8):
+        out.append(f"- Of that, the {CONC} skopeo clients alone: {fmt(k8, 's')} ÷ CPUs. The pulls end "
+                   f"{fmt(t8, 's')} after the last byte crossed the link (one direct pull: {fmt(t1, 's')}): each "
+                   f"client flushes its 200 MiB to disk (fsync) when its blob is in, {CONC} × 200 MiB at once; "
+                   f"regproxy's own copy is written back as it arrives. The last byte crossed the link "
+                   f"{fmt(w8 - t8, 's')} after the start, against {fmt(w1 - t1, 's')} for one direct pull.")
     cw, ww = res.med(W_CPU1, "regproxy"), res.med(W_WARM, "regproxy")
     if None not in (cw, ww):
         out.append(f"- Site uplink, cold pull through regproxy: all processes' CPU ÷ CPUs {fmt(cw, 's')} "
@@ -1667,7 +1717,11 @@ def write_report(a, res, names, rounds, huge_label, elapsed, failures, metrics, 
           "Images `fat1` (1 × 64 MiB) and `fat8` (8 × 4 MiB), pulled by two skopeo clients started together "
           "(one image each); wall time until both finished.",
           "- The relay holds at most 8 MiB per connection and direction in flight (a TCP window), so a reader that "
-          "stops reading stops its sender.", ""]
+          "stops reading stops its sender.",
+          "- The link's sending side is a clock: when the relay wakes late because the machine's CPUs are busy, a "
+          "link busy up to 20 ms before goes on from where its clock stands, as a real link sends its queue "
+          "meanwhile (a token bucket with 5 ms of burst lost up to 2 s of link time per 10 s transfer under the "
+          "8 concurrent clients).", ""]
     L += res.table(names, only=WAN_CASES)
     figs = draw_plots(a, res, names, floor)
     if "sweep" in figs:
