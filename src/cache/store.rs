@@ -120,7 +120,7 @@ pub struct Store {
     // Small objects (manifests, configs) and tag entries as last read from the disk, so that
     // their hits need no disk at all.
     small: Arc<Memo<Digest, (bytes::Bytes, Entry)>>,
-    tags: Arc<Memo<String, TagEntry>>,
+    tags: Arc<Memo<String, Arc<TagEntry>>>,
     adding: Arc<tokio::sync::Mutex<()>>,
     // This process's directory for partial downloads, and the lock that marks it alive.
     run_dir: PathBuf,
@@ -420,7 +420,7 @@ impl Store {
     /// Every record of the tag, whatever Accept class it was fetched for (for stale serving).
     pub async fn tag_records(&self, name: &TagName<'_>) -> Result<Vec<TagRecord>, StoreError> {
         let entry = self.tag_entry(name).await?;
-        Ok(entry.by_accept.into_values().map(|c| c.record).collect())
+        Ok(entry.by_accept.values().map(|c| c.record.clone()).collect())
     }
 
     /// Records (or re-confirms, which resets its age) where a tag points for `name.accept`.
@@ -438,7 +438,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         // Read-modify-append: a concurrent update of another class may be lost, which costs
         // that class one refetch.
-        let mut entry = self.tag_entry(name).await?;
+        let mut entry = TagEntry::clone(&*self.tag_entry(name).await?);
         let checked = Checked {
             record: record.clone(),
             checked_ms,
@@ -452,7 +452,7 @@ impl Store {
         let key = name.key();
         let written = cacache::index::insert_async(&self.dir, &key, opts).await;
         match written {
-            Ok(_) => self.tags.put(key, entry),
+            Ok(_) => self.tags.put(key, Arc::new(entry)),
             Err(e) => {
                 self.tags.remove(&key);
                 return Err(StoreError::Index(e.to_string()));
@@ -530,15 +530,18 @@ impl Store {
         matches!(self.find(&key).await, Ok(Some(_)))
     }
 
-    async fn tag_entry(&self, name: &TagName<'_>) -> Result<TagEntry, StoreError> {
+    /// Shared, as the memo holds it: a hit clones a pointer, not every record of the tag.
+    async fn tag_entry(&self, name: &TagName<'_>) -> Result<Arc<TagEntry>, StoreError> {
         let key = name.key();
         if let Some(entry) = self.tags.get(&key) {
             return Ok(entry);
         }
         let found = self.find(&key).await?;
-        let entry: TagEntry = found
-            .and_then(|f| serde_json::from_value(f.metadata).ok())
-            .unwrap_or_default();
+        let entry: Arc<TagEntry> = Arc::new(
+            found
+                .and_then(|f| serde_json::from_value(f.metadata).ok())
+                .unwrap_or_default(),
+        );
         self.tags.put(key, entry.clone());
         Ok(entry)
     }

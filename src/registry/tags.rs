@@ -58,12 +58,12 @@ pub(super) async fn serve(
     // One upstream request per tag and Accept list at a time (each counts against Docker Hub's
     // pull limit): a caller that cannot be answered from the cache takes the lead, or waits for
     // whoever has it and looks again; it goes upstream only while it holds the lead.
-    let key = format!("{}\n{}", name.key(), name.accept);
     loop {
         if let Look::Answer(answer) = look(parts, target, &name, &ask, shared).await {
             return answer;
         }
-        let _lead = match shared.cache.tags.turn(key.clone()) {
+        let key = format!("{}\n{}", name.key(), name.accept);
+        let _lead = match shared.cache.tags.turn(key) {
             Turn::Lead(lead) => lead,
             Turn::Follow(leader) => {
                 tracing::debug!(tag = %name.tag, "another request is asking the upstream for this tag: waiting for it");
@@ -386,8 +386,9 @@ async fn manifest_hit(
 fn manifest_response(record: &TagRecord, data: Bytes) -> Response<Body> {
     let mut resp = Response::new(body::full(data));
     insert(&mut resp, header::CONTENT_TYPE, record.content_type.clone());
-    insert(&mut resp, DOCKER_CONTENT_DIGEST, record.digest.to_string());
-    insert(&mut resp, header::ETAG, format!("\"{}\"", record.digest));
+    let digest = record.digest.to_string();
+    insert(&mut resp, header::ETAG, format!("\"{digest}\""));
+    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest);
     insert(&mut resp, header::CONTENT_LENGTH, record.size.to_string());
     resp
 }
