@@ -1411,7 +1411,7 @@ def main():
             except Exception:  # noqa: BLE001
                 pass
         if "small" in sections:
-            failures += small.phase(a.regproxy, peers, big[0], res, rounds, small_seconds, log)
+            failures += small.phase(a.regproxy, peers, big[0], res, rounds, small_seconds, log, cpu_s)
         for p in peers:
             (p.stop_all if hasattr(p, "stop_all") else p.stop)()
         if "wan" in sections:
