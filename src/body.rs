@@ -150,6 +150,17 @@ impl AccessLog {
     pub fn emit(&self, bytes: u64, complete: bool) {
         self.metrics
             .request(&self.host, self.outcome.as_str(), bytes);
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let line = |out: &mut Vec<u8>| self.write_fields(out, bytes, complete, duration_ms);
+        if !tracing::enabled!(target: crate::log_writer::ACCESS, tracing::Level::INFO)
+            || !crate::log_writer::access_line(line)
+        {
+            self.trace(bytes, complete, duration_ms);
+        }
+    }
+
+    /// The line through the log subscriber, for the formats `access_line` does not write.
+    fn trace(&self, bytes: u64, complete: bool, duration_ms: u64) {
         // A root event: the line carries its own fields, and a request span around it (where
         // a body-less answer is logged) would print host, method and path a second time.
         tracing::info!(
@@ -162,9 +173,26 @@ impl AccessLog {
             status = self.status,
             bytes,
             complete,
-            duration_ms = self.start.elapsed().as_millis() as u64,
+            duration_ms,
             "{}",
             self.outcome.as_str()
+        );
+    }
+
+    /// The message and fields of [`AccessLog::trace`]'s event, as the subscriber's text format
+    /// writes them.
+    fn write_fields(&self, out: &mut Vec<u8>, bytes: u64, complete: bool, duration_ms: u64) {
+        use std::io::Write as _;
+        let _ = write!(
+            out,
+            "{} client={} host={} method={} path={} status={} bytes={bytes} complete={complete} \
+             duration_ms={duration_ms}",
+            self.outcome.as_str(),
+            self.client,
+            self.host,
+            self.method,
+            self.path,
+            self.status,
         );
     }
 }
@@ -450,6 +478,65 @@ impl HttpBody for ChannelBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The access line written without the subscriber is the one the subscriber writes.
+    #[test]
+    fn access_lines_match_the_subscribers_text_format() {
+        use std::sync::Mutex;
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let sink = capture.clone();
+        let subscriber = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || sink.clone())
+                .finish(),
+        );
+        let log = |outcome, method: &str, path: &str| AccessLog {
+            client: "127.0.0.1:40312".into(),
+            host: "registry.test:5000".into(),
+            method: method.into(),
+            path: path.into(),
+            outcome,
+            status: 200,
+            start: Instant::now(),
+            metrics: Arc::default(),
+        };
+        let path = "/v2/library/alpine/manifests/sha256:a363686650341f14f7858d51a46c2d83";
+        for log in [
+            log(Outcome::Hit, "GET", path),
+            log(Outcome::Tunnel, "CONNECT", ""),
+        ] {
+            capture.0.lock().unwrap().clear();
+            tracing::dispatcher::with_default(&subscriber, || log.trace(4321, true, 17));
+            let theirs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 123_456_789);
+            let mut ours = Vec::new();
+            crate::log_writer::text_line(&mut ours, at, |out| {
+                log.write_fields(out, 4321, true, 17)
+            });
+            let ours = String::from_utf8(ours).unwrap();
+            let (their_time, their_rest) = theirs.split_at(27);
+            assert_eq!(ours[27..], *their_rest);
+            assert_eq!(&ours[..27], "2023-11-14T22:13:20.123456Z");
+            let shape = |t: &str| {
+                t.bytes()
+                    .map(|b| if b.is_ascii_digit() { b'0' } else { b })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(shape(their_time), shape(&ours[..27]), "{theirs}");
+        }
+    }
 
     /// A chunk shorter than what was reserved for it holds only its own length.
     #[test]

@@ -387,13 +387,19 @@ fn init_logging(format: LogFormat) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REGPROXY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let writer = LogWriter::start();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer.clone())
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => {
+            builder.init();
+            if !ansi {
+                writer.take_access_lines();
+            }
+        }
     }
     writer
 }
