@@ -140,8 +140,8 @@ impl Flight {
     }
 
     /// A complete, verified object held in memory (a small hit), served through the same
-    /// reader without touching the disk.
-    pub fn in_memory(data: Bytes, head: Head, pin: Pin) -> Arc<Flight> {
+    /// reader without touching the disk (so eviction may remove the file meanwhile).
+    pub fn in_memory(data: Bytes, head: Head) -> Arc<Flight> {
         let size = data.len() as u64;
         let recent = Recent {
             start: 0,
@@ -153,7 +153,6 @@ impl Flight {
             head: OnceLock::from(head),
             recent: Mutex::new(recent),
             on_disk: AtomicU64::new(size),
-            _pin: Some(pin),
             ..Flight::pending()
         };
         Arc::new(flight)

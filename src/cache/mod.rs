@@ -171,7 +171,7 @@ impl Cache {
         digest: &Digest,
         origin: &Origin,
         max: u64,
-    ) -> Option<(Arc<Flight>, Entry)> {
+    ) -> Option<Arc<Flight>> {
         let tier = self.shared.as_ref()?;
         let from = shared_origin(self, tier, digest, origin).await?;
         let (content_type, data) = tier.small_object(digest, max).await?;
@@ -193,12 +193,11 @@ impl Cache {
     }
 
     /// A cached object as a complete flight, ready to be read, if it is on disk.
-    pub async fn hit(&self, digest: &Digest) -> Option<(Arc<Flight>, Entry)> {
-        if let Some((data, entry)) = self.store.remembered(digest) {
-            let pin = self.store.pin(&entry.path);
-            return Some((Flight::in_memory(data, head_of(&entry), pin), entry));
+    pub async fn hit(&self, digest: &Digest) -> Option<Arc<Flight>> {
+        if let Some(flight) = self.store.remembered(digest) {
+            return Some(flight);
         }
-        let (file, entry) = match self.store.object(digest).await {
+        let (file, entry, small) = match self.store.object(digest).await {
             Ok(Some(found)) => found,
             Ok(None) => {
                 tracing::debug!(digest = %digest, "cache lookup: not cached");
@@ -210,9 +209,16 @@ impl Cache {
             }
         };
         tracing::debug!(digest = %digest, size = entry.meta.size, "cache lookup: cached");
-        let pin = self.store.pin(&entry.path);
         let head = head_of(&entry);
-        Some((Flight::complete(file, head, entry.meta.size, pin), entry))
+        if let Some(data) = small {
+            // One flight in memory for every hit while the store remembers it: a hit then
+            // builds nothing, and reads no file, so it pins none.
+            let flight = Flight::in_memory(data, head);
+            self.store.remember(digest, flight.clone());
+            return Some(flight);
+        }
+        let pin = self.store.pin(&entry.path);
+        Some(Flight::complete(file, head, entry.meta.size, pin))
     }
 }
 

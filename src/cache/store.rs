@@ -19,6 +19,7 @@ use cacache::WriteOpts;
 use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
+use super::flight::Flight;
 use super::memo::Memo;
 use super::{keys, layout};
 use crate::metrics::Metrics;
@@ -94,6 +95,9 @@ pub struct Entry {
     pub meta: ObjectMeta,
 }
 
+/// A cached object found on disk: its open file, its entry, and its bytes if it is small.
+pub type Found = (std::fs::File, Entry, Option<bytes::Bytes>);
+
 /// Where a tag pointed when last checked.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TagRecord {
@@ -119,7 +123,7 @@ pub struct Store {
     sources: Arc<Mutex<HashMap<Digest, Vec<Origin>>>>,
     // Small objects (manifests, configs) and tag entries as last read from the disk, so that
     // their hits need no disk at all.
-    small: Arc<Memo<Digest, (bytes::Bytes, Entry)>>,
+    small: Arc<Memo<Digest, Arc<Flight>>>,
     tags: Arc<Memo<String, Arc<TagEntry>>>,
     adding: Arc<tokio::sync::Mutex<()>>,
     // This process's directory for partial downloads, and the lock that marks it alive.
@@ -286,11 +290,8 @@ impl Store {
     /// The verified object `digest`, if cached and its file is still there.
     ///
     /// The file comes open, checked against the recorded size, and its access time refreshed:
-    /// one trip to the blocking pool per hit.
-    pub async fn object(
-        &self,
-        digest: &Digest,
-    ) -> Result<Option<(std::fs::File, Entry)>, StoreError> {
+    /// one trip to the blocking pool per hit. A small object's bytes come too, read whole.
+    pub async fn object(&self, digest: &Digest) -> Result<Option<Found>, StoreError> {
         let (dir, key, path) = (
             self.dir.clone(),
             keys::object(digest),
@@ -314,18 +315,19 @@ impl Store {
             Ok(Some((file, Entry { path, meta }, data)))
         })
         .await?;
-        let Some((file, entry, data)) = found else {
+        if found.is_none() {
             self.small.remove(digest);
-            return Ok(None);
-        };
-        if let Some(data) = data {
-            self.small.put(digest.clone(), (data, entry.clone()));
         }
-        Ok(Some((file, entry)))
+        Ok(found)
     }
 
-    /// A small object's bytes and entry, if read from the disk a moment ago.
-    pub fn remembered(&self, digest: &Digest) -> Option<(bytes::Bytes, Entry)> {
+    /// Holds a small object's flight in memory for a moment, for [`Store::remembered`].
+    pub fn remember(&self, digest: &Digest, flight: Arc<Flight>) {
+        self.small.put(digest.clone(), flight);
+    }
+
+    /// A small object's flight in memory, if read from the disk a moment ago.
+    pub fn remembered(&self, digest: &Digest) -> Option<Arc<Flight>> {
         self.small.get(digest)
     }
 
@@ -745,12 +747,12 @@ mod tests {
                 .unwrap(),
             other
         );
-        let (_, entry) = store.object(&d2).await.unwrap().unwrap();
+        let (_, entry, _) = store.object(&d2).await.unwrap().unwrap();
         assert_eq!(entry.meta, meta);
     }
 
-    /// A small object's hits come from memory once it was looked up on disk; removing it (as
-    /// eviction does) makes it a miss at once.
+    /// A small object comes with its bytes, and is remembered once the cache holds it so; removing
+    /// it (as eviction does) makes it a miss at once.
     #[tokio::test]
     async fn small_objects_answer_from_memory_until_removed() {
         let dir = tempfile::tempdir().unwrap();
@@ -763,10 +765,20 @@ mod tests {
         };
         store.put(&digest, &data, &meta).await.unwrap();
         assert!(store.remembered(&digest).is_none(), "not looked up yet");
-        store.object(&digest).await.unwrap().unwrap();
-        let (bytes, entry) = store.remembered(&digest).unwrap();
-        assert_eq!(&bytes[..], &data[..]);
+        let (_, entry, bytes) = store.object(&digest).await.unwrap().unwrap();
+        assert_eq!(&bytes.unwrap()[..], &data[..]);
         assert_eq!(entry.meta, meta);
+        let head = crate::cache::flight::Head {
+            content_type: meta.content_type.clone(),
+            length: Some(meta.size),
+        };
+        let flight = Flight::in_memory(bytes::Bytes::from(data.clone()), head);
+        store.remember(&digest, flight);
+        let held = store
+            .remembered(&digest)
+            .unwrap()
+            .held(0, data.len() as u64);
+        assert_eq!(held.as_deref(), Some(&data[..]));
 
         let on_disk = store.objects_on_disk();
         let object = on_disk.iter().find(|o| o.digest == digest).unwrap();
@@ -782,8 +794,8 @@ mod tests {
             size: big.len() as u64,
         };
         store.put(&d2, &big, &meta2).await.unwrap();
-        store.object(&d2).await.unwrap().unwrap();
-        assert!(store.remembered(&d2).is_none());
+        let (_, _, bytes) = store.object(&d2).await.unwrap().unwrap();
+        assert!(bytes.is_none());
     }
 
     /// An object whose index entry cannot be written is not left on disk or counted: it could

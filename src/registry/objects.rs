@@ -144,7 +144,7 @@ pub(super) async fn serve(
         shared,
         range: ByteRange::from_headers(&parts.headers),
     };
-    if let Some((flight, _)) = shared.cache.hit(&digest).await {
+    if let Some(flight) = shared.cache.hit(&digest).await {
         return ask.cached(&flight, Outcome::Hit).await;
     }
     if head_only {
@@ -168,7 +168,7 @@ pub(super) async fn serve(
             match flight.started().await {
                 // The leader got no cacheable answer (or found it cached meanwhile, or no room).
                 State::Abandoned => match shared.cache.hit(&digest).await {
-                    Some((flight, _)) => ask.cached(&flight, Outcome::Hit).await,
+                    Some(flight) => ask.cached(&flight, Outcome::Hit).await,
                     None => ask.passthrough(None).await,
                 },
                 _ => {
@@ -179,7 +179,7 @@ pub(super) async fn serve(
         }
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.
-            if let Some((flight, _)) = shared.cache.hit(&digest).await {
+            if let Some(flight) = shared.cache.hit(&digest).await {
                 drop(leader);
                 return ask.cached(&flight, Outcome::Hit).await;
             }

@@ -378,8 +378,8 @@ async fn manifest_hit(
 ) -> Option<std::sync::Arc<crate::cache::Flight>> {
     let cache = &shared.cache;
     match cache.hit(digest).await {
-        Some((flight, _)) => Some(flight),
-        None => Some(cache.pull_small(digest, origin, MAX_MANIFEST).await?.0),
+        Some(flight) => Some(flight),
+        None => cache.pull_small(digest, origin, MAX_MANIFEST).await,
     }
 }
 
