@@ -97,15 +97,15 @@ pub async fn served_to(
 ) {
     let host = target.authority();
     // A success with credentials injected (for any user) says nothing of anonymous clients.
-    let injected = shared.client.credentials().injected(&host, repo, None);
+    let injected = shared.client.credentials().injected(host, repo, None);
     let anonymous = !headers.contains_key(header::AUTHORIZATION) && injected.is_none();
-    if anonymous && shared.access.is_public(&host, repo) != Some(true) {
-        shared.access.set_public(&host, repo, true);
-        shared.cache.set_public(&host, repo, true).await;
+    if anonymous && shared.access.is_public(host, repo) != Some(true) {
+        shared.access.set_public(host, repo, true);
+        shared.cache.set_public(host, repo, true).await;
     }
     shared
         .access
-        .allow((client_key(headers, user), host, repo.to_owned()));
+        .allow((client_key(headers, user), host.to_owned(), repo.to_owned()));
 }
 
 /// What may be done with cached (or downloading) bytes for one client.
@@ -192,17 +192,17 @@ pub async fn allowed(
     }
     let host = target.authority();
     let user = parts.extensions.get::<ProxyUser>();
-    // Injected credentials are no shortcut: bytes bound here may have come with another
-    // client's own credentials, which the injected ones (or this user's share of them) may
-    // not match. The HEAD below goes with whatever this client's requests go with.
-    let injected = shared.client.credentials().injected(&host, repo, user);
-    let key = (
-        client_key(&parts.headers, user),
-        host.clone(),
-        repo.to_owned(),
-    );
-    let public_repo = shared.access.is_public(&host, repo) == Some(true);
-    if (prov.bound && public_repo) || shared.access.was_allowed(&key) {
+    let public_repo = shared.access.is_public(host, repo) == Some(true);
+    // The key is built only when the repository is not known public.
+    let allowed_recently = || {
+        let key = (
+            client_key(&parts.headers, user),
+            host.to_owned(),
+            repo.to_owned(),
+        );
+        shared.access.was_allowed(&key)
+    };
+    if (prov.bound && public_repo) || allowed_recently() {
         tracing::debug!(
             repo,
             public_repo,
@@ -210,6 +210,10 @@ pub async fn allowed(
         );
         return Verdict::Serve;
     }
+    // Injected credentials are no shortcut: bytes bound here may have come with another
+    // client's own credentials, which the injected ones (or this user's share of them) may
+    // not match. The HEAD below goes with whatever this client's requests go with.
+    let injected = shared.client.credentials().injected(host, repo, user);
     tracing::debug!(
         repo,
         "asking the upstream with a HEAD whether this client may read the cached bytes"
@@ -241,15 +245,15 @@ pub async fn allowed(
             if anonymous && matches!(resp.status().as_u16(), 401 | 403) {
                 // Refused to an anonymous client: not (or no longer) public. (A 404 says only
                 // that this repository lacks the object.)
-                shared.access.set_public(&host, repo, false);
-                shared.cache.set_public(&host, repo, false).await;
+                shared.access.set_public(host, repo, false);
+                shared.cache.set_public(host, repo, false).await;
             }
             tracing::info!(repo, status = %resp.status(), "cached content refused: the upstream does not authorize this client");
-            Verdict::Refuse(head_answer(resp, &parts.method, &host))
+            Verdict::Refuse(head_answer(resp, &parts.method, host))
         }
         outcome => {
             // The upstream cannot say: only what is known public may be served.
-            if prov.bound && shared.cache.is_public(&host, repo).await {
+            if prov.bound && shared.cache.is_public(host, repo).await {
                 return Verdict::Serve;
             }
             let cause =
@@ -270,9 +274,9 @@ pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &s
     let injected = shared
         .client
         .credentials()
-        .injected(&host, repo, None)
+        .injected(host, repo, None)
         .is_some();
-    if injected || shared.access.is_public(&host, repo).is_some() {
+    if injected || shared.access.is_public(host, repo).is_some() {
         return;
     }
     let Ok(req) = Request::head(format!("https://{host}{path}")).body(crate::body::empty()) else {
@@ -289,8 +293,8 @@ pub async fn probe_public(shared: &Shared, target: &Target, path: &str, repo: &s
         .send(req, how)
         .await
         .is_ok_and(|r| r.status().is_success());
-    shared.access.set_public(&host, repo, public);
+    shared.access.set_public(host, repo, public);
     if public {
-        shared.cache.set_public(&host, repo, true).await;
+        shared.cache.set_public(host, repo, true).await;
     }
 }

@@ -128,7 +128,7 @@ impl Outcome {
 #[derive(Debug)]
 pub struct AccessLog {
     /// Client socket address.
-    pub client: String,
+    pub client: std::net::SocketAddr,
     /// Target host (and port when not 443).
     pub host: String,
     /// Request method.
@@ -503,7 +503,7 @@ mod tests {
                 .finish(),
         );
         let log = |outcome, method: &str, path: &str| AccessLog {
-            client: "127.0.0.1:40312".into(),
+            client: "127.0.0.1:40312".parse().unwrap(),
             host: "registry.test:5000".into(),
             method: method.into(),
             path: path.into(),

@@ -15,16 +15,28 @@ pub struct Target {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    // Formatted once: every request on the connection names it (logs, keys, upstream URLs).
+    authority: String,
 }
 
 impl Target {
-    /// `host` alone for 443, `host:port` otherwise: the authority of upstream URLs.
-    pub fn authority(&self) -> String {
-        if self.port == 443 {
-            self.host.clone()
+    /// The target `host`:`port`.
+    pub fn new(host: String, port: u16) -> Target {
+        let authority = if port == 443 {
+            host.clone()
         } else {
-            format!("{}:{}", self.host, self.port)
+            format!("{host}:{port}")
+        };
+        Target {
+            host,
+            port,
+            authority,
         }
+    }
+
+    /// `host` alone for 443, `host:port` otherwise: the authority of upstream URLs.
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 }
 

@@ -148,7 +148,7 @@ pub async fn prefetch(
     };
     let mut client = Client {
         shared: shared.clone(),
-        target: Target { host, port },
+        target: Target::new(host, port),
         repo: image.repo.clone(),
         token: None,
     };

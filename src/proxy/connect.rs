@@ -47,8 +47,8 @@ pub(super) async fn handle(
     match connect(&shared.resolver, &target.host, target.port, timeout).await {
         Ok(upstream) => {
             let log = AccessLog {
-                client: peer.to_string(),
-                host: target.authority(),
+                client: peer,
+                host: target.authority().to_owned(),
                 method: "CONNECT".into(),
                 path: String::new(),
                 outcome: crate::body::Outcome::Tunnel,
@@ -104,7 +104,7 @@ fn target_of(authority: &Authority) -> Result<Target, TargetError> {
     if host.is_empty() {
         return Err(TargetError::EmptyHost);
     }
-    Ok(Target { host, port })
+    Ok(Target::new(host, port))
 }
 
 #[cfg(test)]
@@ -151,11 +151,11 @@ mod tests {
             prop_assert_eq!(&t.host, &host.trim_end_matches('.').to_ascii_lowercase());
             prop_assert_eq!(t.port, port);
             // `authority()` names the same target again.
-            let text = if port == 443 { format!("{}:443", t.authority()) } else { t.authority() };
+            let text = if port == 443 { format!("{}:443", t.authority()) } else { t.authority().to_owned() };
             let again = target(&text).unwrap().unwrap();
             prop_assert_eq!((again.host, again.port), (t.host.clone(), port));
             if port == 443 {
-                prop_assert_eq!(t.authority(), t.host);
+                prop_assert_eq!(t.authority(), t.host.as_str());
             }
         }
 

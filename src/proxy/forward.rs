@@ -26,7 +26,7 @@ pub(super) async fn plain(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let log = AccessLog {
-        client: peer.to_string(),
+        client: peer,
         host: host.clone(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),

@@ -77,7 +77,7 @@ pub(super) async fn serve(
             match crate::hints::distrust(&e) {
                 Some(alert) => {
                     let host = target.authority();
-                    let fix = crate::hints::trust_fix(&shared.config, &host);
+                    let fix = crate::hints::trust_fix(&shared.config, host);
                     tracing::warn!(client = %peer, sni = %sni, alert, "the client does not trust regproxy's CA (it rejected the certificate for {host}); {fix}");
                 }
                 None => {

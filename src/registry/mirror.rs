@@ -113,7 +113,7 @@ fn upstream_of(uri: &Uri, config: &crate::Config) -> Result<(Target, Uri), (Stat
     let uri = pq
         .parse()
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad path {pq:?}: {e}")))?;
-    Ok((Target { host: name, port }, uri))
+    Ok((Target::new(name, port), uri))
 }
 
 /// `/v2/alpine/manifests/3` → `/v2/library/alpine/manifests/3`: Docker Hub's official images

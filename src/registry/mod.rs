@@ -34,8 +34,8 @@ pub async fn handle(
     let span = tracing::info_span!("request", host = %target.authority(), method = %req.method(), path = %req.uri().path());
     async move {
         let mut log = AccessLog {
-            client: peer.to_string(),
-            host: target.authority(),
+            client: peer,
+            host: target.authority().to_owned(),
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
             outcome: Outcome::Forward,
@@ -78,7 +78,7 @@ pub async fn serve(
         Route::ManifestByTag { repo, tag } => {
             let answer = tags::serve(parts, target, &repo, &tag, shared).await;
             if answer.0.status().is_success() {
-                shared.metrics.pulled(&target.authority(), &repo, &tag);
+                shared.metrics.pulled(target.authority(), &repo, &tag);
             }
             answer
         }

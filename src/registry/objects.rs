@@ -474,11 +474,13 @@ pub(super) fn respond(
         .and_then(|h| h.content_type.clone())
         .unwrap_or_else(|| "application/octet-stream".into());
     insert(&mut resp, header::CONTENT_TYPE, content_type);
-    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest.to_string());
+    let digest = digest.to_string();
     insert(&mut resp, header::ETAG, format!("\"{digest}\""));
-    insert(&mut resp, header::ACCEPT_RANGES, "bytes".into());
+    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest);
+    let headers = resp.headers_mut();
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Some(e) = end {
-        insert(&mut resp, header::CONTENT_LENGTH, (e - start).to_string());
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(e - start));
     }
     if status == StatusCode::PARTIAL_CONTENT {
         let of = total.map_or("*".to_string(), |t| t.to_string());

@@ -3,7 +3,7 @@
 //! the upstream cannot answer.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{request, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
@@ -46,7 +46,7 @@ pub(super) async fn serve(
     let host = target.authority();
     let accept = accept_class(&parts.headers);
     let name = TagName {
-        host: &host,
+        host,
         repo,
         tag,
         accept: &accept,
@@ -145,7 +145,7 @@ async fn revalidate(
             format!("upstream status {}", resp.status())
         }
         Ok(resp) => {
-            let answer = head_answer(resp, &parts.method, &target.authority());
+            let answer = head_answer(resp, &parts.method, target.authority());
             return (answer, Outcome::Forward);
         }
         Err(e) if !e.is_outage() => return (bad_gateway(target, &e), Outcome::Failed),
@@ -389,7 +389,8 @@ fn manifest_response(record: &TagRecord, data: Bytes) -> Response<Body> {
     let digest = record.digest.to_string();
     insert(&mut resp, header::ETAG, format!("\"{digest}\""));
     insert(&mut resp, DOCKER_CONTENT_DIGEST, digest);
-    insert(&mut resp, header::CONTENT_LENGTH, record.size.to_string());
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(record.size));
     resp
 }
 
