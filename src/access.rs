@@ -142,6 +142,9 @@ impl Provenance {
         in_flight: Option<&Origin>,
         asked: &Origin,
     ) -> Provenance {
+        if in_flight == Some(asked) || shared.cache.store.known_source(digest, asked) {
+            return Provenance::OWN;
+        }
         let mut sources = shared.cache.store.sources(digest).await;
         sources.extend(in_flight.cloned());
         if sources.contains(asked) {

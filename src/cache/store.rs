@@ -515,6 +515,15 @@ impl Store {
         sources
     }
 
+    /// Whether `origin` is among `digest`'s sources as already held in memory: a hit's usual
+    /// question, answered without copying the list (`false` says only "not known here").
+    pub fn known_source(&self, digest: &Digest, origin: &Origin) -> bool {
+        self.sources
+            .lock()
+            .get(digest)
+            .is_some_and(|known| known.contains(origin))
+    }
+
     /// Keeps what the index says of `digest`'s sources in memory, within a bound (it is only a
     /// cache of the index).
     fn remember_sources(&self, digest: &Digest, sources: &[Origin]) {
