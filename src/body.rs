@@ -522,13 +522,24 @@ mod tests {
             let theirs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
             let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 123_456_789);
             let mut ours = Vec::new();
-            crate::log_writer::text_line(&mut ours, at, |out| {
+            let mut second = crate::log_writer::Second::NONE;
+            crate::log_writer::text_line(&mut ours, &mut second, at, |out| {
                 log.write_fields(out, 4321, true, 17)
             });
             let ours = String::from_utf8(ours).unwrap();
             let (their_time, their_rest) = theirs.split_at(27);
             assert_eq!(ours[27..], *their_rest);
             assert_eq!(&ours[..27], "2023-11-14T22:13:20.123456Z");
+            // The same second again reuses its text; the next one is formatted anew.
+            for (later, want) in [
+                (1, "2023-11-14T22:13:20.123457Z"),
+                (1_000_000, "2023-11-14T22:13:21.123456Z"),
+            ] {
+                let mut again = Vec::new();
+                let at = at + std::time::Duration::from_micros(later);
+                crate::log_writer::text_line(&mut again, &mut second, at, |_| {});
+                assert_eq!(&again[..27], want.as_bytes());
+            }
             let shape = |t: &str| {
                 t.bytes()
                     .map(|b| if b.is_ascii_digit() { b'0' } else { b })

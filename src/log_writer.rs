@@ -107,24 +107,48 @@ pub(crate) fn access_line(fields: impl FnOnce(&mut Vec<u8>)) -> bool {
         return false;
     };
     thread_local! {
-        // The line being written, its room kept for the next.
-        static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        static LINE: RefCell<(Vec<u8>, Second)> = const { RefCell::new((Vec::new(), Second::NONE)) };
     }
-    LINE.with_borrow_mut(|line| {
+    // Not available while the thread's locals are torn down: the subscriber writes it then.
+    let written = LINE.try_with(|cell| {
+        let Ok(mut cell) = cell.try_borrow_mut() else {
+            return false;
+        };
+        let (line, second) = &mut *cell;
         line.clear();
-        text_line(line, SystemTime::now(), fields);
+        text_line(line, second, SystemTime::now(), fields);
         writer.gather(line, false);
+        true
     });
-    true
+    written.unwrap_or(false)
+}
+
+/// The date and time of day of one second, as [`timestamp`] writes it: formatted once a second.
+pub(crate) struct Second {
+    at: u64,
+    text: String,
+}
+
+impl Second {
+    /// No second yet.
+    pub(crate) const NONE: Second = Second {
+        at: u64::MAX,
+        text: String::new(),
+    };
 }
 
 /// `now`, the level and the target as the subscriber's text format starts an access line, then
 /// what `fields` writes, then the end of the line.
-pub(crate) fn text_line(out: &mut Vec<u8>, now: SystemTime, fields: impl FnOnce(&mut Vec<u8>)) {
+pub(crate) fn text_line(
+    out: &mut Vec<u8>,
+    second: &mut Second,
+    now: SystemTime,
+    fields: impl FnOnce(&mut Vec<u8>),
+) {
     let since = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
-    timestamp(out, since.as_secs(), since.subsec_micros());
+    timestamp(out, second, since.as_secs(), since.subsec_micros());
     out.extend_from_slice(b"  INFO ");
     out.extend_from_slice(ACCESS.as_bytes());
     out.extend_from_slice(b": ");
@@ -133,34 +157,29 @@ pub(crate) fn text_line(out: &mut Vec<u8>, now: SystemTime, fields: impl FnOnce(
 }
 
 /// `2026-12-02T08:02:14.436001Z`, as tracing-subscriber's `SystemTime` writes it; the date and
-/// time of day are formatted once a second (per thread), the microseconds every time.
-fn timestamp(out: &mut Vec<u8>, secs: u64, micros: u32) {
-    thread_local! {
-        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+/// time of day come from `second` while it is the same second, the microseconds every time.
+fn timestamp(out: &mut Vec<u8>, second: &mut Second, secs: u64, micros: u32) {
+    if second.at != secs {
+        second.at = secs;
+        second.text.clear();
+        let t = i64::try_from(secs)
+            .ok()
+            .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let _ = std::fmt::Write::write_fmt(
+            &mut second.text,
+            format_args!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            ),
+        );
     }
-    SECOND.with_borrow_mut(|(at, text)| {
-        if *at != secs {
-            *at = secs;
-            text.clear();
-            let t = i64::try_from(secs)
-                .ok()
-                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-            let _ = std::fmt::Write::write_fmt(
-                text,
-                format_args!(
-                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-                    t.year(),
-                    u8::from(t.month()),
-                    t.day(),
-                    t.hour(),
-                    t.minute(),
-                    t.second()
-                ),
-            );
-        }
-        out.extend_from_slice(text.as_bytes());
-    });
+    out.extend_from_slice(second.text.as_bytes());
     let mut digits = [b'0'; 6];
     let mut n = micros;
     for d in digits.iter_mut().rev() {
