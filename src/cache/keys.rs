@@ -23,6 +23,15 @@ pub fn tag(name: &str) -> String {
     format!("{TAG}{name}")
 }
 
+/// [`tag`] of `HOST/REPO:TAG` from its parts, built with one allocation (once per tag request).
+pub fn tag_of(host: &str, repo: &str, tag: &str) -> String {
+    let mut key = String::with_capacity(TAG.len() + host.len() + repo.len() + tag.len() + 2);
+    for part in [TAG, host, "/", repo, ":", tag] {
+        key.push_str(part);
+    }
+    key
+}
+
 /// The `HOST/REPO:TAG` a tag key names.
 pub fn tag_name(key: &str) -> Option<&str> {
     key.strip_prefix(TAG)
@@ -41,4 +50,20 @@ pub fn sources_digest(key: &str) -> Option<&str> {
 /// The record that `repo` on `host` serves anonymous clients.
 pub fn public(host: &str, repo: &str) -> String {
     format!("{PUBLIC}{host}/{repo}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key built from its parts is the key of the joined name, and names it again.
+    #[test]
+    fn a_tag_key_from_parts_is_the_tag_key() {
+        let key = tag_of("registry.test:5000", "library/alpine", "3.20");
+        assert_eq!(key, tag("registry.test:5000/library/alpine:3.20"));
+        assert_eq!(
+            tag_name(&key),
+            Some("registry.test:5000/library/alpine:3.20")
+        );
+    }
 }

@@ -641,7 +641,7 @@ pub struct TagName<'a> {
 impl TagName<'_> {
     /// The index key: `regproxy:tag:HOST/REPO:TAG`.
     pub fn key(&self) -> String {
-        keys::tag(&format!("{}/{}:{}", self.host, self.repo, self.tag))
+        keys::tag_of(self.host, self.repo, self.tag)
     }
 }
 
