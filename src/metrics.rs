@@ -160,10 +160,7 @@ impl Metrics {
 
     /// Counts one tag resolved (`GET` or `HEAD` of a manifest by tag that succeeded).
     pub fn pulled(&self, host: &str, repo: &str, tag: &str) {
-        let mut name = String::with_capacity(host.len() + repo.len() + tag.len() + 2);
-        for part in [host, "/", repo, ":", tag] {
-            name.push_str(part);
-        }
+        let name = crate::cache::keys::image_name(host, repo, tag);
         let mut map = lock(&self.pulls);
         if let Some(n) = map.get_mut(&name) {
             *n += 1;

@@ -25,11 +25,21 @@ pub fn tag(name: &str) -> String {
 
 /// [`tag`] of `HOST/REPO:TAG` from its parts, built with one allocation (once per tag request).
 pub fn tag_of(host: &str, repo: &str, tag: &str) -> String {
-    let mut key = String::with_capacity(TAG.len() + host.len() + repo.len() + tag.len() + 2);
-    for part in [TAG, host, "/", repo, ":", tag] {
-        key.push_str(part);
+    joined(TAG, host, repo, tag)
+}
+
+/// `HOST/REPO:TAG` from its parts, built with one allocation.
+pub fn image_name(host: &str, repo: &str, tag: &str) -> String {
+    joined("", host, repo, tag)
+}
+
+/// `PREFIXHOST/REPO:TAG`.
+fn joined(prefix: &str, host: &str, repo: &str, tag: &str) -> String {
+    let mut name = String::with_capacity(prefix.len() + host.len() + repo.len() + tag.len() + 2);
+    for part in [prefix, host, "/", repo, ":", tag] {
+        name.push_str(part);
     }
-    key
+    name
 }
 
 /// The `HOST/REPO:TAG` a tag key names.
@@ -61,6 +71,8 @@ mod tests {
     fn a_tag_key_from_parts_is_the_tag_key() {
         let key = tag_of("registry.test:5000", "library/alpine", "3.20");
         assert_eq!(key, tag("registry.test:5000/library/alpine:3.20"));
+        let name = image_name("registry.test:5000", "library/alpine", "3.20");
+        assert_eq!(key, tag(&name));
         assert_eq!(
             tag_name(&key),
             Some("registry.test:5000/library/alpine:3.20")

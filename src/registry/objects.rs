@@ -429,8 +429,7 @@ fn passthrough_response(body: Body, digest: &Digest, head: &Head) -> Response<Bo
         .clone()
         .unwrap_or_else(|| "application/octet-stream".into());
     insert(&mut resp, header::CONTENT_TYPE, content_type);
-    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest.to_string());
-    insert(&mut resp, header::ETAG, format!("\"{digest}\""));
+    digest_headers(&mut resp, digest);
     if let Some(len) = head.length {
         insert(&mut resp, header::CONTENT_LENGTH, len.to_string());
     }
@@ -474,9 +473,7 @@ pub(super) fn respond(
         .and_then(|h| h.content_type.clone())
         .unwrap_or_else(|| "application/octet-stream".into());
     insert(&mut resp, header::CONTENT_TYPE, content_type);
-    let digest = digest.to_string();
-    insert(&mut resp, header::ETAG, format!("\"{digest}\""));
-    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest);
+    digest_headers(&mut resp, digest);
     let headers = resp.headers_mut();
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Some(e) = end {
@@ -492,6 +489,13 @@ pub(super) fn respond(
         );
     }
     resp
+}
+
+/// `Docker-Content-Digest` and `ETag` of an object's answer, the digest formatted once.
+pub(super) fn digest_headers(resp: &mut Response<Body>, digest: &Digest) {
+    let digest = digest.to_string();
+    insert(resp, header::ETAG, format!("\"{digest}\""));
+    insert(resp, DOCKER_CONTENT_DIGEST, digest);
 }
 
 /// Sets a header from a string; values that are not valid header text are skipped.

@@ -7,7 +7,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{request, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
-use super::objects::{header_str, insert, respond};
+use super::objects::{digest_headers, header_str, insert, respond};
 use super::range::ByteRange;
 use super::{bad_gateway, Outcome};
 use crate::access::{self, Provenance, Verdict};
@@ -386,9 +386,7 @@ async fn manifest_hit(
 fn manifest_response(record: &TagRecord, data: Bytes) -> Response<Body> {
     let mut resp = Response::new(body::full(data));
     insert(&mut resp, header::CONTENT_TYPE, record.content_type.clone());
-    let digest = record.digest.to_string();
-    insert(&mut resp, header::ETAG, format!("\"{digest}\""));
-    insert(&mut resp, DOCKER_CONTENT_DIGEST, digest);
+    digest_headers(&mut resp, &record.digest);
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(record.size));
     resp
