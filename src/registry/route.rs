@@ -34,14 +34,17 @@ impl Route {
         let Some(rest) = path.strip_prefix("/v2/") else {
             return Route::Other;
         };
-        for (marker, is_blob) in [("/blobs/", true), ("/manifests/", false)] {
-            let Some(at) = rest.rfind(marker) else {
+        // The reference is the last component and the marker the one before it, so one search
+        // for the last '/' finds both (`blobs` may also be a component of a repository whose
+        // manifest is asked for: `/v2/a/blobs/b/manifests/latest`).
+        let Some((before, reference)) = rest.rsplit_once('/') else {
+            return Route::Other;
+        };
+        for (marker, is_blob) in [("/blobs", true), ("/manifests", false)] {
+            let Some(repo) = before.strip_suffix(marker) else {
                 continue;
             };
-            let (repo, reference) = (&rest[..at], &rest[at + marker.len()..]);
-            if repo.is_empty() || reference.is_empty() || reference.contains('/') {
-                // Not this marker: `blobs` may be a component of a repository whose manifest
-                // is asked for (`/v2/a/blobs/b/manifests/latest`).
+            if repo.is_empty() || reference.is_empty() {
                 continue;
             }
             if !crate::upstream::client::plain_repository(repo) {
