@@ -648,19 +648,20 @@ impl TagName<'_> {
 /// The media types of an `Accept` header list, lower-case, sorted and deduplicated (`*` when
 /// there are none), so that equivalent lists share a tag record.
 pub fn accept_class(headers: &http::HeaderMap) -> String {
-    let mut types: Vec<String> = headers
+    use std::borrow::Cow;
+    // Borrowed where already lower-case (what clients send): one allocation for the list, one
+    // for the result, rather than one per media type (this runs for every tag request).
+    let mut types: Vec<Cow<'_, str>> = headers
         .get_all(http::header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(|v| v.split(';').next().unwrap_or("").trim())
         .filter(|v| !v.is_empty())
+        .map(|v| match v.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => Cow::Owned(v.to_ascii_lowercase()),
+            false => Cow::Borrowed(v),
+        })
         .collect();
     types.sort();
     types.dedup();
@@ -903,6 +904,35 @@ mod tests {
         assert_eq!(lines, 1);
         assert_eq!(store.tag(&name).await.unwrap().unwrap().0.size, 3);
         assert!(store.tag(&gone).await.unwrap().is_none());
+    }
+
+    /// Equivalent Accept lists make one class: case, parameters, order, spacing, duplicates and
+    /// the split over header lines do not matter; no list at all is `*`.
+    #[test]
+    fn accept_lists_normalize_to_one_class() {
+        let class = |lines: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for l in lines {
+                h.append(http::header::ACCEPT, l.parse().unwrap());
+            }
+            accept_class(&h)
+        };
+        let want = "application/a+json,application/b+json";
+        assert_eq!(class(&["application/a+json,application/b+json"]), want);
+        assert_eq!(
+            class(&["Application/B+JSON; q=0.5 , application/a+json"]),
+            want
+        );
+        assert_eq!(
+            class(&[
+                "application/b+json",
+                "application/a+json",
+                "application/B+json"
+            ]),
+            want
+        );
+        assert_eq!(class(&[]), "*");
+        assert_eq!(class(&[" , ;q=1"]), "*");
     }
 
     /// Each Accept class has its own record under one key; all of them are there for stale use.
