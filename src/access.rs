@@ -145,6 +145,18 @@ impl Provenance {
         if in_flight == Some(asked) || shared.cache.store.known_source(digest, asked) {
             return Provenance::OWN;
         }
+        // Boxed: reading the source list from disk is a large future that the common case,
+        // answered above, need not carry.
+        Box::pin(Provenance::from_sources(shared, digest, in_flight, asked)).await
+    }
+
+    /// [`Provenance::of`] when the asked origin is not a source known in memory.
+    async fn from_sources(
+        shared: &Shared,
+        digest: &Digest,
+        in_flight: Option<&Origin>,
+        asked: &Origin,
+    ) -> Provenance {
         let mut sources = shared.cache.store.sources(digest).await;
         sources.extend(in_flight.cloned());
         if sources.contains(asked) {
@@ -213,9 +225,33 @@ pub async fn allowed(
         );
         return Verdict::Serve;
     }
+    // Boxed: the check's future is several KiB, and every cached answer's future would carry
+    // (and copy) that much if it were inline.
+    Box::pin(ask_upstream(
+        shared,
+        parts,
+        target,
+        repo,
+        prov,
+        upstream_down,
+    ))
+    .await
+}
+
+/// The upstream's word on whether this client may read `repo`: a `HEAD` with its credentials.
+async fn ask_upstream(
+    shared: &Shared,
+    parts: &request::Parts,
+    target: &Target,
+    repo: &str,
+    prov: Provenance,
+    upstream_down: bool,
+) -> Verdict {
+    let host = target.authority();
     // Injected credentials are no shortcut: bytes bound here may have come with another
     // client's own credentials, which the injected ones (or this user's share of them) may
     // not match. The HEAD below goes with whatever this client's requests go with.
+    let user = parts.extensions.get::<ProxyUser>();
     let injected = shared.client.credentials().injected(host, repo, user);
     tracing::debug!(
         repo,

@@ -133,7 +133,10 @@ impl Alg {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.alg.name(), self.hex)
+        // Pieces rather than `write!`: digests are formatted into headers of every answer.
+        f.write_str(self.alg.name())?;
+        f.write_str(":")?;
+        f.write_str(&self.hex)
     }
 }
 

@@ -106,9 +106,19 @@ impl Cache {
             tracing::warn!(error = %e, "tag lookup failed; treating as a miss");
             None
         });
-        if local.as_ref().is_some_and(|(_, age)| *age < fresh_for) {
+        if local.as_ref().is_some_and(|(_, age)| *age < fresh_for) || self.shared.is_none() {
             return local;
         }
+        // Boxed: a fresh local record, the common case, should not carry the tier's future.
+        Box::pin(self.tag_from_tier(name, local)).await
+    }
+
+    /// The shared tier's record of a tag when it is newer than `local`, recorded locally too.
+    async fn tag_from_tier(
+        &self,
+        name: &TagName<'_>,
+        local: Option<(TagRecord, Duration)>,
+    ) -> Option<(TagRecord, Duration)> {
         let Some(tier) = &self.shared else {
             return local;
         };

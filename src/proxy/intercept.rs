@@ -134,7 +134,7 @@ pub(super) async fn serve_http<I>(
         async move {
             let resp = match &target {
                 Some(t) => registry::handle(req, t, peer, &shared).await,
-                None => registry::mirror::handle(req, peer, &shared).await,
+                None => Box::pin(registry::mirror::handle(req, peer, &shared)).await,
             };
             drop(busy);
             Ok::<_, Infallible>(resp)

@@ -47,10 +47,8 @@ pub async fn handle(
         let (resp, outcome) = match Route::classify(&parts.method, parts.uri.path()) {
             Route::Other => {
                 let body = body::incoming(incoming);
-                (
-                    forward(&parts, body, target, shared, false).await,
-                    Outcome::Forward,
-                )
+                let forwarded = Box::pin(forward(&parts, body, target, shared, false));
+                (forwarded.await, Outcome::Forward)
             }
             route => serve(&parts, route, target, shared).await,
         };
@@ -71,7 +69,7 @@ pub async fn serve(
 ) -> (Response<Body>, Outcome) {
     match route {
         Route::Invalid(reason) => (text(StatusCode::BAD_REQUEST, reason), Outcome::Refused),
-        Route::Ping => ping(parts, target, shared).await,
+        Route::Ping => Box::pin(ping(parts, target, shared)).await,
         Route::Blob { repo, digest } | Route::ManifestByDigest { repo, digest } => {
             objects::serve(parts, target, &repo, digest, shared).await
         }
@@ -83,7 +81,7 @@ pub async fn serve(
             answer
         }
         Route::Other => {
-            let resp = forward(parts, body::empty(), target, shared, false).await;
+            let resp = Box::pin(forward(parts, body::empty(), target, shared, false)).await;
             (resp, Outcome::Forward)
         }
     }
@@ -162,4 +160,29 @@ fn bad_gateway(target: &Target, e: &UpstreamError) -> Response<Body> {
         StatusCode::BAD_GATEWAY,
         format!("upstream {}: {e}", target.authority()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper moves each request's future a few times on its way in, so its size is copied per
+    /// request: the paths that go upstream are boxed, and a cached answer's future stays small
+    /// (the whole of it was 11.8 KiB before, 7.4 KiB of that for this part).
+    #[tokio::test]
+    async fn a_cached_answers_future_carries_no_upstream_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config {
+            ca_dir: dir.path().join("ca"),
+            cache_dir: dir.path().join("cache"),
+            ..Default::default()
+        };
+        let shared = Shared::new(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let target = Target::new("registry.test".into(), 443);
+        let (parts, ()) = Request::new(()).into_parts();
+        let route = Route::classify(&parts.method, "/v2/a/manifests/latest");
+        let future = serve(&parts, route, &target, &shared);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 2048, "{size} bytes");
+    }
 }

@@ -52,8 +52,8 @@ impl Ask<'_> {
                 outcome,
             ),
             Verdict::Refuse(answer) => (answer, Outcome::Refused),
-            Verdict::Miss if self.parts.method == Method::HEAD => self.forward().await,
-            Verdict::Miss => self.passthrough(None).await,
+            Verdict::Miss if self.parts.method == Method::HEAD => Box::pin(self.forward()).await,
+            Verdict::Miss => Box::pin(self.passthrough(None)).await,
         }
     }
 
@@ -158,18 +158,33 @@ pub(super) async fn serve(
             Some(flight) => ask.cached(&flight, Outcome::Joined).await,
             None => {
                 tracing::debug!(digest = %digest, "HEAD of an object not cached: forwarded");
-                ask.forward().await
+                Box::pin(ask.forward()).await
             }
         };
     }
-    match shared.cache.flights.join(&digest) {
+    // Boxed: a download's future is several KiB, which every hit would carry (and copy) inline.
+    Box::pin(download(&ask)).await
+}
+
+/// Answers a `GET` of an object the cache does not hold: joins the download in flight, or
+/// leads one.
+async fn download(ask: &Ask<'_>) -> (Response<Body>, Outcome) {
+    let Ask {
+        parts,
+        target,
+        repo,
+        digest,
+        shared,
+        ..
+    } = *ask;
+    match shared.cache.flights.join(digest) {
         Join::Follower(flight) => {
             tracing::debug!(digest = %digest, "joining the download already in flight");
             match flight.started().await {
                 // The leader got no cacheable answer (or found it cached meanwhile, or no room).
-                State::Abandoned => match shared.cache.hit(&digest).await {
+                State::Abandoned => match shared.cache.hit(digest).await {
                     Some(flight) => ask.cached(&flight, Outcome::Hit).await,
-                    None => ask.passthrough(None).await,
+                    None => Box::pin(ask.passthrough(None)).await,
                 },
                 _ => {
                     shared.metrics.joins.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +194,7 @@ pub(super) async fn serve(
         }
         Join::Leader(leader) => {
             // It may have been committed between the lookup above and the join.
-            if let Some(flight) = shared.cache.hit(&digest).await {
+            if let Some(flight) = shared.cache.hit(digest).await {
                 drop(leader);
                 return ask.cached(&flight, Outcome::Hit).await;
             }
@@ -209,9 +224,9 @@ pub(super) async fn serve(
                     ask.cached(&flight, Outcome::Shared).await
                 }
                 _ if flight.source() == Some(Source::Peer) => {
-                    (respond(&flight, &digest, parts, ask.range), Outcome::Peer)
+                    (respond(&flight, digest, parts, ask.range), Outcome::Peer)
                 }
-                _ => (respond(&flight, &digest, parts, ask.range), Outcome::Miss),
+                _ => (respond(&flight, digest, parts, ask.range), Outcome::Miss),
             }
         }
     }
@@ -491,11 +506,16 @@ pub(super) fn respond(
     resp
 }
 
-/// `Docker-Content-Digest` and `ETag` of an object's answer, the digest formatted once.
+/// `Docker-Content-Digest` and `ETag` of an object's answer: both values share one buffer, the
+/// digest formatted once (this runs for every cached manifest answered).
 pub(super) fn digest_headers(resp: &mut Response<Body>, digest: &Digest) {
-    let digest = digest.to_string();
-    insert(resp, header::ETAG, format!("\"{digest}\""));
-    insert(resp, DOCKER_CONTENT_DIGEST, digest);
+    let quoted = bytes::Bytes::from(format!("\"{digest}\""));
+    let bare = quoted.slice(1..quoted.len() - 1);
+    for (name, value) in [(header::ETAG, quoted), (DOCKER_CONTENT_DIGEST, bare)] {
+        if let Ok(v) = HeaderValue::from_maybe_shared(value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
 }
 
 /// Sets a header from a string; values that are not valid header text are skipped.

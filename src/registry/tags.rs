@@ -74,8 +74,10 @@ pub(super) async fn serve(
         // Look again with the lead: a leader that finished just before may have filled it.
         return match look(parts, target, &name, &ask, shared).await {
             Look::Answer(answer) => answer,
-            Look::Stale(record) => revalidate(parts, target, &name, record, &ask, shared).await,
-            Look::Fetch => fetch(parts, target, &name, &ask, shared).await,
+            Look::Stale(record) => {
+                Box::pin(revalidate(parts, target, &name, record, &ask, shared)).await
+            }
+            Look::Fetch => Box::pin(fetch(parts, target, &name, &ask, shared)).await,
         };
     }
 }
@@ -333,14 +335,15 @@ async fn answer_from(
     shared: &Shared,
     stale: bool,
 ) -> Option<Result<Response<Body>, Response<Body>>> {
-    let origin = Origin::new(target.authority(), repo);
-    let hit = match ask.head_only {
-        true => None,
-        false => Some(manifest_hit(&record.digest, &origin, shared).await?),
-    };
-    let prov = match &hit {
-        None => Provenance::OWN,
-        Some(_) => Provenance::of(shared, &record.digest, None, &origin).await,
+    // A HEAD needs neither the bytes nor where they came from: no origin is built for it.
+    let (hit, prov) = match ask.head_only {
+        true => (None, Provenance::OWN),
+        false => {
+            let origin = Origin::new(target.authority(), repo);
+            let flight = manifest_hit(&record.digest, &origin, shared).await?;
+            let prov = Provenance::of(shared, &record.digest, None, &origin).await;
+            (Some(flight), prov)
+        }
     };
     match access::allowed(shared, parts, target, repo, prov, stale).await {
         Verdict::Serve => {}
@@ -379,7 +382,8 @@ async fn manifest_hit(
     let cache = &shared.cache;
     match cache.hit(digest).await {
         Some(flight) => Some(flight),
-        None => cache.pull_small(digest, origin, MAX_MANIFEST).await,
+        // Boxed: the shared tier's request is a large future that hits need not carry.
+        None => Box::pin(cache.pull_small(digest, origin, MAX_MANIFEST)).await,
     }
 }
 
