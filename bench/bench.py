@@ -1510,6 +1510,15 @@ def wan_why(res):
         out.append(f"- Site uplink, cold pull through regproxy: all processes' CPU ÷ CPUs {fmt(cw, 's')} "
                    f"(wall {fmt(res.med(W_COLD, 'regproxy'), 's')}); a warm pull moves the same 200 MiB through skopeo "
                    f"at local speed, so its wall time ({fmt(ww, 's')}) is CPU time.")
+    # The warm goal's floor: no cache can hand skopeo the image faster than skopeo takes it from
+    # a registry on the same machine.
+    lo, lw, wd = res.med("Pull 1 × 200 MiB, cold", "direct"), res.med("Pull 1 × 200 MiB, warm, origin stopped",
+                                                                   "regproxy"), res.med(W_COLD, "direct")
+    if None not in (lo, lw, wd, ww):
+        out.append(f"- Site uplink, warm: skopeo pulling the same image straight from the origin over loopback (no "
+                   f"link, no proxy; the loopback table) takes {fmt(lo, 's')}, {lo / wd:.2f} of the uplink's direct "
+                   f"pull: the floor for any cache on this machine, against the goal's 0.2. regproxy's warm pull "
+                   f"takes {fmt(lw, 's')} over loopback and {fmt(ww, 's')} ({ww / wd:.2f}) on the uplink.")
     return out
 
 
