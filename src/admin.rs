@@ -189,12 +189,7 @@ mod tests {
     #[tokio::test]
     async fn idle_and_silent_connections_close_and_a_full_listener_answers_soon() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::Config {
-            ca_dir: dir.path().join("ca"),
-            cache_dir: dir.path().join("cache"),
-            ..Default::default()
-        };
-        let shared = Shared::new(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let shared = Shared::in_dir(dir.path());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limits = Limits {

@@ -102,6 +102,17 @@ impl AsRef<upstream::Client> for Shared {
 }
 
 impl Shared {
+    /// Defaults, with the CA and the cache in `dir` (for unit tests).
+    #[cfg(test)]
+    pub(crate) fn in_dir(dir: &std::path::Path) -> Arc<Shared> {
+        let config = Config {
+            ca_dir: dir.join("ca"),
+            cache_dir: dir.join("cache"),
+            ..Default::default()
+        };
+        Shared::new(config, "127.0.0.1:1".parse().expect("an address")).expect("shared state")
+    }
+
     /// Loads the CA, opens the cache and builds the upstream client; `own` is the proxy's
     /// listen address, which upstream connections refuse to reach.
     pub fn new(config: Config, own: std::net::SocketAddr) -> Result<Arc<Shared>, Error> {

@@ -172,12 +172,7 @@ mod tests {
     #[tokio::test]
     async fn a_cached_answers_future_carries_no_upstream_path() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::Config {
-            ca_dir: dir.path().join("ca"),
-            cache_dir: dir.path().join("cache"),
-            ..Default::default()
-        };
-        let shared = Shared::new(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let shared = Shared::in_dir(dir.path());
         let target = Target::new("registry.test".into(), 443);
         let (parts, ()) = Request::new(()).into_parts();
         let route = Route::classify(&parts.method, "/v2/a/manifests/latest");
