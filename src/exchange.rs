@@ -11,10 +11,9 @@ use crate::body::{self, Body};
 /// The host and port a client asked to CONNECT to.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Host name or IP literal, lower-case.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
+    // Private, so that the authority formatted from them cannot go stale.
+    host: String,
+    port: u16,
     // Formatted once: every request on the connection names it (logs, keys, upstream URLs).
     authority: String,
 }
@@ -32,6 +31,16 @@ impl Target {
             port,
             authority,
         }
+    }
+
+    /// Host name or IP literal, lower-case.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `host` alone for 443, `host:port` otherwise: the authority of upstream URLs.

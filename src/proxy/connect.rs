@@ -25,26 +25,28 @@ pub(super) async fn handle(
         Ok(t) => t,
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
-    if !shared.config.allow_port.contains(&target.port) {
-        tracing::warn!(client = %peer, host = %target.host, port = target.port, "CONNECT to port {} refused: not an allowed port; allow it with --allow-port {}", target.port, target.port);
+    if !shared.config.allow_port.contains(&target.port()) {
+        tracing::warn!(client = %peer, host = %target.host(), port = target.port(), "CONNECT to port {} refused: not an allowed port; allow it with --allow-port {}", target.port(), target.port());
         return text(
             StatusCode::FORBIDDEN,
             format!(
                 "CONNECT to port {} is not allowed (allowed: {:?}); allow it with --allow-port {}",
-                target.port, shared.config.allow_port, target.port
+                target.port(),
+                shared.config.allow_port,
+                target.port()
             ),
         );
     }
     let user = req.extensions().get::<ProxyUser>().cloned();
     let upgrade = hyper::upgrade::on(req);
-    if shared.config.intercepts(&target.host) {
+    if shared.config.intercepts(target.host()) {
         let session = intercept::serve(upgrade, target, user, peer, shared.clone());
         shared.tasks.spawn(session);
         return Response::new(empty());
     }
     let start = Instant::now();
     let timeout = shared.config.connect_timeout;
-    match connect(&shared.resolver, &target.host, target.port, timeout).await {
+    match connect(&shared.resolver, target.host(), target.port(), timeout).await {
         Ok(upstream) => {
             let log = AccessLog {
                 client: peer,
@@ -60,11 +62,11 @@ pub(super) async fn handle(
             Response::new(empty())
         }
         Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-            tracing::warn!(client = %peer, host = %target.host, error = %e, "CONNECT refused");
+            tracing::warn!(client = %peer, host = %target.host(), error = %e, "CONNECT refused");
             text(StatusCode::FORBIDDEN, format!("refused: {e}"))
         }
         Err(e) => {
-            tracing::warn!(client = %peer, host = %target.host, error = %e, "tunnel upstream unreachable");
+            tracing::warn!(client = %peer, host = %target.host(), error = %e, "tunnel upstream unreachable");
             text(
                 StatusCode::BAD_GATEWAY,
                 format!("cannot reach {}: {e}", target.authority()),
@@ -140,22 +142,22 @@ mod tests {
             ],
         ) {
             if let Some(Ok(t)) = target(&text) {
-                prop_assert!(!t.host.is_empty() && !t.host.ends_with('.'));
-                prop_assert_eq!(t.host.clone(), t.host.to_ascii_lowercase());
+                prop_assert!(!t.host().is_empty() && !t.host().ends_with('.'));
+                prop_assert_eq!(t.host(), t.host().to_ascii_lowercase());
             }
         }
 
         #[test]
         fn host_and_port_come_back(host in host(), port in any::<u16>()) {
             let t = target(&format!("{host}:{port}")).unwrap().unwrap();
-            prop_assert_eq!(&t.host, &host.trim_end_matches('.').to_ascii_lowercase());
-            prop_assert_eq!(t.port, port);
+            prop_assert_eq!(t.host(), host.trim_end_matches('.').to_ascii_lowercase());
+            prop_assert_eq!(t.port(), port);
             // `authority()` names the same target again.
             let text = if port == 443 { format!("{}:443", t.authority()) } else { t.authority().to_owned() };
             let again = target(&text).unwrap().unwrap();
-            prop_assert_eq!((again.host, again.port), (t.host.clone(), port));
+            prop_assert_eq!((again.host(), again.port()), (t.host(), port));
             if port == 443 {
-                prop_assert_eq!(t.authority(), t.host.as_str());
+                prop_assert_eq!(t.authority(), t.host());
             }
         }
 

@@ -37,7 +37,7 @@ pub(super) async fn serve(
     let upgraded = match upgrade.await {
         Ok(u) => u,
         Err(e) => {
-            tracing::debug!(client = %peer, host = %target.host, error = %e, "client left before TLS");
+            tracing::debug!(client = %peer, host = %target.host(), error = %e, "client left before TLS");
             return;
         }
     };
@@ -46,25 +46,25 @@ pub(super) async fn serve(
     let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
-            tracing::warn!(client = %peer, host = %target.host, error = %e, "bad TLS ClientHello; closing");
+            tracing::warn!(client = %peer, host = %target.host(), error = %e, "bad TLS ClientHello; closing");
             return;
         }
         Err(_) => {
-            tracing::warn!(client = %peer, host = %target.host, "no TLS ClientHello in time; closing");
+            tracing::warn!(client = %peer, host = %target.host(), "no TLS ClientHello in time; closing");
             return;
         }
     };
     let Some(sni) = start.client_hello().server_name().map(str::to_owned) else {
-        tracing::warn!(client = %peer, host = %target.host, "TLS ClientHello without SNI; closing");
+        tracing::warn!(client = %peer, host = %target.host(), "TLS ClientHello without SNI; closing");
         return;
     };
     // A leaf only for the host the client CONNECTed to: any other name would have the CA sign
     // certificates for hosts nobody chose to intercept, one per name a client cares to send.
-    if !sni_matches(&sni, &target.host) {
-        tracing::warn!(client = %peer, host = %target.host, sni = %sni, "TLS SNI differs from the CONNECT host; closing");
+    if !sni_matches(&sni, target.host()) {
+        tracing::warn!(client = %peer, host = %target.host(), sni = %sni, "TLS SNI differs from the CONNECT host; closing");
         return;
     }
-    let config = match shared.ca.server_config(&target.host) {
+    let config = match shared.ca.server_config(target.host()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(client = %peer, sni = %sni, error = %e, "cannot issue a leaf certificate");
@@ -93,7 +93,7 @@ pub(super) async fn serve(
     };
     if let Some(suite) = tls.get_ref().1.negotiated_cipher_suite() {
         // What the bench's CPU floor is computed for.
-        tracing::debug!(target: "regproxy::tls", side = "client", host = %target.host, suite = ?suite.suite(), "negotiated");
+        tracing::debug!(target: "regproxy::tls", side = "client", host = %target.host(), suite = ?suite.suite(), "negotiated");
     }
     serve_http(tls, Some(target), user, peer, shared).await;
 }

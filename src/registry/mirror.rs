@@ -151,7 +151,7 @@ mod tests {
             .parse()
             .unwrap();
         let (t, u) = upstream_of(&uri, &cfg()).unwrap();
-        assert_eq!((t.host.as_str(), t.port), ("registry.test", 5000));
+        assert_eq!((t.host(), t.port()), ("registry.test", 5000));
         assert_eq!(u.to_string(), "/v2/test/img/manifests/v1");
     }
 
@@ -159,7 +159,7 @@ mod tests {
     fn docker_hub_is_the_default_with_library_prefix() {
         let uri: Uri = "/v2/alpine/manifests/3".parse().unwrap();
         let (t, u) = upstream_of(&uri, &cfg()).unwrap();
-        assert_eq!(t.host, "registry-1.docker.io");
+        assert_eq!(t.host(), "registry-1.docker.io");
         assert_eq!(u.to_string(), "/v2/library/alpine/manifests/3");
         let uri: Uri = "/v2/grafana/grafana/blobs/sha256:x?ns=docker.io"
             .parse()
