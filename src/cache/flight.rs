@@ -809,8 +809,8 @@ fn read_cached(file: &std::fs::File, pos: u64, n: usize) -> Result<Bytes, Vec<u8
     let mut buf = Vec::with_capacity(n);
     match read_nowait(file, buf.spare_capacity_mut(), pos) {
         Some(got) if got > 0 => {
-            // SAFETY: the kernel wrote the first `got` bytes of the spare capacity (it never
-            // reports more than the buffer it was given).
+            // SAFETY: the kernel wrote the first `got` bytes of the spare capacity, and
+            // `read_nowait` returns no count larger than that.
             unsafe { buf.set_len(got) };
             Ok(Bytes::from(buf))
         }
@@ -829,9 +829,10 @@ fn read_nowait(
     // An offset beyond a `long` (on a 32-bit machine) reads on the blocking pool instead.
     let pos = libc::c_long::try_from(pos).ok()?;
     let (one, high): (libc::c_long, libc::c_long) = (1, 0);
+    let len = buf.len();
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_len: len,
     };
     // SAFETY: the kernel writes at most `iov_len` bytes into `buf`, which is borrowed mutably for
     // the call, on a descriptor `file` keeps open. The raw system call, not libc's wrapper, which
@@ -847,7 +848,8 @@ fn read_nowait(
             libc::c_long::from(libc::RWF_NOWAIT),
         )
     };
-    usize::try_from(got).ok()
+    // Never more than asked for, which the caller's `set_len` relies on.
+    usize::try_from(got).ok().filter(|got| *got <= len)
 }
 
 #[cfg(test)]
