@@ -17,12 +17,16 @@ connection through it like one link.
   crossed the link, and over how many connections.
 
 TLS passes through untouched. Stops on SIGTERM.
+
+The relay raises its own CPU priority (nice NICE) where it may: a real link goes on carrying bytes
+however busy the hosts at its ends are, and this one shares two CPUs with up to 8 clients.
 """
 import argparse, asyncio, os, signal, time
 
 CHUNK = 64 * 1024
 WINDOW = 8 << 20
 SLACK = 0.02  # s: how late the relay may wake and still be owed the link's time
+NICE = -10  # at the default 0, 8 concurrent clients delayed the last byte of 200 MiB by 1.1 s
 
 
 class Bucket:
@@ -151,7 +155,13 @@ def main():
     ap.add_argument("--mbit", type=float, default=200)
     ap.add_argument("--flow-mbit", type=float, default=0, help="per-connection cap (0: none)")
     ap.add_argument("--stats", default="")
-    asyncio.run(serve(ap.parse_args()))
+    a = ap.parse_args()
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, NICE)
+    except PermissionError:
+        print(f"wan.py: may not raise its priority to nice {NICE}; the link loses time when CPUs are busy",
+              flush=True)
+    asyncio.run(serve(a))
 
 
 if __name__ == "__main__":
