@@ -54,7 +54,10 @@ W_TAIL1 = "Site uplink: seconds from the last byte across the link to the end of
 W_TAIL8 = f"Site uplink: seconds from the last byte across the link to the end of the pulls, {CONC} concurrent cold pulls"
 F_COLD = "Long fat path: two clients at once, 1 × 64 MiB and 8 × 4 MiB, cold (wall time)"
 F_CONNS = "Long fat path: TCP connections opened across the link during the two pulls"
-WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, W_CPU1, W_CPU8, W_CLI8, W_TAIL1, W_TAIL8, F_COLD, F_CONNS)
+W_PAUSE1 = "Site uplink: the link's longest pause between the origin's first and last byte, one cold pull"
+W_PAUSE8 = f"Site uplink: the link's longest pause between the origin's first and last byte, {CONC} concurrent cold pulls"
+WAN_CASES = (W_COLD, W_WARM, W_CONC, W_CONCR, W_LINK, W_CPU1, W_CPU8, W_CLI8, W_TAIL1, W_TAIL8, W_PAUSE1, W_PAUSE8,
+             F_COLD, F_CONNS)
 # CPU seconds per GiB pulled, of the processes that terminate TLS.
 G_LC, G_LW = "loopback cold", "loopback warm"
 G_UC, G_UW = "site uplink cold", "site uplink warm"
@@ -783,6 +786,23 @@ class LinkWatch:
             except (OSError, ValueError):  # the relay is rewriting the file
                 continue
     @property
+    def longest_pause(self):
+        """The longest time the bytes from the origin stood still (moved under 64 KiB) between
+        the first and the last of them, to within the counters' 100 ms ticks."""
+        if not self.seen:
+            return 0.0
+        final = self.seen[-1][1]
+        mark_t, mark_down, longest = None, self.seen[0][1], 0.0
+        for t, down in self.seen:
+            if down - mark_down > 64 * 1024 or (mark_t is not None and down >= final - 64 * 1024):
+                if mark_t is not None:
+                    longest = max(longest, t - mark_t)
+                mark_t, mark_down = t, down
+            if down >= final - 64 * 1024 and mark_t is not None:
+                break
+        return max(0.0, longest - 0.1)  # a counter tick is no pause
+
+    @property
     def last(self):
         if not self.seen:
             return time.monotonic()
@@ -811,6 +831,7 @@ def uplink_round(clients, origin, link, peers, res, size, r):
             start = time.monotonic()
             wall, cpu = measured(clients, origin, p, images)
         cpu["tail"] = max(0.0, start + wall - watch.last)
+        cpu["pause"] = watch.longest_pause
         all_cpu = cpu["client"] + cpu["origin"] + cpu["proxy"] + cpu_s([link.proc.pid]) - r0
         return wall, all_cpu / NCPUS, cpu
     def pull(p, case, cpu_case):
@@ -819,6 +840,7 @@ def uplink_round(clients, origin, link, peers, res, size, r):
         if case == W_COLD:
             res.add(W_CPU1, p.name, all_cpu)
             res.add(W_TAIL1, p.name, cpu["tail"])
+            res.add(W_PAUSE1, p.name, cpu["pause"])
         if p.terminates_tls:
             res.add(cpu_case, p.name, cpu["tls"] / (size / GiB))
         if not p.caching:
@@ -836,6 +858,7 @@ def uplink_round(clients, origin, link, peers, res, size, r):
         res.add(W_CPU8, p.name, all_cpu)
         res.add(W_CLI8, p.name, cpu["client"] / NCPUS)
         res.add(W_TAIL8, p.name, cpu["tail"])
+        res.add(W_PAUSE8, p.name, cpu["pause"])
         if one:
             res.add(W_CONCR, p.name, wall / one)
         res.add(W_LINK, p.name, (link.carried()[1] - before[1]) / MiB)
@@ -1287,6 +1310,11 @@ def main():
         res.case(W_TAIL1, "s", "From the last change of the relay's byte counter (100 ms ticks) to the end of the pull: "
                                "what the client, and the proxy before its last byte, do once the link is done.")
         res.case(W_TAIL8, "s", "The same for the 8 concurrent pulls: each skopeo flushes its 200 MiB to disk at the end.")
+        res.case(W_PAUSE1, "s", "The longest time the relay's count of bytes from the origin moved less than 64 KiB, "
+                 "between the first and the last of them, less one 100 ms counter tick: a link that stands still "
+                 "while a pull waits on something else (each new connection's round trip, a piece's request, "
+                 "a stalled reader upstream of the cache).")
+        res.case(W_PAUSE8, "s", "The same for the 8 concurrent pulls: where a slow round lost its time, if on the link.")
         res.case(F_COLD, "s")
         res.case(F_CONNS, "n", "Connections the relay accepted during the two pulls (clients' for direct; the "
                                "proxy's upstream connections otherwise).")
@@ -1516,6 +1544,12 @@ def wan_why(res):
                    f"client flushes its 200 MiB to disk (fsync) when its blob is in, {CONC} × 200 MiB at once; "
                    f"regproxy's own copy is written back as it arrives. The last byte crossed the link "
                    f"{fmt(w8 - t8, 's')} after the start, against {fmt(w1 - t1, 's')} for one direct pull.")
+    pauses = res.data.get((W_PAUSE8, "regproxy"))
+    if pauses:
+        out.append(f"- The link's longest pause mid-transfer during the {CONC} pulls through regproxy, per round: "
+                   f"{', '.join(fmt(v, 's') for v in pauses)} (one direct pull: "
+                   f"{fmt(res.med(W_PAUSE1, 'direct'), 's')}): a slow round that paused the link lost its time "
+                   f"there, one that did not lost it elsewhere.")
     cw, ww = res.med(W_CPU1, "regproxy"), res.med(W_WARM, "regproxy")
     if None not in (cw, ww):
         out.append(f"- Site uplink, cold pull through regproxy: all processes' CPU ÷ CPUs {fmt(cw, 's')} "
