@@ -112,21 +112,31 @@ impl Drop for Garage {
     }
 }
 
-/// A base port whose S3 and RPC ports (base, base+1, and +10, +20 for more nodes) are free.
+/// A base port with `nodes` pairs free (`base + 10 i` and the one after), below the kernel's
+/// ephemeral range: a port picked from that range (as `free_port` does) was taken by another
+/// test's connection between the check and Garage's bind, and Garage panics on a port in use.
 fn free_ports(nodes: usize) -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base > 65000 {
-            continue;
-        }
-        let all_free = (0..nodes).all(|i| {
-            let p = base + 10 * i as u16;
-            [p, p + 1]
-                .iter()
-                .all(|q| std::net::TcpListener::bind(("127.0.0.1", *q)).is_ok())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768)
+        .clamp(12_000, 65_535);
+    let span = (low - 11_000) / 100 * 100;
+    // Spread over processes by pid, and over this process's tests by a counter.
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..200 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = 10_000 + (seed.wrapping_add(n.wrapping_mul(100)) % span) / 100 * 100;
+        let all_free = (0..nodes as u32).all(|i| {
+            let p = base + 10 * i;
+            [p, p + 1].iter().all(|q| {
+                u16::try_from(*q)
+                    .is_ok_and(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok())
+            })
         });
         if all_free {
-            return base;
+            return base as u16;
         }
     }
     panic!("no free ports for garage");
