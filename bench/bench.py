@@ -140,14 +140,20 @@ def vm_hwm_kib(pid):
     return 0
 
 
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (field 3, the state, first): the name
+    is in parentheses and may hold spaces."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def tree_pids(pid):
     """pid and its descendants."""
     children = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                ppid = int(stat_fields(d)[1])
                 children.setdefault(ppid, []).append(int(d))
             except (OSError, ValueError, IndexError):
                 pass
@@ -165,8 +171,7 @@ def tree_hwm_mib(pid):
 
 def nice_of(pid):
     """The nice value of a process (field 19 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
+    return int(stat_fields(pid)[16])
 
 
 def cpu_s(pids):
@@ -174,8 +179,7 @@ def cpu_s(pids):
     tick, total = os.sysconf("SC_CLK_TCK"), 0
     for pid in {q for p in pids if p for q in tree_pids(p)}:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = stat_fields(pid)
             total += int(fields[11]) + int(fields[12])
         except (OSError, ValueError, IndexError):
             pass
