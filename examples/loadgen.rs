@@ -1,6 +1,12 @@
 //! Small-request load generator for `bench/small.py`: N keep-alive connections, each sending one
 //! request after another for a fixed time (or up to a fixed count), every status checked.
 //!
+//! Closed loop by default: each connection sends its next request as soon as the last is answered,
+//! which measures the most a server answers. With `--rate R` the load is open: R requests/s in all,
+//! on a fixed schedule per connection, and a request's latency counts from when it was due (or
+//! from when its connection was free, if later), so that a server falling behind is charged for
+//! the wait it caused, as wrk2 does, while the client's own timer slack is not.
+//!
 //! Through regproxy: `--addr PROXY --connect registry.test:PORT` (CONNECT, then TLS inside).
 //! Straight to a TLS server (nginx): `--addr HOST:PORT` alone. Prints one JSON line:
 //! `{"count", "errors", "rps", "p50_us", "p99_us", ...}`; only answers with the expected status count.
@@ -68,6 +74,9 @@ struct Args {
     /// Speak h2 (ALPN) instead of HTTP/1.1.
     #[arg(long)]
     h2: bool,
+    /// Open loop: this many requests per second in all, spread evenly over the connections.
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 /// What one connection measured.
@@ -114,10 +123,10 @@ async fn main() -> Result<()> {
     let start = Arc::new(Barrier::new(args.conns + 1));
     let sent = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(args.conns);
-    for _ in 0..args.conns {
+    for index in 0..args.conns {
         let (args, tls, start, sent) = (args.clone(), tls.clone(), start.clone(), sent.clone());
         tasks.push(tokio::spawn(async move {
-            connection(&args, tls, &start, &sent).await
+            connection(&args, tls, &start, &sent, index).await
         }));
     }
     start.wait().await;
@@ -159,6 +168,7 @@ fn report(args: &Args, mut all: Tally, failed_conns: u64, elapsed: f64) {
         "conns": args.conns,
         "seconds": elapsed,
         "rps": count as f64 / elapsed,
+        "rate": args.rate,
         "p50_us": percentile(&all.latencies_us, 0.50),
         "p99_us": percentile(&all.latencies_us, 0.99),
         "max_us": all.latencies_us.last().copied().unwrap_or(0),
@@ -202,6 +212,7 @@ async fn connection(
     tls: Arc<rustls::ClientConfig>,
     start: &Barrier,
     sent: &AtomicU64,
+    index: usize,
 ) -> Tally {
     let mut tally = Tally::default();
     let sender = setup(args, tls.clone()).await;
@@ -213,8 +224,13 @@ async fn connection(
             return tally;
         }
     };
-    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let began = Instant::now();
+    let deadline = began + Duration::from_secs_f64(args.seconds);
+    let mut pace = args.rate.map(|r| Pace::new(began, r, args.conns, index));
     while Instant::now() < deadline && sent.fetch_add(1, Ordering::Relaxed) < args.max_requests {
+        if let Some(p) = &pace {
+            tokio::time::sleep_until(p.due.into()).await;
+        }
         if sender.ready().await.is_err() {
             // Closed by the server between requests: a new connection, as any client would.
             tally.reconnects += 1;
@@ -226,11 +242,17 @@ async fn connection(
                 }
             };
         }
+        let t0 = Instant::now();
         match one_request(args, &mut sender).await {
-            Ok((status, us)) => {
+            Ok(status) => {
+                let done = Instant::now();
+                let from = pace.as_mut().map_or(t0, |p| p.next(t0, done));
                 *tally.statuses.entry(status).or_default() += 1;
                 if status == args.expect {
-                    tally.latencies_us.push(us);
+                    let us = done.saturating_duration_since(from).as_micros();
+                    tally
+                        .latencies_us
+                        .push(u32::try_from(us).unwrap_or(u32::MAX));
                 } else {
                     tally.errors += 1;
                 }
@@ -245,8 +267,8 @@ async fn connection(
     tally
 }
 
-/// Sends one request and reads its whole body: (status, microseconds).
-async fn one_request(args: &Args, sender: &mut Sender) -> Result<(u16, u32)> {
+/// Sends one request and reads its whole body: its status.
+async fn one_request(args: &Args, sender: &mut Sender) -> Result<u16> {
     let method = Method::from_bytes(args.method.as_bytes())?;
     let mut req = Request::builder().method(method);
     req = if args.h2 {
@@ -260,7 +282,6 @@ async fn one_request(args: &Args, sender: &mut Sender) -> Result<(u16, u32)> {
         req = req.header(name.trim(), value.trim());
     }
     let req = req.body(Empty::<Bytes>::new())?;
-    let t0 = Instant::now();
     let exchange = async {
         let resp = sender.send(req).await?;
         let status = resp.status().as_u16();
@@ -270,8 +291,41 @@ async fn one_request(args: &Args, sender: &mut Sender) -> Result<(u16, u32)> {
     let status = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .context("request timed out")??;
-    let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
-    Ok((status, us))
+    Ok(status)
+}
+
+/// One connection's schedule under `--rate`.
+struct Pace {
+    /// When the next request is due.
+    due: Instant,
+    /// Time between this connection's requests.
+    every: Duration,
+    /// When the last answer on this connection came.
+    free: Instant,
+}
+
+impl Pace {
+    /// Connection `index` of `conns` sharing `rate` requests/s, staggered so they do not send at once.
+    fn new(began: Instant, rate: f64, conns: usize, index: usize) -> Self {
+        let every = Duration::from_secs_f64(conns as f64 / rate.max(f64::MIN_POSITIVE));
+        let due = began + every.mul_f64(index as f64 / conns as f64);
+        Pace {
+            due,
+            every,
+            free: began,
+        }
+    }
+
+    /// Called when the request due at `self.due`, sent at `sent`, is answered at `done`: where its
+    /// latency counts from, and the next request's due time. If the last answer came after this
+    /// request was due, the server held it back since then; otherwise it counts from when it went
+    /// out, since the timer waking late is the client's slack, not the server's.
+    fn next(&mut self, sent: Instant, done: Instant) -> Instant {
+        let from = if self.free > self.due { self.due } else { sent };
+        self.free = done;
+        self.due += self.every;
+        from
+    }
 }
 
 /// TCP, the CONNECT if asked for, TLS, and the HTTP handshake.
