@@ -949,8 +949,7 @@ def wan_phase(a, work, origin, clients, res, rounds, size):
                 p.start()
             for r in range(rounds):
                 log(f"{profile[1]}: round {r + 1}/{rounds}")
-                res.notes.append(f"{profile[1]}, round {r + 1}: load average {os.getloadavg()[0]:.1f} at its start "
-                                 f"(other work on the machine)")
+                res.notes.append(load_note(f"{profile[1]}, round {r + 1}"))
                 if profile is UPLINK:
                     failures += uplink_round(clients, origin, link, peers, res, size, r)
                     # the sweep costs ~3 min a round: the first only, unless --wan-rounds asks for more
@@ -1192,6 +1191,12 @@ class Results:
         return lines
 
 
+def load_note(label):
+    """The 1-minute load average as a round starts: the bench's own previous round still counts in it."""
+    return (f"{label}: load average {os.getloadavg()[0]:.1f} at its start (a 1-minute mean: it includes the "
+            f"bench's own work just before, as well as any other work on the machine)")
+
+
 # ---------------------------------------------------------------- main
 
 def main():
@@ -1351,8 +1356,7 @@ def main():
 
         for r in range(rounds if "loopback" in sections else 0):
             log(f"round {r + 1}/{rounds}")
-            res.notes.append(f"Loopback, round {r + 1}: load average {os.getloadavg()[0]:.1f} at its start "
-                             f"(other work on the machine)")
+            res.notes.append(load_note(f"Loopback, round {r + 1}"))
             for p in caching:
                 p.fresh()
             # cold pulls, peers interleaved
