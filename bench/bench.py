@@ -299,6 +299,8 @@ class Peer:
     def start(self): pass
     def fresh(self): pass  # empty cache, started
     def stop(self): pass
+    def stop_all(self):  # stop() may keep helpers for the next start (nginx's CONNECT front); this ends them too
+        self.stop()
     def pull(self, image):  # (ref, HTTPS_PROXY or None, cert dir)
         raise NotImplementedError
     def curl_args(self, image, digest):
@@ -959,7 +961,7 @@ def wan_phase(a, work, origin, clients, res, rounds, size):
                     failures += fat_round(clients, origin, link, peers, res, r)
         finally:
             for p in peers:
-                (p.stop_all if hasattr(p, "stop_all") else p.stop)()
+                p.stop_all()
             link.stop()
     return failures
 
@@ -1460,7 +1462,7 @@ def main():
         if "small" in sections:
             failures += small.phase(a.regproxy, peers, big[0], res, rounds, small_seconds, log, cpu_s)
         for p in peers:
-            (p.stop_all if hasattr(p, "stop_all") else p.stop)()
+            p.stop_all()
         if "wan" in sections:
             failures += wan_phase(a, work, origin, clients, res, wan_rounds, size_of["big"])
         if "fleet" in sections:
@@ -1481,7 +1483,7 @@ def main():
             ctr.stop()
         for p in peers:
             try:
-                (p.stop_all if hasattr(p, "stop_all") else p.stop)()
+                p.stop_all()
             except Exception:  # noqa: BLE001
                 pass
         if origin:

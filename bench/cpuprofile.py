@@ -101,7 +101,7 @@ def profile(a, work):
         suites = B.negotiated([peer.log]) if a.peer == "regproxy" else {}
         floor = B.cpu_floor(suites)
     finally:
-        peer.stop()
+        peer.stop_all()
         origin.stop()
     chains = samples(data)
     counts = {}
