@@ -3,9 +3,10 @@
 //!
 //! Closed loop by default: each connection sends its next request as soon as the last is answered,
 //! which measures the most a server answers. With `--rate R` the load is open: R requests/s in all,
-//! on a fixed schedule per connection, and a request's latency counts from when it was due (or
-//! from when its connection was free, if later), so that a server falling behind is charged for
-//! the wait it caused, as wrk2 does, while the client's own timer slack is not.
+//! on a fixed schedule per connection. A request whose connection was still waiting for an answer
+//! when it fell due counts from when it was due, so that a server falling behind is charged for the
+//! wait it caused, as wrk2 does; any other counts from when it went out, since the client's own
+//! timer slack is not the server's.
 //!
 //! Through regproxy: `--addr PROXY --connect registry.test:PORT` (CONNECT, then TLS inside).
 //! Straight to a TLS server (nginx): `--addr HOST:PORT` alone. Prints one JSON line:
