@@ -24,29 +24,29 @@ IMAGE = "big"  # its manifest: 424 bytes, one layer
 PEERS = ("regproxy", "nginx")
 
 
-def case(method, by, conns, what, load=""):
-    """The Results case name of one measurement: what is `rps`, `p50` or `p99`; load "half" for open loop."""
+def case(method, by, conns, what, open_loop=False):
+    """The Results case name of one measurement: what is `rps`, `p50` or `p99`; open_loop at OPEN_SHARE."""
     label = {"rps": "requests/s", "p50": "latency p50", "p99": "latency p99", "cpu": "server CPU per request"}[what]
-    at = " at half load" if load else ""
+    at = " at half load" if open_loop else ""
     return f"Small: {method} manifest by {by}, {conns} connection{'s' if conns > 1 else ''}{at}, {label}"
 
 
 def cases():
-    """(name, method, by, conns, what, load) of every small case, in table order."""
+    """(name, method, by, conns, what, open_loop) of every small case, in table order."""
     out = []
     for m, b in KINDS:
         for c in CONNS:
-            out += [(case(m, b, c, w), m, b, c, w, "") for w in ("rps", "p50", "p99", "cpu")]
+            out += [(case(m, b, c, w), m, b, c, w, False) for w in ("rps", "p50", "p99", "cpu")]
             if c == OPEN_CONNS:
-                out += [(case(m, b, c, w, "half"), m, b, c, w, "half") for w in ("p50", "p99")]
+                out += [(case(m, b, c, w, True), m, b, c, w, True) for w in ("p50", "p99")]
     return out
 
 
 def register(res, seconds):
     """The small cases' rows in the Results tables, in order."""
-    for name, method, by, conns, what, load in cases():
+    for name, method, by, conns, what, open_loop in cases():
         note = ""
-        if load and what == "p50":
+        if open_loop and what == "p50":
             note = (f"Open loop (`examples/loadgen --rate`): {conns} connections offered {OPEN_SHARE:g} × the "
                     f"requests/s of the slower peer in the closed-loop case just before, the same rate for both "
                     f"peers, on a fixed schedule. A request held back because its connection's last answer came "
@@ -171,11 +171,10 @@ def measure(binary, peer, method, by, conns, seconds, digest, res, cpu_s, rate=N
     before = cpu_s(peer.tls_pids())
     out = loadgen(binary, peer, method, paths(digest)[by], conns, seconds, rate=rate)
     spent = cpu_s(peer.tls_pids()) - before
-    load = "half" if rate else ""
     if rate and out["rps"] < 0.9 * rate:
         raise RuntimeError(f"offered {rate:.0f} requests/s, answered {out['rps']:.0f}/s")
-    res.add(case(method, by, conns, "p50", load), peer.name, out["p50_us"] / 1000)
-    res.add(case(method, by, conns, "p99", load), peer.name, out["p99_us"] / 1000)
+    res.add(case(method, by, conns, "p50", bool(rate)), peer.name, out["p50_us"] / 1000)
+    res.add(case(method, by, conns, "p99", bool(rate)), peer.name, out["p99_us"] / 1000)
     if not rate:
         res.add(case(method, by, conns, "rps"), peer.name, out["rps"])
         res.add(case(method, by, conns, "cpu"), peer.name, 1e6 * spent / out["count"])
@@ -185,7 +184,7 @@ def measure(binary, peer, method, by, conns, seconds, digest, res, cpu_s, rate=N
 
 def goals(res, goal):
     """At or above nginx: requests per second not lower, latencies not higher, in every small case."""
-    for name, method, by, conns, what, _load in cases():
+    for name, method, by, conns, what, _open in cases():
         if what == "cpu":
             continue  # reported beside the goals: it explains them, the issue sets none for it
         mine, theirs = res.med(name, "regproxy"), res.med(name, "nginx")

@@ -120,6 +120,11 @@ impl Sender {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Arc::new(Args::parse());
+    if let Some(r) = args.rate {
+        if !(r.is_finite() && r >= 1.0) {
+            bail!("--rate must be at least 1 request/s, not {r}");
+        }
+    }
     let tls = Arc::new(tls_config(&args)?);
     let start = Arc::new(Barrier::new(args.conns + 1));
     let sent = Arc::new(AtomicU64::new(0));
@@ -243,9 +248,8 @@ async fn connection(
                 }
             };
         }
-        let t0 = Instant::now();
         match one_request(args, &mut sender).await {
-            Ok(status) => {
+            Ok((status, t0)) => {
                 let done = Instant::now();
                 let from = pace.as_mut().map_or(t0, |p| p.next(t0, done));
                 *tally.statuses.entry(status).or_default() += 1;
@@ -268,8 +272,8 @@ async fn connection(
     tally
 }
 
-/// Sends one request and reads its whole body: its status.
-async fn one_request(args: &Args, sender: &mut Sender) -> Result<u16> {
+/// Sends one request and reads its whole body: its status, and when it went out.
+async fn one_request(args: &Args, sender: &mut Sender) -> Result<(u16, Instant)> {
     let method = Method::from_bytes(args.method.as_bytes())?;
     let mut req = Request::builder().method(method);
     req = if args.h2 {
@@ -283,6 +287,7 @@ async fn one_request(args: &Args, sender: &mut Sender) -> Result<u16> {
         req = req.header(name.trim(), value.trim());
     }
     let req = req.body(Empty::<Bytes>::new())?;
+    let t0 = Instant::now();
     let exchange = async {
         let resp = sender.send(req).await?;
         let status = resp.status().as_u16();
@@ -292,7 +297,7 @@ async fn one_request(args: &Args, sender: &mut Sender) -> Result<u16> {
     let status = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .context("request timed out")??;
-    Ok(status)
+    Ok((status, t0))
 }
 
 /// One connection's schedule under `--rate`.
@@ -308,7 +313,7 @@ struct Pace {
 impl Pace {
     /// Connection `index` of `conns` sharing `rate` requests/s, staggered so they do not send at once.
     fn new(began: Instant, rate: f64, conns: usize, index: usize) -> Self {
-        let every = Duration::from_secs_f64(conns as f64 / rate.max(f64::MIN_POSITIVE));
+        let every = Duration::from_secs_f64(conns as f64 / rate);
         let due = began + every.mul_f64(index as f64 / conns as f64);
         Pace {
             due,
